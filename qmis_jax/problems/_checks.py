@@ -1,0 +1,24 @@
+"""Argument checks shared by the problem constructors."""
+
+from __future__ import annotations
+
+import math
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` as an int >= 1, else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def finite(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+    """``value`` as a finite float (optionally > 0 or >= 0), else ``ValueError`` naming ``name``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or (positive and v <= 0) or (nonnegative and v < 0):
+        kind = "positive" if positive else "non-negative" if nonnegative else "finite"
+        raise ValueError(f"{name} must be a {kind} finite number, got {value!r}")
+    return v

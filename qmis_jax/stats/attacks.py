@@ -1,0 +1,363 @@
+"""Membership-inference attacks that play the game of theory.md section 1: LOSS and LiRA.
+
+Convention: every attack returns scores where a higher score means "more likely a member"; feed the member and
+non-member scores to :func:`qmis_jax.stats.metrics.attack_metrics`.
+
+Designs (theory.md section 7):
+
+* **Fresh-data design** (:func:`loss_attack`): replicate ``r`` trains on ``n`` fresh points; its members are those
+  points, its non-members ``n`` further fresh points. A global threshold on the loss is then an attack in the
+  section-1 game, so its advantage lower-bounds ``Delta``.
+* **Embedded-target design** (:func:`lira`, :func:`embedded_target_membership`): ``T = 2k`` fixed target points,
+  each replicate trains on a random half of them plus ``n - k`` fresh points. Per-target Gaussian fits of the
+  statistic on shadow replicates calibrate a likelihood-ratio test (Carlini et al. 2022, "Membership Inference
+  Attacks From First Principles") evaluated on held-out replicates; the game stays that of section 1.
+* **Pool design** (:func:`lira_pool`, :func:`pool_membership`): a different game, see there.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "LiraFit",
+    "embedded_target_membership",
+    "fit_lira",
+    "lira",
+    "lira_pool",
+    "lira_scores",
+    "loss_attack",
+    "pool_membership",
+    "score_from_loss",
+    "shadow_mask",
+]
+
+Array = jax.Array
+
+_TASKS = ("binary", "regression")
+
+
+def loss_attack(member_losses, nonmember_losses) -> tuple[Array, Array]:
+    """LOSS attack (Yeom et al. 2018) in the fresh-data design: the score is minus the per-example loss.
+
+    A global threshold on the loss of the released model (theory.md section 7, fresh-data design). Pool all
+    replicates' scores into :func:`~qmis_jax.stats.metrics.attack_metrics`.
+
+    Args:
+      member_losses: ``(R, n)`` losses of each replicate's release on its own training points (any shape).
+      nonmember_losses: ``(R, n)`` losses of each replicate's release on fresh points (any shape).
+
+    Returns:
+      ``(member_scores, nonmember_scores)`` = ``(-member_losses, -nonmember_losses)``, same shapes.
+
+    >>> ms, ns = loss_attack(jnp.array([[0.1, 0.2]]), jnp.array([[0.5, 0.3]]))
+    >>> ms.tolist()
+    [[-0.10000000149011612, -0.20000000298023224]]
+    """
+    return -jnp.asarray(member_losses), -jnp.asarray(nonmember_losses)
+
+
+def score_from_loss(loss, task: str) -> Array:
+    """LiRA's per-example statistic from the per-example loss of a release (theory.md section 7).
+
+    * ``task="binary"`` with the logistic loss ``l = -log p_correct``: the logit of ``p_correct``,
+      ``log(p / (1 - p)) = -log(expm1(l)) = -l - log(-expm1(-l))``, computed in the last form, which is accurate
+      for small and large ``l`` alike (Carlini et al. 2022 use this logit scaling because it is close to Gaussian
+      across replicates). Losses are floored at the dtype's smallest normal number, so ``l = 0`` gives a large
+      finite score instead of ``+inf``.
+    * ``task="regression"`` (squared loss): ``-l``.
+
+    Higher means "more likely a member" in both cases.
+
+    Args:
+      loss: per-example losses, any shape; non-negative for ``"binary"``.
+      task: ``"binary"`` or ``"regression"`` (``Problem.task``).
+
+    Returns:
+      Array of scores with the shape of ``loss`` (floating dtype).
+
+    >>> float(score_from_loss(jnp.log(2.0), "binary"))  # p_correct = 1/2
+    0.0
+    """
+    if task not in _TASKS:
+        raise ValueError(f"task must be one of {_TASKS}, got task={task!r}")
+    loss = jnp.asarray(loss)
+    if not jnp.issubdtype(loss.dtype, jnp.floating):
+        loss = loss.astype(jnp.result_type(float))
+    if task == "regression":
+        return -loss
+    l_safe = jnp.maximum(loss, jnp.finfo(loss.dtype).tiny)
+    return -l_safe - jnp.log(-jnp.expm1(-l_safe))
+
+
+def _check_positive_int(value, name: str, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
+    return int(value)
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "size"))
+def _halves_chunk(key: Array, start: Array, rows: int, size: int) -> Array:
+    def row(i):
+        # ranks of i.i.d. 32-bit random words: a uniform random permutation (ties, of probability ~size^2 / 2^33,
+        # are broken by position, which keeps every row exactly balanced)
+        bits = jax.random.bits(jax.random.fold_in(key, i), (size,), dtype=jnp.uint32)
+        rank = jnp.argsort(jnp.argsort(bits, stable=True), stable=True)
+        return rank < size // 2
+
+    return jax.vmap(row)(start + jnp.arange(rows))
+
+
+def _balanced_halves(key: Array, replicates: int, size: int) -> Array:
+    # Rows are generated in fixed chunks of about 2^20 entries (a few milliseconds), so one compiled program serves
+    # every replicate count for a given size; row i depends only on fold_in(key, i).
+    rows = max(1, (1 << 20) // size)
+    chunks = [_halves_chunk(key, jnp.int32(start), rows, size) for start in range(0, replicates, rows)]
+    return jnp.concatenate(chunks)[:replicates]
+
+
+def embedded_target_membership(key: Array, *, replicates: int, targets: int) -> Array:
+    """Which of ``T`` embedded targets each replicate trains on (theory.md section 7, embedded-target design).
+
+    Replicate ``i`` ranks ``T`` random 32-bit words drawn with ``fold_in(key, i)`` (a uniform random
+    permutation) and includes the targets ranked in the first half, so every replicate holds exactly ``T / 2``
+    targets, each target is in each replicate with probability 1/2 independently across replicates, and row ``i``
+    does not depend on how many replicates are generated (chunk-invariant). Each replicate then adds
+    ``n - T / 2`` fresh points.
+
+    Args:
+      key: JAX PRNG key.
+      replicates: number of replicates ``R`` (>= 1).
+      targets: number of target points ``T`` (even, >= 2).
+
+    Returns:
+      ``(R, T)`` bool array, ``True`` where the target is in the replicate's training set.
+
+    >>> m = embedded_target_membership(jax.random.key(0), replicates=3, targets=4)
+    >>> m.sum(axis=1).tolist()
+    [2, 2, 2]
+    """
+    replicates = _check_positive_int(replicates, "replicates")
+    targets = _check_positive_int(targets, "targets", minimum=2)
+    if targets % 2:
+        raise ValueError(f"targets must be even (each replicate takes half), got targets={targets}")
+    return _balanced_halves(key, replicates, targets)
+
+
+def pool_membership(key: Array, *, replicates: int, pool: int) -> Array:
+    """Random halves of one fixed pool: the classic LiRA design (theory.md section 7, pool design).
+
+    Every replicate trains on exactly ``pool / 2`` points of a fixed pool of ``pool`` points (and nothing else),
+    drawn as in :func:`embedded_target_membership`. **This is a different game** from section 1: membership within
+    a fixed pool, where the release varies less than with fresh data. An attack's advantage here can exceed
+    ``Delta`` and bounds nothing about the MIS; report it apart, labelled ``lira_pool``, for comparison with other
+    tools only.
+
+    Args:
+      key: JAX PRNG key.
+      replicates: number of replicates ``R`` (>= 1).
+      pool: pool size (even, >= 2), e.g. ``2 n``.
+
+    Returns:
+      ``(R, pool)`` bool array, ``True`` where the pool point is in the replicate's training set.
+    """
+    replicates = _check_positive_int(replicates, "replicates")
+    pool = _check_positive_int(pool, "pool", minimum=2)
+    if pool % 2:
+        raise ValueError(f"pool must be even (each replicate takes half), got pool={pool}")
+    return _balanced_halves(key, replicates, pool)
+
+
+def shadow_mask(replicates: int, *, shadows: int) -> Array:
+    """Boolean mask with the first ``shadows`` of ``replicates`` replicates marked as shadow models.
+
+    Membership is drawn independently per replicate, so a fixed split is as good as a random one and keeps the
+    evaluation replicates the same when more shadows are appended at the end of a study.
+
+    Args:
+      replicates: total number of replicates ``R``.
+      shadows: number of shadow replicates, ``1 <= shadows < R``.
+
+    Returns:
+      ``(R,)`` bool array.
+    """
+    replicates = _check_positive_int(replicates, "replicates", minimum=2)
+    shadows = _check_positive_int(shadows, "shadows")
+    if shadows >= replicates:
+        raise ValueError(f"shadows must be < replicates={replicates}, got shadows={shadows}")
+    return jnp.arange(replicates) < shadows
+
+
+class LiraFit(NamedTuple):
+    """Per-target Gaussian fits of the LiRA statistic on shadow replicates (theory.md section 7).
+
+    Attributes (each ``(T,)``, or with the leading batch axes of the scores under ``vmap``):
+      mu_in, var_in: mean and variance of the statistic over shadow replicates that trained on the target.
+      mu_out, var_out: the same over shadow replicates that did not.
+      n_in, n_out: the number of shadow replicates behind each fit.
+    """
+
+    mu_in: Array
+    var_in: Array
+    mu_out: Array
+    var_out: Array
+    n_in: Array
+    n_out: Array
+
+
+def _gaussian_fit(scores: Array, weights: Array, fix_variance: bool) -> tuple[Array, Array, Array]:
+    count = weights.sum(axis=0)
+    mu = (weights * scores).sum(axis=0) / jnp.maximum(count, 1.0)
+    ss = (weights * (scores - mu) ** 2).sum(axis=0)
+    dof = count - 1.0
+    if fix_variance:
+        var = jnp.broadcast_to(ss.sum() / jnp.maximum(dof.sum(), 1.0), mu.shape)
+    else:
+        var = ss / jnp.maximum(dof, 1.0)
+    floor = jnp.sqrt(jnp.finfo(var.dtype).tiny)
+    return mu, jnp.maximum(var, floor), count
+
+
+@functools.partial(jax.jit, static_argnames=("fix_variance",))
+def fit_lira(scores, membership, *, shadow, fix_variance: bool = False) -> LiraFit:
+    """Fit LiRA's per-target in/out Gaussians on the shadow replicates (Carlini et al. 2022; section 7).
+
+    For target ``t``, ``mu_in[t]`` and ``var_in[t]`` are the sample mean and unbiased variance of
+    ``scores[r, t]`` over shadow replicates ``r`` with ``membership[r, t]``; ``mu_out``/``var_out`` over shadow
+    replicates without it. With ``fix_variance=True`` every target shares one variance per side: the pooled
+    within-target variance ``sum_t sum_r (s_rt - mu_t)^2 / sum_t (count_t - 1)`` (the global-variance variant,
+    better with few shadows). Variances are floored at ``sqrt(tiny)`` of the dtype so a constant statistic does not
+    divide by zero. Jitted (``fix_variance`` static) and vmap-friendly: masks enter as weights.
+
+    Args:
+      scores: ``(R, T)`` statistic of each replicate's release on each target (:func:`score_from_loss`).
+      membership: ``(R, T)`` bool, target in the replicate's training set.
+      shadow: ``(R,)`` bool, which replicates are shadows.
+      fix_variance: share one variance per side across targets.
+
+    Returns:
+      :class:`LiraFit` with ``(T,)`` fields.
+    """
+    scores = jnp.asarray(scores)
+    if not jnp.issubdtype(scores.dtype, jnp.floating):
+        scores = scores.astype(jnp.result_type(float))
+    member = jnp.asarray(membership, dtype=bool)
+    sh = jnp.asarray(shadow, dtype=bool)[:, None]
+    w_in = (sh & member).astype(scores.dtype)
+    w_out = (sh & ~member).astype(scores.dtype)
+    mu_in, var_in, n_in = _gaussian_fit(scores, w_in, fix_variance)
+    mu_out, var_out, n_out = _gaussian_fit(scores, w_out, fix_variance)
+    return LiraFit(mu_in, var_in, mu_out, var_out, n_in, n_out)
+
+
+@functools.partial(jax.jit, static_argnames=("online",))
+def lira_scores(scores, fit: LiraFit, *, online: bool = True) -> Array:
+    """LiRA test statistic of every (replicate, target) pair given the shadow fits (Carlini et al. 2022).
+
+    * Online: the Gaussian log-likelihood ratio
+      ``log N(s; mu_in, var_in) - log N(s; mu_out, var_out)``.
+    * Offline (out-fits only): the one-sided test of ``s`` against ``N(mu_out, var_out)``, returned as the
+      standardised statistic ``(s - mu_out) / sqrt(var_out)``. It is an increasing function of the paper's
+      ``Phi((s - mu_out) / sd_out)`` applied identically to every target, so any pooled threshold, hence the ROC and
+      every metric, is the same, without the saturation of ``Phi`` near 1 in floating point.
+
+    Entries of shadow replicates are in-sample (they entered the fits); evaluate only the others.
+
+    Args:
+      scores: ``(R, T)`` statistic (any leading shape broadcasting against the ``(T,)`` fits).
+      fit: :class:`LiraFit` from :func:`fit_lira`.
+      online: use the in-fits (likelihood ratio) or only the out-fits (one-sided test).
+
+    Returns:
+      ``(R, T)`` array; higher = more likely a member.
+    """
+    s = jnp.asarray(scores)
+    z_out = (s - fit.mu_out) / jnp.sqrt(fit.var_out)
+    if not online:
+        return z_out
+    z_in = (s - fit.mu_in) / jnp.sqrt(fit.var_in)
+    return 0.5 * (z_out**2 - z_in**2) + 0.5 * (jnp.log(fit.var_out) - jnp.log(fit.var_in))
+
+
+@functools.partial(jax.jit, static_argnames=("online", "fix_variance"))
+def _lira_matrix(scores, membership, shadow, online, fix_variance):
+    fit = fit_lira(scores, membership, shadow=shadow, fix_variance=fix_variance)
+    return lira_scores(scores, fit, online=online)
+
+
+def lira(scores, membership, *, shadow, online: bool = True, fix_variance: bool = False) -> tuple[Array, Array]:
+    """LiRA in the embedded-target design: fit on shadow replicates, score the held-out ones (section 7).
+
+    Per-target Gaussians of the statistic are fitted on the shadow replicates (:func:`fit_lira`); every pair
+    (evaluation replicate ``r``, target ``t``) is scored by :func:`lira_scores`, and the scores are split by the
+    true membership. In the embedded-target design the result is a section-1 attack, so the advantage of these
+    scores lower-bounds ``Delta``. Use :func:`fit_lira` and :func:`lira_scores` directly under ``jit``/``vmap``
+    (this wrapper validates and returns data-dependent sizes).
+
+    Args:
+      scores: ``(R, T)`` statistic of each replicate's release on each target (:func:`score_from_loss`).
+      membership: ``(R, T)`` bool, target in the replicate's training set
+        (:func:`embedded_target_membership`).
+      shadow: ``(R,)`` bool, which replicates are shadows (:func:`shadow_mask`); the others are evaluated.
+      online: likelihood ratio of in- and out-fits (needs >= 2 in- and out-shadows per target), or the offline
+        one-sided test on the out-fits only (needs >= 2 out-shadows per target).
+      fix_variance: one pooled variance per side instead of per-target variances (few shadows).
+
+    Returns:
+      ``(member_scores, nonmember_scores)``: 1-D arrays over the evaluation pairs with and without membership,
+      in row-major (replicate, target) order.
+    """
+    scores = jnp.asarray(scores)
+    member = np.asarray(membership)
+    sh = np.asarray(shadow)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must have shape (R, T), got shape {scores.shape}")
+    if member.shape != scores.shape:
+        raise ValueError(f"membership must have the shape of scores {scores.shape}, got {member.shape}")
+    if member.dtype != bool:
+        raise ValueError(f"membership must be a bool array, got dtype {member.dtype}")
+    if sh.shape != (scores.shape[0],) or sh.dtype != bool:
+        raise ValueError(f"shadow must be a ({scores.shape[0]},) bool array, got {sh.dtype} array of shape {sh.shape}")
+    if not bool(jnp.all(jnp.isfinite(scores))):
+        raise ValueError("scores must be finite (use score_from_loss, which keeps them finite)")
+    n_in = (member & sh[:, None]).sum(axis=0)
+    n_out = (~member & sh[:, None]).sum(axis=0)
+    if online and n_in.min() < 2:
+        t = int(np.argmin(n_in))
+        raise ValueError(f"shadow: every target needs >= 2 in-shadow replicates, target {t} has {int(n_in[t])}")
+    if n_out.min() < 2:
+        t = int(np.argmin(n_out))
+        raise ValueError(f"shadow: every target needs >= 2 out-shadow replicates, target {t} has {int(n_out[t])}")
+    if sh.all():
+        raise ValueError("shadow: no evaluation replicate left (all replicates are shadows)")
+    lr = _lira_matrix(scores, jnp.asarray(member), jnp.asarray(sh), bool(online), bool(fix_variance))
+    ev = ~sh
+    ev_member = member[ev]
+    ev_lr = np.asarray(lr)[ev]
+    return jnp.asarray(ev_lr[ev_member]), jnp.asarray(ev_lr[~ev_member])
+
+
+def lira_pool(scores, membership, *, shadow, online: bool = True, fix_variance: bool = False) -> tuple[Array, Array]:
+    """LiRA in the classic pool design (theory.md section 7): a different game, reported as ``lira_pool``.
+
+    Same computation as :func:`lira`, on scores of a fixed pool of points where each replicate trains on a random
+    half (:func:`pool_membership`) and on nothing else. That game is membership *within a fixed pool*; the release
+    varies less than with fresh data, so this advantage can exceed ``Delta`` and **bounds nothing** about the MIS.
+    Offered only for comparison with other tools; never feed it into ``mis_empirical_upper``.
+
+    Args:
+      scores: ``(R, P)`` statistic of each replicate's release on each pool point.
+      membership: ``(R, P)`` bool from :func:`pool_membership`.
+      shadow: ``(R,)`` bool, which replicates are shadows.
+      online: as in :func:`lira`.
+      fix_variance: as in :func:`lira`.
+
+    Returns:
+      ``(member_scores, nonmember_scores)`` as in :func:`lira`.
+    """
+    return lira(scores, membership, shadow=shadow, online=online, fix_variance=fix_variance)

@@ -1,0 +1,517 @@
+"""Estimating the indicator ``r_Q^n``: single-model audit and population study (theory.md section 6).
+
+- :func:`single_model_indicator`: what a practitioner has, one trained model and its training set. Plug-in
+  ``delta_k``, ``sigma_k`` from the per-example loss differences on the training set (``ptq="loss"``) or the
+  margins ``m_k`` and ``Sigma_hat`` (``ptq="rtn"``), giving ``r_hat`` with an interval from the sampling error of
+  ``delta_hat_k``. Pure JAX: ``vmap`` it over replicates, or call :func:`single_model_indicator_batched`.
+- :func:`population_indicator`: ``theta*`` estimated elsewhere (replicate mean, or known) and a large fresh
+  sample; gives ``r_pop`` and the asymptotic MIS approximation of section 5 for training sets of size ``n``.
+
+Releases with continuous coordinates (``q.continuous``: fp32, pruning) have ``r = 0`` (section 4). So do
+stochastic round-to-nearest releases (``ptq="rtn"`` with a stochastic quantizer): the law of the release is then a
+smooth function of ``theta_hat`` (each coordinate rounds up with probability ``frac(theta_hat_j / s)``), so a
+member shifts it by ``O(1/n)`` and there is no exponential security either. With ``ptq="loss"`` only the starting
+point of the descent is random and the release is a local minimiser like any other.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qmis_jax.quantizers import get as _get_quantizer
+from qmis_jax.quantizers import tree_codes
+
+from .margins import competitors, gap_stats, loss_differences, rtn_differences, rtn_margins
+from .mis import MIS_METHODS, mis_asymptotic
+from .ptq import ptq_loss, ptq_rtn
+from .rates import cramer_rate, gaussian_rate, indicator
+from .sandwich import check_chunk, check_data, hashable_skip, sandwich_covariance_flagged
+
+Array = jax.Array
+PyTree = Any
+
+__all__ = [
+    "PTQ_METHODS",
+    "PopulationAudit",
+    "SingleAudit",
+    "population_indicator",
+    "single_model_indicator",
+    "single_model_indicator_batched",
+]
+
+PTQ_METHODS = ("loss", "rtn")
+DIFFERENCE_METHODS = ("exact", "taylor")
+
+
+class SingleAudit(NamedTuple):
+    """Single-model audit of one release (theory.md section 6); every field gains a leading axis under ``vmap``.
+
+    Attributes:
+      r_hat: scalar plug-in indicator ``min_k I_k``.
+      r_interval: ``(2,)`` interval for ``r``: each ``delta_hat_k`` (or ``m_hat_k``) moved by
+        ``-/+ z sigma_hat_k / sqrt(n)`` and the rates recomputed (the rates are monotone in the gap, the minimum
+        is monotone in each rate). It reflects the sampling error of the gaps only, pointwise per competitor.
+      release: the released pytree.
+      delta: ``(K,)`` gaps ``delta_hat_k`` (``ptq="loss"``) or margins ``m_hat_k`` (``ptq="rtn"``); NaN invalid.
+      sigma: ``(K,)`` ``sigma_hat_k`` or ``s_hat_k`` (asymptotic scale, ``Sigma_hat`` not divided by ``n``).
+      valid: ``(K,)`` bool, the competitor / threshold exists.
+      rates: ``(K,)`` per-competitor rates ``I_k``.
+      capped: ``(K,)`` bool, Cramer rate capped at ``log(n)`` (section 8); False for the Gaussian method.
+      n_moves: int, descent moves accepted by ``ptq="loss"`` (0 for ``"rtn"``).
+      ok: bool, False when a statistic was not finite or (``"rtn"``) ``H_hat`` was singular: ``r_hat`` is then
+        not meaningful.
+    """
+
+    r_hat: Array
+    r_interval: Array
+    release: PyTree
+    delta: Array
+    sigma: Array
+    valid: Array
+    rates: Array
+    capped: Array
+    n_moves: Array
+    ok: Array
+
+
+class PopulationAudit(NamedTuple):
+    """Population indicator and asymptotic MIS of one quantizer (theory.md sections 4-6).
+
+    Attributes:
+      r: scalar ``r_pop = min_k I_k`` at the population release.
+      release: the population release ``theta_0`` (pytree).
+      codes: its int32 codes in ``theta*``'s codebook (pytree): a replicate's release "is the same" iff its codes
+        are equal (Monte Carlo flip rate).
+      delta, sigma: ``(K,)`` population gaps and spreads (or RTN margins ``m_k`` and ``s_k``).
+      valid: ``(K,)`` bool.
+      rates: ``(K,)`` ``I_k``.
+      capped: ``(K,)`` bool, Cramer rates capped at ``log(m)`` (section 8).
+      mis_asymptotic: scalar ``1 - sum_k p_k f_k`` for training sets of size ``n`` (NaN where not applicable).
+      p: ``(K,)`` ``p_k``. f: ``(K,)`` ``f_k``.
+      flip_rate_predicted: ``sum_k p_k``, to compare with the Monte Carlo flip rate.
+      applicable: bool, the exponential approximation applies (not continuous, every valid ``c_k > 0``).
+      n_moves: descent moves of the population PTQ (0 for ``"rtn"``).
+      n: the training-set size the approximation is for.
+      ptq: ``"loss"`` or ``"rtn"``. method: ``"gaussian"`` or ``"cramer"``.
+    """
+
+    r: Array
+    release: PyTree
+    codes: PyTree
+    delta: Array
+    sigma: Array
+    valid: Array
+    rates: Array
+    capped: Array
+    mis_asymptotic: Array
+    p: Array
+    f: Array
+    flip_rate_predicted: Array
+    applicable: Array
+    n_moves: Array
+    n: int
+    ptq: str
+    method: str
+
+
+def _check_options(ptq: str, method: str, differences: str, z: float | None = None) -> None:
+    if ptq not in PTQ_METHODS:
+        raise ValueError(f"ptq must be one of {PTQ_METHODS}, got ptq={ptq!r}")
+    if method not in MIS_METHODS:
+        raise ValueError(f"method must be one of {MIS_METHODS}, got method={method!r}")
+    if differences not in DIFFERENCE_METHODS:
+        raise ValueError(f"differences must be one of {DIFFERENCE_METHODS}, got differences={differences!r}")
+    if z is not None and not isinstance(z, jax.core.Tracer) and not z >= 0:
+        raise ValueError(f"z must be >= 0, got z={z!r}")
+
+
+def _no_exponential_security(q, ptq: str) -> bool:
+    return bool(q.continuous or (ptq == "rtn" and q.stochastic))
+
+
+def _glm(problem, differences: str):
+    if differences == "exact" and problem.design is not None and problem.margin_loss is not None:
+        return problem.design, problem.margin_loss
+    return None, None
+
+
+def _statistics(q, problem, params, x, y, *, ptq, method, key, skip, weights, max_moves, chunk_size, differences):
+    """Release, ``(delta, sigma, valid)``, the samples ``D`` (or None), moves and an ok flag."""
+    design, margin_loss = _glm(problem, differences)
+    if ptq == "loss":
+        release, n_moves = ptq_loss(
+            q,
+            problem.loss,
+            params,
+            x,
+            y,
+            key=key,
+            skip=skip,
+            weights=weights,
+            max_moves=max_moves,
+            design=design,
+            margin_loss=margin_loss,
+            chunk_size=chunk_size,
+        )
+        moves = competitors(q, release, params, skip=skip)
+        D = loss_differences(
+            problem.loss,
+            release,
+            moves,
+            x,
+            y,
+            design=design,
+            margin_loss=margin_loss,
+            chunk_size=chunk_size,
+            method=differences,
+        )
+        valid = moves.valid
+        delta, sigma = gap_stats(D, valid, weights=weights)
+        ok = jnp.asarray(True)
+    else:
+        release = ptq_rtn(q, params, key=key, skip=skip)
+        n_moves = jnp.int32(0)
+        cov, ok = sandwich_covariance_flagged(problem.loss, params, x, y, weights=weights)
+        delta, sigma, valid = rtn_margins(q, params, cov, skip=skip, chunk_size=chunk_size)
+        D = None
+        if method == "cramer":
+            D, _ = rtn_differences(q, problem.loss, params, x, y, skip=skip, weights=weights, chunk_size=chunk_size)
+    finite = jnp.all(jnp.where(valid, jnp.isfinite(delta) & jnp.isfinite(sigma), True))
+    return release, delta, sigma, valid, D, n_moves, ok & finite
+
+
+def _effective_n(weights, n: int, dtype):
+    if weights is None:
+        return jnp.asarray(n, dtype)
+    w = jnp.asarray(weights, dtype)
+    return jnp.sum(w) ** 2 / jnp.sum(w**2)
+
+
+def single_model_indicator(
+    q,
+    problem,
+    params: PyTree,
+    x: Array,
+    y: Array,
+    *,
+    ptq: str = "loss",
+    method: str = "gaussian",
+    z: float = 1.96,
+    key: Array | None = None,
+    skip=None,
+    weights: Array | None = None,
+    max_moves: int | None = None,
+    chunk_size: int | None = None,
+    cap: float | None = None,
+    differences: str = "exact",
+) -> SingleAudit:
+    """Single-model audit: plug-in ``r_hat`` and an interval from one trained model and its training set.
+
+    theory.md section 6. ``ptq="loss"``: the release is :func:`~qmis_jax.stats.ptq.ptq_loss` on the training set,
+    its competitors' loss differences ``D_k(Z_i)`` on the training set give ``delta_hat_k``, ``sigma_hat_k``
+    (section 3(a)) and the rates ``I_k`` (``"gaussian"``: ``delta^2 / (2 sigma^2)``; ``"cramer"``: the empirical
+    Chernoff rate, capped at ``log(n)``). ``ptq="rtn"``: round-to-nearest release, margins ``m_hat_k`` with
+    ``s_hat_k`` from ``Sigma_hat`` (HC0 at ``params``) by the delta method (section 3(b)); ``"cramer"`` uses the
+    linearised contributions of :func:`~qmis_jax.stats.margins.rtn_differences`. ``r_hat = min_k I_k`` (section 4).
+
+    Interval: ``delta_hat_k -/+ z sigma_hat_k / sqrt(n)`` (Gaussian: rates at the shifted gaps; Cramer: rates of
+    ``D_k -/+ z sigma_hat_k / sqrt(n)``), propagated through the monotone minimum. It is pointwise per
+    competitor, not simultaneous, and ignores the error of ``sigma_hat_k`` and of the release itself.
+
+    Pure JAX (no Python branching on data): ``jax.vmap`` it over replicates (params, data or weights), or use
+    :func:`single_model_indicator_batched`.
+
+    Args:
+      q: the quantizer (or a preset name).
+      problem: a :class:`~qmis_jax.problems.Problem` (its ``loss``, and ``design``/``margin_loss`` when present).
+      params: the trained model ``theta_hat`` (it fixes the codebook).
+      x: ``(n, ...)`` training inputs. y: ``(n,)`` targets.
+      ptq: ``"loss"`` or ``"rtn"``.
+      method: ``"gaussian"`` or ``"cramer"``.
+      z: interval half-width in standard errors (1.96: pointwise 95%).
+      key: PRNG key for stochastic quantizers.
+      skip: leaves kept in full precision.
+      weights: optional ``(n,)`` membership weights of a shared pool (statistics are weighted; ``n`` is the
+        effective size ``(sum w)^2 / sum w^2``, the member count for 0/1 weights).
+      max_moves: bound of the loss-PTQ descent.
+      chunk_size: competitors evaluated at once.
+      cap: Cramer rate cap (default ``log(n)``).
+      differences: ``"exact"`` loss differences, or the ``"taylor"`` form for large models (section 6, "Cost").
+
+    Returns:
+      :class:`SingleAudit`.
+
+    >>> import jax
+    >>> from qmis_jax.problems import gaussian_mean
+    >>> from qmis_jax.quantizers import uniform
+    >>> problem = gaussian_mean(mu=[0.3])
+    >>> x, y = problem.sample(jax.random.key(0), 500)
+    >>> audit = single_model_indicator(uniform(step=1.0), problem, problem.solve(x, y, y + 1), x, y)
+    >>> audit.delta.shape, bool(audit.r_interval[0] <= audit.r_hat <= audit.r_interval[1])
+    ((2,), True)
+    """
+    _check_options(ptq, method, differences, z)
+    check_chunk(chunk_size)
+    q = _get_quantizer(q)
+    check_data(x, y, weights)
+    return _single_core(
+        q,
+        problem,
+        params,
+        x,
+        y,
+        weights,
+        key,
+        jnp.asarray(z),
+        ptq=ptq,
+        method=method,
+        skip=hashable_skip(skip),
+        max_moves=max_moves,
+        chunk_size=chunk_size,
+        cap=cap,
+        differences=differences,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnums=(0, 1),
+    static_argnames=("ptq", "method", "skip", "max_moves", "chunk_size", "cap", "differences"),
+)
+def _single_core(
+    q, problem, params, x, y, weights, key, z, *, ptq, method, skip, max_moves, chunk_size, cap, differences
+):
+    n = x.shape[0]
+    release, delta, sigma, valid, D, n_moves, ok = _statistics(
+        q,
+        problem,
+        params,
+        x,
+        y,
+        ptq=ptq,
+        method=method,
+        key=key,
+        skip=skip,
+        weights=weights,
+        max_moves=max_moves,
+        chunk_size=chunk_size,
+        differences=differences,
+    )
+    dtype = delta.dtype
+    n_eff = _effective_n(weights, n, dtype)
+    half = jnp.where(valid, z * sigma / jnp.sqrt(n_eff), 0.0)
+    capped = jnp.zeros(valid.shape, bool)
+    if method == "gaussian":
+        rates = gaussian_rate(delta, sigma)
+        lo_rates = gaussian_rate(delta - half, sigma)
+        hi_rates = gaussian_rate(delta + half, sigma)
+    else:
+        k = valid.shape[0]
+        stacked = jnp.concatenate([D, D - half[:, None], D + half[:, None]])  # one batched solve for all three
+        cr = cramer_rate(stacked, jnp.tile(valid, 3), weights=weights, cap=cap)
+        rates, capped = cr.rate[:k], cr.capped[:k]
+        lo_rates, hi_rates = cr.rate[k : 2 * k], cr.rate[2 * k :]
+    flat = _no_exponential_security(q, ptq)
+    r_hat = indicator(rates, valid, continuous=flat)
+    r_interval = jnp.stack([indicator(lo_rates, valid, continuous=flat), indicator(hi_rates, valid, continuous=flat)])
+    return SingleAudit(
+        r_hat=r_hat,
+        r_interval=r_interval,
+        release=release,
+        delta=delta,
+        sigma=sigma,
+        valid=valid,
+        rates=rates,
+        capped=capped,
+        n_moves=n_moves,
+        ok=ok,
+    )
+
+
+def single_model_indicator_batched(
+    q,
+    problem,
+    params: PyTree,
+    x: Array,
+    y: Array,
+    *,
+    weights: Array | None = None,
+    key: Array | None = None,
+    batch_size: int | None = None,
+    **options,
+) -> SingleAudit:
+    """:func:`single_model_indicator` for ``R`` replicates: ``vmap`` in chunks of ``batch_size`` (``lax.map``).
+
+    Data are one shared pool ``x (N, ...)``, ``y (N,)`` with ``(R, N)`` membership ``weights``, or one training set
+    per replicate ``x (R, n, ...)``, ``y (R, n)`` (shared when ``y`` is 1-D). Replicate ``i`` uses the key
+    ``fold_in(key, i)``, so results do not depend on ``batch_size``.
+
+    Args:
+      q, problem: as in :func:`single_model_indicator`.
+      params: pytree with a leading replicate axis ``R``.
+      x, y: shared pool or per-replicate data (see above).
+      weights: ``(R, N)`` membership weights for a shared pool (or ``(R, n)``), optional.
+      key: PRNG key (stochastic quantizers).
+      batch_size: replicates evaluated at once (default: all).
+      **options: keyword options of :func:`single_model_indicator` (``ptq``, ``method``, ``z``, ``skip``...).
+
+    Returns:
+      :class:`SingleAudit` whose fields have a leading axis ``R``.
+    """
+    check_chunk(batch_size, "batch_size")
+    q = _get_quantizer(q)
+    leaves = jax.tree_util.tree_leaves(params)
+    if not leaves:
+        raise ValueError("params must hold at least one array")
+    r = int(jnp.shape(leaves[0])[0])
+    shared = jnp.ndim(y) == 1
+    if not shared and (jnp.shape(y)[0] != r or jnp.shape(x)[0] != r):
+        raise ValueError(f"per-replicate x, y need a leading axis R = {r}, got {jnp.shape(x)}, {jnp.shape(y)}")
+    if weights is not None and jnp.shape(weights)[0] != r:
+        raise ValueError(f"weights need a leading axis R = {r}, got weights.shape={jnp.shape(weights)}")
+    keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(r))
+
+    def one(args):
+        prm, xx, yy, ww, kk = args
+        if shared:
+            xx, yy = x, y
+        return single_model_indicator(q, problem, prm, xx, yy, weights=ww, key=kk, **options)
+
+    xs = (params, None if shared else x, None if shared else y, weights, keys)
+    if batch_size is None or batch_size >= r:
+        return jax.vmap(one)(xs)
+    return jax.lax.map(one, xs, batch_size=batch_size)
+
+
+def population_indicator(
+    q,
+    problem,
+    theta_star: PyTree,
+    x_big: Array,
+    y_big: Array,
+    *,
+    n: int,
+    ptq: str = "loss",
+    method: str = "gaussian",
+    key: Array | None = None,
+    skip=None,
+    max_moves: int | None = None,
+    chunk_size: int | None = None,
+    cap: float | None = None,
+    differences: str = "exact",
+) -> PopulationAudit:
+    """Population indicator ``r_pop`` and asymptotic MIS at ``theta*`` from a large fresh sample (section 6).
+
+    ``ptq="loss"``: the population release is the loss-minimising PTQ of ``theta*`` with the population loss
+    replaced by the mean loss on ``(x_big, y_big)`` (codebook fixed by ``theta*``); ``delta_k``, ``sigma_k`` (and
+    the Cramer rates) come from its competitors' loss differences on the big sample. ``ptq="rtn"``: the release is
+    ``Q(theta*)``; the margins use ``Sigma = sandwich_covariance(problem.loss, theta*, x_big, y_big)`` at ``theta*``
+    (so ``Cov(theta_hat) ~ Sigma / n``, entering through ``sqrt(n)`` in ``p_k``) and the delta method. Then
+    ``r = min_k I_k`` (section 4) and ``mis_asymptotic = 1 - sum_k p_k f_k`` for training sets of size ``n``
+    (section 5). Never average ``exp(-n r_hat)`` over replicates instead (section 6).
+
+    Args:
+      q: the quantizer (or a preset name).
+      problem: the :class:`~qmis_jax.problems.Problem`.
+      theta_star: ``theta*`` (pytree), e.g. the replicate mean or ``problem.population(key)``.
+      x_big: ``(m, ...)`` a large fresh sample. y_big: ``(m,)``.
+      n: training-set size of the replicates (for ``p_k``).
+      ptq: ``"loss"`` or ``"rtn"``. method: ``"gaussian"`` or ``"cramer"``.
+      key: PRNG key for stochastic quantizers.
+      skip: leaves kept in full precision.
+      max_moves: bound of the population PTQ descent.
+      chunk_size: competitors evaluated at once.
+      cap: Cramer rate cap (default ``log(m)``).
+      differences: ``"exact"`` or ``"taylor"`` loss differences.
+
+    Returns:
+      :class:`PopulationAudit`.
+
+    Raises:
+      ValueError: unknown ``ptq``/``method``, bad ``n``, or (``"rtn"``) a singular Hessian at ``theta*``.
+    """
+    _check_options(ptq, method, differences)
+    check_chunk(chunk_size)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got n={n!r}")
+    q = _get_quantizer(q)
+    check_data(x_big, y_big)
+    skip = hashable_skip(skip)
+    release, delta, sigma, valid, rates, capped, r, approx, n_moves, ok = _population_core(
+        q,
+        problem,
+        theta_star,
+        x_big,
+        y_big,
+        key,
+        n,
+        ptq=ptq,
+        method=method,
+        skip=skip,
+        max_moves=max_moves,
+        chunk_size=chunk_size,
+        cap=cap,
+        differences=differences,
+    )
+    if not bool(ok):
+        what = "H (the mean Hessian at theta_star) is singular or non-finite" if ptq == "rtn" else "a statistic"
+        raise ValueError(f"theta_star: {what}; the population indicator is not defined there")
+    codes = tree_codes(q, release, theta_star, skip=skip)
+    return PopulationAudit(
+        r=r,
+        release=release,
+        codes=codes,
+        delta=delta,
+        sigma=sigma,
+        valid=valid,
+        rates=rates,
+        capped=capped,
+        mis_asymptotic=approx.mis,
+        p=approx.p,
+        f=approx.f,
+        flip_rate_predicted=jnp.sum(approx.p),
+        applicable=approx.applicable,
+        n_moves=n_moves,
+        n=n,
+        ptq=ptq,
+        method=method,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnums=(0, 1),
+    static_argnames=("ptq", "method", "skip", "max_moves", "chunk_size", "cap", "differences"),
+)
+def _population_core(
+    q, problem, theta_star, x_big, y_big, key, n, *, ptq, method, skip, max_moves, chunk_size, cap, differences
+):
+    release, delta, sigma, valid, D, n_moves, ok = _statistics(
+        q,
+        problem,
+        theta_star,
+        x_big,
+        y_big,
+        ptq=ptq,
+        method=method,
+        key=key,
+        skip=skip,
+        weights=None,
+        max_moves=max_moves,
+        chunk_size=chunk_size,
+        differences=differences,
+    )
+    flat = _no_exponential_security(q, ptq)
+    capped = jnp.zeros(valid.shape, bool)
+    if method == "gaussian":
+        rates = gaussian_rate(delta, sigma)
+    else:
+        cr = cramer_rate(D, valid, cap=cap)
+        rates, capped = cr.rate, cr.capped
+    r = indicator(rates, valid, continuous=flat)
+    approx = mis_asymptotic(n, delta, sigma, valid, method=method, D=D, continuous=flat, cap=cap)
+    return release, delta, sigma, valid, rates, capped, r, approx, n_moves, ok

@@ -1,0 +1,123 @@
+"""The readable ``report.md`` of a study, rendered from report dictionaries."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from qmis_jax.studies.plots import empirical_rate, indicator_attack_agreement
+
+Report = Mapping[str, Any]
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """Format a number compactly for tables (``-`` for missing, scientific notation for small values)."""
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    x = float(x)
+    if math.isnan(x):
+        return "nan"
+    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+        return f"{x:.{max(digits - 1, 1)}e}"
+    return f"{x:.{digits}g}" if abs(x) >= 1 else f"{x:.{digits}f}"
+
+
+def _attack_cell(q: Mapping[str, Any], name: str) -> str:
+    res = q.get("attacks", {}).get(name)
+    if res is None:
+        return "-"
+    lo, hi = res["advantage_ci"]
+    return f"{fmt(res['advantage'])} [{fmt(lo)}, {fmt(hi)}]"
+
+
+def _utility_cell(u: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {fmt(v)}" for k, v in u.items() if not isinstance(v, dict))
+
+
+def quantizer_table(report: Report) -> list[str]:
+    """Markdown table of one audit: one row per quantizer in ranking order."""
+    lines = [
+        "| rank | quantizer | r_population | r_single median [q05, q95] | 1 - MIS (asymptotic) | flip rate (MC) "
+        "| flip rate (predicted) | LOSS advantage [95% CI] | LiRA advantage [95% CI] | MIS upper (attacks) "
+        "| utility |",
+        "|---:|---|---:|---|---:|---:|---:|---|---|---:|---|",
+    ]
+    for i, name in enumerate(report["ranking"], 1):
+        q = report["quantizers"][name]
+        s = q["r_single"]
+        mis = q.get("mis_asymptotic")
+        one_minus = None if mis is None or (isinstance(mis, float) and math.isnan(mis)) else 1.0 - mis
+        lines.append(
+            f"| {i} | {name} | {fmt(q['r_population'])} | {fmt(s['median'])} [{fmt(s['q05'])}, {fmt(s['q95'])}] "
+            f"| {fmt(one_minus)} | {fmt(q['flip_rate'])} | {fmt(q['flip_rate_predicted'])} "
+            f"| {_attack_cell(q, 'loss')} | {_attack_cell(q, 'lira')} | {fmt(q.get('mis_empirical_upper'))} "
+            f"| {_utility_cell(q['utility'])} |"
+        )
+    return lines
+
+
+def render(title: str, runs: Sequence[Report], *, figures: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
+    """A study's markdown report: configuration, per-run ranking tables, rate-vs-n table and figure links."""
+    out = [f"# {title}", ""]
+    first = runs[0]
+    out += [
+        f"qmis_jax {first['version']}, configuration hash `{first['config_hash']}`, "
+        f"{first.get('environment', {}).get('device_count', '?')} x "
+        f"{first.get('environment', {}).get('device_kind', '?')}.",
+        "",
+        "How to read it: the indicator `r_Q^n` is the exponential rate at which the quantized release stops "
+        "changing with one training point (`1 - MIS ~ exp(-n r)`, larger is more secure, 0 means only polynomial "
+        "security). The attacks (LOSS on fresh data, LiRA on embedded targets) play the membership game itself, so "
+        "`1 - advantage` is an upper bound on the MIS. The flip rate is the share of replicates whose release "
+        "differs from the population release; the indicator predicts it.",
+        "",
+    ]
+    out += [f"- {n}" for n in notes]
+    if notes:
+        out.append("")
+    for run in runs:
+        p = run["problem"]
+        out += [
+            f"## {p['name']}, n = {run['n']}, {run['replicates']} replicates ({run.get('ptq', '?')} PTQ, "
+            f"{run.get('method', '?')} rates)",
+            "",
+        ]
+        out += quantizer_table(run)
+        agree = indicator_attack_agreement(run, attack="lira")
+        out += [
+            "",
+            f"Ranking (most secure first): {', '.join(run['ranking'])}.",
+            f"Spearman rank correlation of the indicator with 1 - LiRA advantage across quantizers: "
+            f"{fmt(agree['spearman'])} ({agree['count']} quantizers).",
+            "",
+        ]
+        diag = run.get("diagnostics")
+        if diag:
+            out += ["Diagnostics: " + ", ".join(f"{k} = {v}" for k, v in diag.items()), ""]
+    by_problem: dict[str, list[Report]] = {}
+    for run in runs:
+        by_problem.setdefault(run["problem"]["name"], []).append(run)
+    for pname, pruns in by_problem.items():
+        if len(pruns) < 2:
+            continue
+        pruns = sorted(pruns, key=lambda r: r["n"])
+        names = list(pruns[0]["quantizers"])
+        out += [
+            f"## {pname}: Monte Carlo rate `-log(flip rate)/n` (indicator `r` in parentheses)",
+            "",
+            "| quantizer | " + " | ".join(f"n = {r['n']}" for r in pruns) + " |",
+            "|---|" + "---:|" * len(pruns),
+        ]
+        for name in names:
+            cells = [
+                f"{fmt(empirical_rate(r['quantizers'][name], r['n']))} ({fmt(r['quantizers'][name]['r_population'])})"
+                for r in pruns
+            ]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    if figures:
+        out += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    return "\n".join(out)

@@ -1,0 +1,399 @@
+"""The replicate engine: one replicate's training program, vmapped, chunked and sharded over local devices.
+
+Replicate ``i`` depends only on ``(key, i)`` and its own weights, never on the chunking or on which other
+replicates share its batch, so results are reproducible whatever ``chunk_size`` or device count (theory.md
+section 6's population study trains thousands of them).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from qmis_jax.problems._base import Problem
+
+from . import _solvers
+from ._result import FitResult
+from ._validate import check_data, check_key, check_positive_int, check_problem, check_tol, check_weights
+
+Array = jax.Array
+PyTree = Any
+
+SOLVERS = ("auto", "closed_form", "glm_newton", "newton", "optax")
+DEFAULT_NEWTON_STEPS = 100
+DEFAULT_OPTAX_STEPS = 500
+DEFAULT_LEARNING_RATE = 1e-2
+DEFAULT_MEMORY_BUDGET = 2 * 2**30
+FEATURES_MAX_BYTES = 2**30
+CPU_CHUNK_CAP = 256
+
+
+def default_optimizer() -> optax.GradientTransformation:
+    """The optimizer of non-convex problems unless one is given: ``optax.adam(1e-2)``."""
+    return _DEFAULT_OPTIMIZER
+
+
+_DEFAULT_OPTIMIZER = optax.adam(DEFAULT_LEARNING_RATE)
+
+
+def resolve_solver(problem: Problem, solver: str) -> str:
+    """The training method: closed form, GLM Newton, generic Newton (convex) or optax steps (non-convex)."""
+    if solver not in SOLVERS:
+        raise KeyError(f"unknown solver {solver!r}; valid: {list(SOLVERS)}")
+    if solver == "auto":
+        if problem.solve is not None:
+            return "closed_form"
+        if problem.convex and problem.design is not None and problem.margin_loss is not None:
+            return "glm_newton"
+        return "newton" if problem.convex else "optax"
+    if solver == "closed_form" and problem.solve is None:
+        raise ValueError(f"solver='closed_form' needs problem.solve, which {problem.name!r} does not have")
+    if solver == "glm_newton" and (problem.design is None or problem.margin_loss is None):
+        raise ValueError(f"solver='glm_newton' needs problem.design and margin_loss, which {problem.name!r} lacks")
+    return solver
+
+
+def _default_budget(devices) -> int:
+    try:
+        stats = devices[0].memory_stats() or {}
+    except Exception:  # some backends do not report memory
+        stats = {}
+    limit = stats.get("bytes_limit")
+    return int(0.4 * limit * len(devices)) if limit else DEFAULT_MEMORY_BUDGET
+
+
+def bytes_per_replicate(solver: str, *, n: int, dx: int, p: int, itemsize: int, fresh: bool, features: bool) -> int:
+    """A rough estimate of one replicate's working memory, used to size chunks from a memory budget."""
+    ls = _solvers.LINE_SEARCH_STEPS
+    data = 2 * n * (dx + 1) if fresh else 0
+    if solver == "glm_newton":
+        per = (ls + 12) * n + 4 * p * p + data + (0 if features else 2 * n * p) + (n * p if fresh else 0)
+    elif solver == "newton":
+        per = 4 * p * p + 3 * n * p + (ls + 8) * n + data
+    elif solver == "optax":
+        per = 12 * p + 8 * n * max(dx, 16) + data
+    else:
+        per = 4 * p * p + 2 * n * (dx + 1) + data
+    return int(per * itemsize)
+
+
+@functools.lru_cache(maxsize=64)
+def _program(problem, solver, fresh, n, max_steps, optimizer, batch_size, shared_init, warm_start):
+    """The jitted, vmapped training program for one configuration (cached: chunks reuse one compilation).
+
+    With ``warm_start`` (shared pool, convex Newton solvers), the replicates start from the fit of the whole pool
+    with unit weights; it does not depend on the replicate, so vmap leaves it unbatched: it runs once per chunk and
+    every replicate's result still depends only on ``(key, i)`` and its weights.
+    """
+
+    def newton(theta0, x, y, w, design, features, params0, tol):
+        if solver == "glm_newton":
+            return _solvers.glm_newton(
+                theta0.astype(design.dtype),
+                design,
+                y,
+                w,
+                margin_loss=problem.margin_loss,
+                features=features,
+                tol=tol,
+                max_steps=max_steps,
+            )
+        unravel = ravel_pytree(params0)[1]
+        return _solvers.generic_newton(unravel(theta0), problem.batch_loss, x, y, w, tol=tol, max_steps=max_steps)
+
+    def train_one(i, x, y, w, design, features, params0, k_init, k_batch, tol, pilot):
+        sol = _train_flat(i, x, y, w, design, features, params0, k_init, k_batch, tol, pilot)
+        return sol._replace(params=ravel_pytree(params0)[1](sol.params))
+
+    def _train_flat(i, x, y, w, design, features, params0, k_init, k_batch, tol, pilot):
+        shared0 = params0
+        if not shared_init:
+            params0 = problem.init(jax.random.fold_in(k_init, i))
+        if solver == "closed_form":
+            return _solvers.closed_form(problem.solve, problem.batch_loss, x, y, w, tol=tol)
+        if solver in ("glm_newton", "newton"):
+            theta0 = ravel_pytree(params0)[0]
+            if pilot is not None:
+                theta0 = newton(ravel_pytree(shared0)[0], *pilot, shared0, tol).params
+            return newton(theta0, x, y, w, design, features, params0, tol)
+        return _solvers.optax_fixed_steps(
+            jax.random.fold_in(k_batch, i),
+            params0,
+            problem.batch_loss,
+            x,
+            y,
+            w,
+            optimizer=optimizer,
+            steps=max_steps,
+            batch_size=batch_size,
+            tol=tol,
+        )
+
+    if fresh:
+
+        def one(i, x, y, params0, k_init, k_batch, tol):
+            design = problem.design(x) if solver == "glm_newton" else None
+            return train_one(i, x, y, jnp.ones_like(y), design, None, params0, k_init, k_batch, tol, None)
+
+        def chunk(idx, key, params0, k_init, k_batch, tol):
+            # Data are drawn replicate by replicate (lax.map): the same numbers as vmap, and a vmapped
+            # threefry costs several times longer to compile.
+            x, y = jax.lax.map(lambda i: problem.sample(jax.random.fold_in(key, i), n), idx.astype(jnp.uint32))
+            return jax.vmap(one, in_axes=(0, 0, 0, None, None, None, None))(idx, x, y, params0, k_init, k_batch, tol)
+
+        return jax.jit(chunk)
+
+    def one_pool(i, w, x, y, design, features, params0, k_init, k_batch, tol):
+        pilot = (x, y, jnp.ones_like(y), design, features) if warm_start else None
+        return train_one(i, x, y, w, design, features, params0, k_init, k_batch, tol, pilot)
+
+    return jax.jit(jax.vmap(one_pool, in_axes=(0, 0, None, None, None, None, None, None, None, None)))
+
+
+def _plan(replicates: int, chunk_size, memory_budget, per_replicate: int, devices) -> int:
+    """Replicates per compiled call: ``chunk_size``, else what the memory budget allows (at most ``CPU_CHUNK_CAP``
+    per CPU device, where larger chunks gain nothing and lose cache locality), a multiple of the device count."""
+    ndev = len(devices)
+    if chunk_size is None:
+        budget = _default_budget(devices) if memory_budget is None else memory_budget
+        chunk_size = max(1, budget // max(per_replicate, 1))
+        if all(d.platform == "cpu" for d in devices):
+            chunk_size = min(chunk_size, CPU_CHUNK_CAP * ndev)
+    chunk = min(chunk_size, replicates)
+    return -(-chunk // ndev) * ndev
+
+
+def _resolve_common(problem, tol, max_steps, chunk_size, memory_budget, optimizer, batch_size, solver, devices):
+    check_problem(problem)
+    tol = check_tol(tol)
+    solver = resolve_solver(problem, solver)
+    max_steps = check_positive_int("max_steps", max_steps, allow_none=True)
+    if max_steps is None:
+        max_steps = DEFAULT_OPTAX_STEPS if solver == "optax" else DEFAULT_NEWTON_STEPS
+    check_positive_int("chunk_size", chunk_size, allow_none=True)
+    check_positive_int("memory_budget", memory_budget, allow_none=True)
+    check_positive_int("batch_size", batch_size, allow_none=True)
+    if optimizer is None:
+        optimizer = default_optimizer()
+    elif not isinstance(optimizer, optax.GradientTransformation):
+        raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
+    devices = tuple(jax.local_devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("devices must hold at least one device")
+    return tol, solver, max_steps, optimizer, devices
+
+
+def _init_params(problem, init_params, k_init):
+    params0 = jax.jit(problem.init)(k_init) if init_params is None else init_params
+    return jax.tree.map(jnp.asarray, params0)
+
+
+def _run(program, replicates, chunk, devices, per_rep, shared) -> FitResult:
+    """Run ``program`` over replicate chunks; pad the last chunk with copies of its last replicate.
+
+    Slicing and padding happen on host copies (NumPy), so no small eager programs are compiled per chunk shape.
+    """
+    mesh = Mesh(np.asarray(devices), ("replicates",))
+    split, same = NamedSharding(mesh, P("replicates")), NamedSharding(mesh, P())
+    shared = jax.device_put(shared, same)
+    outs = []
+    for start in range(0, replicates, chunk):
+        idx = np.arange(start, min(start + chunk, replicates))
+        idx = np.concatenate([idx, np.full(chunk - idx.size, idx[-1])]).astype(np.int32)
+        args = [idx] + [a[idx] for a in per_rep]
+        outs.append(program(*jax.device_put(args, split), *shared))
+    if len(outs) == 1 and chunk == replicates:
+        sol = outs[0]
+    else:
+        sol = jax.tree.map(lambda *a: jnp.asarray(np.concatenate([np.asarray(b) for b in a])[:replicates]), *outs)
+    return FitResult(sol.params, sol.grad_norm, sol.converged, sol.steps)
+
+
+def fit(
+    key: Array,
+    problem: Problem,
+    x: Array,
+    y: Array,
+    *,
+    weights: Array,
+    tol: float = 1e-6,
+    max_steps: int | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    batch_size: int | None = None,
+    shared_init: bool = True,
+    init_params: PyTree | None = None,
+    solver: str = "auto",
+    warm_start: bool = True,
+    devices=None,
+) -> FitResult:
+    """Train ``R`` replicates on one shared pool, replicate ``r`` weighting example ``i`` by ``weights[r, i]``.
+
+    Replicate ``r`` minimises the weighted empirical risk ``sum_i w_ri l(theta, z_i) / sum_i w_ri``
+    (theory.md section 1; 0/1 weights give membership subsets, integer counts bootstrap resamples). Methods
+    (``solver="auto"``): the problem's closed form ``solve``; for convex generalised linear models (``design`` and
+    ``margin_loss``) damped Newton where, vmapped over replicates, the margins are ``Theta @ X^T``, the gradients
+    ``(W m') @ X`` and the Hessians ``(W m'') @ K`` with ``K`` the Khatri-Rao features of the pool, all
+    matrix-matrix products; other convex problems: damped Newton with the autodiff Hessian; non-convex problems:
+    exactly ``max_steps`` steps of ``optimizer`` (full batch, or minibatches of ``batch_size`` drawn in
+    proportion to the weights), every replicate starting from one shared initialisation (theory.md section 8).
+
+    Replicates run in chunks of ``chunk_size`` (or as many as ``memory_budget`` bytes allow, by a rough
+    estimate), each chunk split over ``devices`` along a 1-D mesh. Replicate ``r`` uses only
+    ``fold_in(k, r)`` of the subkeys ``k_init, k_batch = split(key)`` and its weights, so its result does not
+    depend on the chunking.
+
+    Args:
+      key: PRNG key (initialisation, minibatches).
+      problem: the :class:`~qmis_jax.problems.Problem`.
+      x: ``(N, dx)`` pool inputs. y: ``(N,)`` pool targets (0/1 for binary problems).
+      weights: ``(R, N)`` non-negative weights, every row with a positive sum.
+      tol: gradient-norm tolerance (Euclidean norm of the gradient of the weighted mean loss).
+      max_steps: Newton iteration cap (default 100) or the exact number of optimizer steps (default 500).
+      chunk_size: replicates per compiled call (rounded up to a multiple of the device count).
+      memory_budget: bytes per chunk, used when ``chunk_size`` is None (default: 40% of the devices' memory where
+        reported, else 2 GiB); on CPU devices chunks are capped at 256 replicates per device.
+      optimizer: optax optimizer of non-convex problems (default ``optax.adam(1e-2)``).
+      batch_size: minibatch size of non-convex training (None: full batch).
+      shared_init: one initialisation ``init(k_init)`` for all replicates (else ``init(fold_in(k_init, r))``).
+      init_params: a start for every replicate, overriding ``problem.init``.
+      solver: ``"auto"``, ``"closed_form"``, ``"glm_newton"``, ``"newton"`` or ``"optax"``.
+      warm_start: convex Newton solvers start every replicate from the fit of the whole pool with unit weights
+        (computed once per chunk, shared by all replicates), which saves about half the iterations.
+      devices: devices to shard replicates over (default ``jax.local_devices()``).
+
+    Returns:
+      :class:`FitResult` with leading replicate axis ``R``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from qmis_jax.problems import gaussian_mean
+    >>> x = jnp.array([[0.0], [1.0], [5.0]])
+    >>> res = fit(jax.random.key(0), gaussian_mean(mu=0.0), x, jnp.zeros(3),
+    ...           weights=jnp.array([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]))
+    >>> res.params["mu"][:, 0].tolist()
+    [0.5, 3.0]
+    """
+    check_key(key)
+    tol, solver, max_steps, optimizer, devices = _resolve_common(
+        problem, tol, max_steps, chunk_size, memory_budget, optimizer, batch_size, solver, devices
+    )
+    xh, _ = check_data(problem, x, y)
+    wh = check_weights(weights, xh.shape[0])
+    x = jnp.asarray(x)
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros(()).dtype
+    x, y = x.astype(dtype), jnp.asarray(y, dtype)
+    w = wh.astype(dtype)
+    k_init, k_batch = jax.random.split(key)
+    params0 = _init_params(problem, init_params, k_init)
+    p = ravel_pytree(params0)[0].size
+    design = features = None
+    if solver == "glm_newton":
+        design = problem.design(x)
+        p = design.shape[1]
+        if design.shape[0] * p * (p + 1) // 2 * design.dtype.itemsize <= FEATURES_MAX_BYTES:
+            features = _solvers.triangle_features(design)
+    per = bytes_per_replicate(
+        solver,
+        n=xh.shape[0],
+        dx=xh.shape[1],
+        p=p,
+        itemsize=x.dtype.itemsize,
+        fresh=False,
+        features=features is not None,
+    )
+    chunk = _plan(wh.shape[0], chunk_size, memory_budget, per, devices)
+    program = _program(problem, solver, False, 0, max_steps, optimizer, batch_size, bool(shared_init), bool(warm_start))
+    shared = (x, y, design, features, params0, k_init, k_batch, jnp.asarray(tol, x.dtype))
+    return _run(program, wh.shape[0], chunk, devices, [w], shared)
+
+
+def fit_fresh(
+    key: Array,
+    problem: Problem,
+    *,
+    n: int,
+    replicates: int,
+    tol: float = 1e-6,
+    max_steps: int | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    batch_size: int | None = None,
+    shared_init: bool = True,
+    init_params: PyTree | None = None,
+    solver: str = "auto",
+    devices=None,
+) -> FitResult:
+    """Train ``replicates`` models, replicate ``i`` on its own fresh data set ``problem.sample(fold_in(key, i), n)``.
+
+    The fresh-data design of theory.md sections 6 and 7: each replicate's data are generated inside the compiled
+    program (nothing ``(R, n, dx)``-sized is held outside a chunk) and can be regenerated with
+    :func:`replicate_data`. Methods, chunking and sharding are those of :func:`fit` with unit weights;
+    initialisation and minibatch keys come from ``k_init, k_batch = split(key)``.
+
+    Args:
+      key: PRNG key. problem: the problem. n: examples per replicate. replicates: ``R``.
+      tol, max_steps, chunk_size, memory_budget, optimizer, batch_size, shared_init, init_params, solver,
+      devices: as in :func:`fit`.
+
+    Returns:
+      :class:`FitResult` with leading replicate axis ``R``.
+
+    >>> import jax
+    >>> from qmis_jax.problems import gaussian_mean
+    >>> res = fit_fresh(jax.random.key(0), gaussian_mean(mu=[1.0, 2.0]), n=100, replicates=3)
+    >>> res.params["mu"].shape
+    (3, 2)
+    """
+    check_key(key)
+    n = check_positive_int("n", n)
+    replicates = check_positive_int("replicates", replicates)
+    tol, solver, max_steps, optimizer, devices = _resolve_common(
+        problem, tol, max_steps, chunk_size, memory_budget, optimizer, batch_size, solver, devices
+    )
+    k_init, k_batch = jax.random.split(key)
+    params0 = _init_params(problem, init_params, k_init)
+    x_shape = jax.eval_shape(lambda k: problem.sample(k, n), key)[0]
+    dx = x_shape.shape[1] if len(x_shape.shape) == 2 else 1
+    p = ravel_pytree(params0)[0].size
+    if solver == "glm_newton":
+        p = jax.eval_shape(lambda k: problem.design(problem.sample(k, n)[0]), key).shape[1]
+    per = bytes_per_replicate(solver, n=n, dx=dx, p=p, itemsize=x_shape.dtype.itemsize, fresh=True, features=False)
+    chunk = _plan(replicates, chunk_size, memory_budget, per, devices)
+    program = _program(problem, solver, True, n, max_steps, optimizer, batch_size, bool(shared_init), False)
+    shared = (key, params0, k_init, k_batch, jnp.asarray(tol, x_shape.dtype))
+    return _run(program, replicates, chunk, devices, [], shared)
+
+
+def replicate_data(key: Array, problem: Problem, *, n: int, index) -> tuple[Array, Array]:
+    """Regenerate the data sets of :func:`fit_fresh`: replicate ``i`` is ``problem.sample(fold_in(key, i), n)``.
+
+    Args:
+      key: the key given to :func:`fit_fresh`. problem: the problem. n: examples per replicate.
+      index: an int (one replicate) or an int array ``(m,)``.
+
+    Returns:
+      ``(x, y)``: ``(n, dx)``, ``(n,)`` for an int; stacked ``(m, n, dx)``, ``(m, n)`` for an array.
+    """
+    check_key(key)
+    check_problem(problem)
+    n = check_positive_int("n", n)
+    idx = np.asarray(index)
+    if not np.issubdtype(idx.dtype, np.integer) or idx.ndim > 1 or np.any(idx < 0):
+        raise ValueError(f"index must be a non-negative int or 1-D int array, got {index!r}")
+    return _replicate_data(problem, n, key, jnp.asarray(idx, jnp.uint32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _replicate_data(problem, n, key, idx):
+    one = lambda i: problem.sample(jax.random.fold_in(key, i), n)
+    return one(idx) if idx.ndim == 0 else jax.lax.map(one, idx)

@@ -1,0 +1,108 @@
+"""qj.audit against truth: the 1-D Gaussian mean with a fixed grid (theory.md sections 5-7), flip rates in d dims,
+and the report schema of design.md."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+import qmis_jax as qj
+from qmis_jax.stats import gaussian_mean_quantized_delta
+
+
+@pytest.fixture(scope="module")
+def gaussian_report():
+    problem = qj.problems.gaussian_mean(mu=[0.3])
+    quantizers = {"grid": qj.quantizers.uniform(step=1.0), "fp32": "fp32"}
+    return qj.audit(
+        jax.random.key(0),
+        problem,
+        quantizers,
+        n=100,
+        replicates=4000,
+        ptq="loss",
+        attacks=("loss", "lira", "lira_offline"),
+        lira_replicates=2000,
+    )
+
+
+def test_report_schema_is_json_and_complete(gaussian_report):
+    d = json.loads(json.dumps(gaussian_report.to_dict()))
+    for key in ("version", "n", "replicates", "problem", "config_hash", "quantizers", "ranking"):
+        assert key in d
+    q = d["quantizers"]["grid"]
+    for key in (
+        "r_population",
+        "r_single",
+        "mis_asymptotic",
+        "flip_rate",
+        "flip_rate_predicted",
+        "attacks",
+        "mis_empirical_upper",
+        "utility",
+    ):
+        assert key in q
+    assert set(q["r_single"]) == {"mean", "median", "q05", "q95"}
+    for attack in ("loss", "lira"):
+        assert {"advantage", "advantage_ci", "auc", "tpr_at_1pct_fpr"} <= set(q["attacks"][attack])
+    assert d["ranking"][0] == "grid"  # the quantized release is the more secure
+
+
+def test_gaussian_mean_indicator_flip_rate_and_mis(gaussian_report):
+    q = gaussian_report["grid"]
+    # r = c^2 / 2 with c = (0.5 - 0.3) / 1; the population sample has 20000 points: sd(c_hat) ~ 0.007.
+    assert q["r_population"] == pytest.approx(0.02, abs=0.003)
+    n, reps = 100, 4000
+    p_exact = norm.cdf(-math.sqrt(n) * 0.2) + norm.cdf(-math.sqrt(n) * 0.8)
+    se = math.sqrt(p_exact * (1 - p_exact) / reps)
+    assert abs(q["flip_rate"] - p_exact) < 4 * se
+    assert abs(q["flip_rate_predicted"] - p_exact) < 0.1 * p_exact
+    exact_delta = gaussian_mean_quantized_delta(n, mu=0.3, step=1.0)
+    # theory.md section 5: the approximation over the exact Delta is 0.84 at n = 100.
+    assert (1 - q["mis_asymptotic"]) / exact_delta == pytest.approx(0.84, abs=0.04)
+
+
+def test_no_section1_attack_beats_the_exact_delta(gaussian_report):
+    exact_delta = gaussian_mean_quantized_delta(100, mu=0.3, step=1.0)
+    for name, res in gaussian_report["grid"]["attacks"].items():
+        assert res["advantage_heldout_ci"][0] <= exact_delta, name
+    fp = gaussian_report["fp32"]
+    assert fp["r_population"] == 0.0 and fp["continuous"]
+    # data processing: the quantized release is not less secure than the fp32 one beyond error bars
+    assert gaussian_report["grid"]["mis_empirical_upper_95"] >= fp["mis_empirical_upper"] - 0.02
+
+
+def test_flip_rates_in_d_dimensions_match_the_prediction():
+    mu = [0.3, 0.1, -0.2, 0.35, 0.05]
+    problem = qj.problems.gaussian_mean(mu=mu)
+    n, reps = 60, 3000
+    report = qj.audit(
+        jax.random.key(1), problem, {"grid": qj.quantizers.uniform(step=1.0)}, n=n, replicates=reps, attacks=()
+    )
+    q = report["grid"]
+    # coordinates flip independently: P(any flip) = 1 - prod_j (1 - p_j)
+    p = [norm.cdf(-math.sqrt(n) * (0.5 - abs(m))) + norm.cdf(-math.sqrt(n) * (0.5 + abs(m))) for m in mu]
+    exact = 1 - np.prod([1 - pj for pj in p])
+    se = math.sqrt(exact * (1 - exact) / reps)
+    assert abs(q["flip_rate"] - exact) < 4 * se
+    assert q["flip_rate_predicted"] == pytest.approx(sum(p), rel=0.15)
+
+
+def test_bad_audit_arguments_name_the_argument():
+    problem = qj.problems.gaussian_mean(mu=[0.0])
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="replicates"):
+        qj.audit(key, problem, ["int4"], n=10, replicates=0)
+    with pytest.raises(ValueError, match="ptq"):
+        qj.audit(key, problem, ["int4"], n=10, replicates=8, ptq="magic")
+    with pytest.raises(ValueError, match="method"):
+        qj.audit(key, problem, ["int4"], n=10, replicates=8, method="exact")
+    with pytest.raises(ValueError, match="attacks"):
+        qj.audit(key, problem, ["int4"], n=10, replicates=8, attacks=("shokri",))
+    with pytest.raises(ValueError, match="quantizers"):
+        qj.audit(key, problem, [3.0], n=10, replicates=8)
+    with pytest.raises(KeyError, match="int3"):
+        qj.audit(key, problem, ["int3"], n=10, replicates=8)

@@ -1,0 +1,160 @@
+"""Single-model and population estimates of the indicator (theory.md sections 4 and 6)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qmis_jax.problems import gaussian_mean, logistic_mixture
+from qmis_jax.quantizers import identity, prune, ternary, uniform
+from qmis_jax.stats.estimate import (
+    PopulationAudit,
+    SingleAudit,
+    population_indicator,
+    single_model_indicator,
+    single_model_indicator_batched,
+)
+from qmis_jax.stats.rates import gaussian_rate
+
+
+@pytest.fixture(autouse=True, scope="module")
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+GAUSS = gaussian_mean(mu=[0.3, -0.2])
+LOGISTIC = logistic_mixture(dim=4, k_modes=2, separation=2.0, scale=1.0)
+
+
+def _assert_audits_equal(a, b, rtol=1e-10):
+    for name in ("r_hat", "r_interval", "delta", "sigma", "rates"):
+        np.testing.assert_allclose(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)), rtol=rtol)
+    for name in ("valid", "capped", "n_moves", "ok"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)))
+    for la, lb in zip(jax.tree.leaves(a.release), jax.tree.leaves(b.release)):
+        np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
+
+
+def test_batched_single_audit_matches_per_replicate_calls():
+    q = uniform(step=0.5)
+    x, y = GAUSS.sample(jax.random.key(0), 240)
+    w = (jax.random.uniform(jax.random.key(1), (4, 240)) < 0.5).astype(x.dtype)
+    params = jax.vmap(lambda wi: GAUSS.solve(x, y, wi))(w)
+    out = single_model_indicator_batched(q, GAUSS, params, x, y, weights=w, batch_size=2)
+    assert isinstance(out, SingleAudit) and out.r_hat.shape == (4,) and out.delta.shape == (4, 4)
+    # 0/1 weights: each replicate's audit is the audit on its member subset
+    for i in (0, 3):
+        members = np.asarray(w[i]) > 0
+        sub = single_model_indicator(q, GAUSS, {"mu": params["mu"][i]}, x[members], y[members])
+        _assert_audits_equal(jax.tree.map(lambda a, i=i: a[i], out), sub, rtol=1e-9)
+    # per-replicate data sets, RTN margins with Cramer rates, and a user-level jax.vmap
+    xs = jnp.stack([x[:80], x[80:160], x[160:]])
+    ys = jnp.stack([y[:80], y[80:160], y[160:]])
+    params = {"mu": jnp.mean(xs, axis=1)}
+    opts = {"ptq": "rtn", "method": "cramer"}
+    out = single_model_indicator_batched(q, GAUSS, params, xs, ys, **opts)
+    one = single_model_indicator(q, GAUSS, {"mu": params["mu"][2]}, xs[2], ys[2], **opts)
+    _assert_audits_equal(jax.tree.map(lambda a: a[2], out), one)
+
+
+def test_single_audit_interval_formula():
+    q = uniform(step=0.5)
+    x, y = GAUSS.sample(jax.random.key(3), 120)
+    params = {"mu": jnp.mean(x, axis=0)}
+    out = single_model_indicator(q, GAUSS, params, x, y, z=2.0)
+    half = 2.0 * out.sigma / jnp.sqrt(120.0)
+    lo = jnp.min(gaussian_rate(out.delta - half, out.sigma))
+    hi = jnp.min(gaussian_rate(out.delta + half, out.sigma))
+    np.testing.assert_allclose(np.asarray(out.r_interval), [float(lo), float(hi)], rtol=1e-12)
+    assert float(out.r_interval[0]) <= float(out.r_hat) <= float(out.r_interval[1])
+    assert float(out.r_hat) == pytest.approx(float(jnp.min(out.rates)))
+    cr = single_model_indicator(q, GAUSS, params, x, y, z=2.0, method="cramer")
+    assert float(cr.r_interval[0]) <= float(cr.r_hat) <= float(cr.r_interval[1])
+
+
+def test_r_is_zero_for_continuous_stochastic_and_ties():
+    x, y = GAUSS.sample(jax.random.key(4), 120)
+    params = {"mu": jnp.mean(x, axis=0)}
+    theta_star = GAUSS.population(jax.random.key(0))
+    for q, ptq in ((identity(), "loss"), (prune(sparsity=0.5), "rtn")):
+        single = single_model_indicator(q, GAUSS, params, x, y, ptq=ptq)
+        assert float(single.r_hat) == 0.0 and np.asarray(single.r_interval).tolist() == [0.0, 0.0]
+        assert not bool(jnp.any(single.valid))
+    for q, ptq in ((identity(), "rtn"), (prune(sparsity=0.5), "loss")):
+        pop = population_indicator(q, GAUSS, theta_star, x, y, n=100, ptq=ptq)
+        assert float(pop.r) == 0.0 and np.isnan(float(pop.mis_asymptotic)) and not bool(pop.applicable)
+    # stochastic rounding: no exponential security for the RTN release; the loss-PTQ release is a local minimiser
+    q = uniform(step=0.5, rounding="stochastic")
+    key = jax.random.key(9)
+    assert float(single_model_indicator(q, GAUSS, params, x, y, ptq="rtn", key=key).r_hat) == 0.0
+    assert float(single_model_indicator(q, GAUSS, params, x, y, ptq="loss", key=key).r_hat) > 0.0
+    # a coordinate exactly on a threshold: sample mean 0.5 with step 1 (ties: delta_k = 0, margin 0)
+    problem = gaussian_mean(mu=[0.5])
+    xt = jnp.array([[0.25], [0.75], [0.25], [0.75]])
+    yt = jnp.zeros(4)
+    tie = {"mu": jnp.array([0.5])}
+    for ptq in ("loss", "rtn"):
+        out = single_model_indicator(uniform(step=1.0), problem, tie, xt, yt, ptq=ptq)
+        assert float(out.r_hat) == 0.0, ptq
+
+
+def _logistic_fit(seed):
+    """Logistic-model data drawn with NumPy (x ~ N(0, I_4)) and the MLE by Newton's method."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((400, 4))
+    yn = (rng.random(400) < 1 / (1 + np.exp(-(0.3 + x @ np.array([1.0, -0.7, 0.5, 0.2]))))).astype(np.float64)
+    design = np.column_stack([np.ones(len(yn)), x])
+    beta = np.zeros(5)
+    for _ in range(30):
+        p = 1 / (1 + np.exp(-design @ beta))
+        beta -= np.linalg.solve((design * (p * (1 - p))[:, None]).T @ design, design.T @ (p - yn))
+    return {"b": jnp.asarray(beta[:1]), "w": jnp.asarray(beta[1:, None])}, jnp.asarray(x), jnp.asarray(yn)
+
+
+def test_logistic_single_audits():
+    params, x, y = _logistic_fit(6)
+    results = {}
+    grid = uniform(step=0.1)
+    for q, ptq, method in [
+        (grid, "loss", "gaussian"),
+        (grid, "loss", "cramer"),
+        (ternary(), "rtn", "gaussian"),
+        (ternary(), "rtn", "cramer"),
+    ]:
+        out = single_model_indicator(q, LOGISTIC, params, x, y, ptq=ptq, method=method)
+        assert bool(out.ok), (q.name, ptq, method)
+        assert 0.0 < float(out.r_hat) < np.log(400) and out.valid.shape == (10,)
+        results[ptq, method] = float(out.r_hat)
+    # Gaussian and Cramer rates agree to leading order for the same events
+    assert results["loss", "cramer"] == pytest.approx(results["loss", "gaussian"], rel=0.5)
+    assert results["rtn", "cramer"] == pytest.approx(results["rtn", "gaussian"], rel=0.5)
+    # Taylor loss differences: delta right to second order in the step, sigma to first order
+    exact = single_model_indicator(grid, LOGISTIC, params, x, y)
+    taylor = single_model_indicator(grid, LOGISTIC, params, x, y, differences="taylor")
+    np.testing.assert_allclose(np.asarray(taylor.delta), np.asarray(exact.delta), rtol=0.05, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(taylor.sigma), np.asarray(exact.sigma), rtol=0.15)
+
+
+def test_population_audit_fields_and_validation():
+    params, x, y = _logistic_fit(7)
+    q = uniform(bits=4)
+    pop = population_indicator(q, LOGISTIC, params, x, y, n=200, method="cramer")
+    assert isinstance(pop, PopulationAudit) and pop.ptq == "loss" and pop.method == "cramer" and pop.n == 200
+    assert pop.codes["w"].dtype == jnp.int32 and pop.p.shape == pop.f.shape == (10,)
+    assert float(pop.flip_rate_predicted) == pytest.approx(float(jnp.sum(pop.p)))
+    assert 0.0 <= float(pop.mis_asymptotic) <= 1.0
+    with pytest.raises(ValueError, match=r"\('loss', 'rtn'\)"):
+        single_model_indicator(q, LOGISTIC, params, x, y, ptq="gptq")
+    with pytest.raises(ValueError, match=r"\('gaussian', 'cramer'\)"):
+        population_indicator(q, LOGISTIC, params, x, y, n=10, method="exact")
+    with pytest.raises(ValueError, match="differences"):
+        single_model_indicator(q, LOGISTIC, params, x, y, differences="pade")
+    with pytest.raises(ValueError, match="n must"):
+        population_indicator(q, LOGISTIC, params, x, y, n=0)
+    # singular Hessian at theta_star: a feature equal to the intercept column
+    xs = x.at[:, 0].set(1.0)
+    with pytest.raises(ValueError, match="singular"):
+        population_indicator(q, LOGISTIC, params, xs, y, n=10, ptq="rtn")
+    single = single_model_indicator(q, LOGISTIC, params, xs, y, ptq="rtn")
+    assert not bool(single.ok)
