@@ -327,3 +327,38 @@ def test_bad_inputs_fail_before_compiling():
     with pytest.raises(ValueError):
         replicate_data(jax.random.key(0), LOGISTIC, n=0, index=[1])
     assert _engine._program.cache_info().misses == before
+
+
+_SHARDING_SCRIPT = """
+import jax, numpy as np
+from qmis_jax.problems import gaussian_mean, logistic_mixture
+from qmis_jax.train import fit, fit_fresh
+assert len(jax.devices()) == 2, jax.devices()
+g = gaussian_mean(mu=[0.5, -1.0])
+two = fit_fresh(jax.random.key(0), g, n=30, replicates=6)
+one = fit_fresh(jax.random.key(0), g, n=30, replicates=6, devices=jax.devices()[:1])
+assert len(two.params["mu"].sharding.device_set) == 2, two.params["mu"].sharding
+np.testing.assert_allclose(np.asarray(two.params["mu"]), np.asarray(one.params["mu"]), rtol=1e-6)
+lg = logistic_mixture(dim=3, k_modes=2)
+rng = np.random.default_rng(0)
+x = rng.normal(size=(120, 3)).astype(np.float32)
+y = (x[:, 0] + rng.normal(size=120) > 0).astype(np.float32)
+w = (rng.random((5, 120)) < 0.7).astype(np.float32)
+a = fit(jax.random.key(1), lg, x, y, weights=w, tol=1e-5)
+b = fit(jax.random.key(1), lg, x, y, weights=w, tol=1e-5, devices=jax.devices()[:1])
+np.testing.assert_allclose(np.asarray(a.params["w"]), np.asarray(b.params["w"]), rtol=1e-4, atol=1e-5)
+assert bool(a.converged.all())
+print("sharded ok")
+"""
+
+
+def test_sharding_over_two_devices_matches_one():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", _SHARDING_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "sharded ok" in out.stdout, out.stderr[-3000:]

@@ -241,7 +241,7 @@ def _margin_fn(q, unravel, skip):
 
 
 def _margin_jacobian_rows(g, theta, chunk_size):
-    """``(value, vjp)`` of the margin map; rows ``grad g_k`` by ``vjp`` of one-hot cotangents."""
+    """``(g(theta), row, K)``: ``row(k)`` is ``grad g_k(theta)``, a ``vjp`` with a one-hot cotangent."""
     value, vjp = jax.vjp(g, theta)
     k = value.shape[0]
 

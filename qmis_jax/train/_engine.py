@@ -57,7 +57,7 @@ def resolve_solver(problem: Problem, solver: str) -> str:
     if solver == "closed_form" and problem.solve is None:
         raise ValueError(f"solver='closed_form' needs problem.solve, which {problem.name!r} does not have")
     if solver == "glm_newton" and (problem.design is None or problem.margin_loss is None):
-        raise ValueError(f"solver='glm_newton' needs problem.design and margin_loss, which {problem.name!r} lacks")
+        raise ValueError(f"solver={solver!r} needs problem.design and margin_loss, which {problem.name!r} lacks")
     return solver
 
 
@@ -87,15 +87,17 @@ def bytes_per_replicate(solver: str, *, n: int, dx: int, p: int, itemsize: int, 
 
 @functools.lru_cache(maxsize=64)
 def _program(problem, solver, fresh, n, max_steps, optimizer, batch_size, shared_init, warm_start):
-    """The jitted, vmapped training program for one configuration (cached: chunks reuse one compilation).
+    """The jitted training program of one chunk for one configuration (cached: chunks reuse one compilation).
 
-    With ``warm_start`` (shared pool, convex Newton solvers), the replicates start from the fit of the whole pool
-    with unit weights; it does not depend on the replicate, so vmap leaves it unbatched: it runs once per chunk and
-    every replicate's result still depends only on ``(key, i)`` and its weights.
+    Shared work is done once per chunk, outside the vmap over replicates: with ``warm_start`` (shared pool, convex
+    Newton solvers) the pilot fit of the whole pool with unit weights, where every replicate starts. It does not
+    depend on any replicate, so every replicate's result still depends only on ``(key, i)`` and its own weights,
+    whatever the chunking.
     """
+    glm = solver == "glm_newton"
 
     def newton(theta0, x, y, w, design, features, params0, tol):
-        if solver == "glm_newton":
+        if glm:
             return _solvers.glm_newton(
                 theta0.astype(design.dtype),
                 design,
@@ -109,20 +111,24 @@ def _program(problem, solver, fresh, n, max_steps, optimizer, batch_size, shared
         unravel = ravel_pytree(params0)[1]
         return _solvers.generic_newton(unravel(theta0), problem.batch_loss, x, y, w, tol=tol, max_steps=max_steps)
 
+    def pilot_of(x, y, design, features, params0, tol):
+        """The shared pilot fit (unit weights) that warm starts begin from, else None."""
+        theta0 = ravel_pytree(params0)[0]
+        if warm_start and solver in ("glm_newton", "newton"):
+            return newton(theta0, x, y, jnp.ones_like(y), design, features, params0, tol).params
+        return None
+
     def train_one(i, x, y, w, design, features, params0, k_init, k_batch, tol, pilot):
         sol = _train_flat(i, x, y, w, design, features, params0, k_init, k_batch, tol, pilot)
         return sol._replace(params=ravel_pytree(params0)[1](sol.params))
 
     def _train_flat(i, x, y, w, design, features, params0, k_init, k_batch, tol, pilot):
-        shared0 = params0
-        if not shared_init:
-            params0 = problem.init(jax.random.fold_in(k_init, i))
         if solver == "closed_form":
             return _solvers.closed_form(problem.solve, problem.batch_loss, x, y, w, tol=tol)
+        if not shared_init:
+            params0 = problem.init(jax.random.fold_in(k_init, i))
         if solver in ("glm_newton", "newton"):
-            theta0 = ravel_pytree(params0)[0]
-            if pilot is not None:
-                theta0 = newton(ravel_pytree(shared0)[0], *pilot, shared0, tol).params
+            theta0 = ravel_pytree(params0)[0] if pilot is None else pilot
             return newton(theta0, x, y, w, design, features, params0, tol)
         return _solvers.optax_fixed_steps(
             jax.random.fold_in(k_batch, i),
@@ -137,25 +143,40 @@ def _program(problem, solver, fresh, n, max_steps, optimizer, batch_size, shared
             tol=tol,
         )
 
+    if fresh == "data":
+
+        def chunk_data(idx, x, y, params0, k_init, k_batch, tol):
+            def one_data(i, xi, yi):
+                design = problem.design(xi) if glm else None
+                return train_one(i, xi, yi, jnp.ones_like(yi), design, None, params0, k_init, k_batch, tol, None)
+
+            return jax.vmap(one_data)(idx, x, y)
+
+        return jax.jit(chunk_data)
+
     if fresh:
 
-        def one(i, x, y, params0, k_init, k_batch, tol):
-            design = problem.design(x) if solver == "glm_newton" else None
-            return train_one(i, x, y, jnp.ones_like(y), design, None, params0, k_init, k_batch, tol, None)
+        def one(i, x, y, params0, k_init, k_batch, tol, pilot):
+            design = problem.design(x) if glm else None
+            return train_one(i, x, y, jnp.ones_like(y), design, None, params0, k_init, k_batch, tol, pilot)
 
         def chunk(idx, key, params0, k_init, k_batch, tol):
-            # Data are drawn replicate by replicate (lax.map): the same numbers as vmap, and a vmapped
-            # threefry costs several times longer to compile.
+            pilot = None
+            # Data are drawn replicate by replicate (lax.map): a vmapped threefry compiles several times slower.
             x, y = jax.lax.map(lambda i: problem.sample(jax.random.fold_in(key, i), n), idx.astype(jnp.uint32))
-            return jax.vmap(one, in_axes=(0, 0, 0, None, None, None, None))(idx, x, y, params0, k_init, k_batch, tol)
+            return jax.vmap(one, in_axes=(0, 0, 0, None, None, None, None, None))(
+                idx, x, y, params0, k_init, k_batch, tol, pilot
+            )
 
         return jax.jit(chunk)
 
-    def one_pool(i, w, x, y, design, features, params0, k_init, k_batch, tol):
-        pilot = (x, y, jnp.ones_like(y), design, features) if warm_start else None
-        return train_one(i, x, y, w, design, features, params0, k_init, k_batch, tol, pilot)
+    def chunk_pool(idx, w, x, y, design, features, params0, k_init, k_batch, tol):
+        pilot = pilot_of(x, y, design, features, params0, tol)
+        return jax.vmap(train_one, in_axes=(0, None, None, 0, None, None, None, None, None, None, None))(
+            idx, x, y, w, design, features, params0, k_init, k_batch, tol, pilot
+        )
 
-    return jax.jit(jax.vmap(one_pool, in_axes=(0, 0, None, None, None, None, None, None, None, None)))
+    return jax.jit(chunk_pool)
 
 
 def _plan(replicates: int, chunk_size, memory_budget, per_replicate: int, devices) -> int:
@@ -196,7 +217,13 @@ def _init_params(problem, init_params, k_init):
     return jax.tree.map(jnp.asarray, params0)
 
 
-def _run(program, replicates, chunk, devices, per_rep, shared) -> FitResult:
+def _check_start(start) -> int:
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+        raise ValueError(f"start must be a non-negative integer, got start={start!r}")
+    return int(start)
+
+
+def _run(program, replicates, chunk, devices, per_rep, shared, offset: int = 0) -> FitResult:
     """Run ``program`` over replicate chunks; pad the last chunk with copies of its last replicate.
 
     Slicing and padding happen on host copies (NumPy), so no small eager programs are compiled per chunk shape.
@@ -208,7 +235,7 @@ def _run(program, replicates, chunk, devices, per_rep, shared) -> FitResult:
     for start in range(0, replicates, chunk):
         idx = np.arange(start, min(start + chunk, replicates))
         idx = np.concatenate([idx, np.full(chunk - idx.size, idx[-1])]).astype(np.int32)
-        args = [idx] + [a[idx] for a in per_rep]
+        args = [idx + np.int32(offset)] + [a[idx] for a in per_rep]
         outs.append(program(*jax.device_put(args, split), *shared))
     if len(outs) == 1 and chunk == replicates:
         sol = outs[0]
@@ -242,10 +269,12 @@ def fit(
     (theory.md section 1; 0/1 weights give membership subsets, integer counts bootstrap resamples). Methods
     (``solver="auto"``): the problem's closed form ``solve``; for convex generalised linear models (``design`` and
     ``margin_loss``) damped Newton where, vmapped over replicates, the margins are ``Theta @ X^T``, the gradients
-    ``(W m') @ X`` and the Hessians ``(W m'') @ K`` with ``K`` the Khatri-Rao features of the pool, all
-    matrix-matrix products; other convex problems: damped Newton with the autodiff Hessian; non-convex problems:
-    exactly ``max_steps`` steps of ``optimizer`` (full batch, or minibatches of ``batch_size`` drawn in
-    proportion to the weights), every replicate starting from one shared initialisation (theory.md section 8).
+    ``(W m') @ X`` and the Hessians' upper triangles ``K^T (W m'')^T`` with ``K`` the Khatri-Rao features of the
+    pool (``O(N p^2)`` per iteration, half the flops of ``X^T diag(s) X``), all matrix-matrix products; damping is
+    an Armijo backtracking line search; other convex problems: damped Newton with the autodiff Hessian;
+    non-convex problems: exactly ``max_steps`` steps of ``optimizer`` (full batch, or minibatches of
+    ``batch_size`` drawn in proportion to the weights), every replicate starting from one shared initialisation
+    (theory.md section 8).
 
     Replicates run in chunks of ``chunk_size`` (or as many as ``memory_budget`` bytes allow, by a rough
     estimate), each chunk split over ``devices`` along a 1-D mesh. Replicate ``r`` uses only
@@ -268,7 +297,7 @@ def fit(
       init_params: a start for every replicate, overriding ``problem.init``.
       solver: ``"auto"``, ``"closed_form"``, ``"glm_newton"``, ``"newton"`` or ``"optax"``.
       warm_start: convex Newton solvers start every replicate from the fit of the whole pool with unit weights
-        (computed once per chunk, shared by all replicates), which saves about half the iterations.
+        (computed once per chunk, shared by all replicates), which saves about a third of the iterations.
       devices: devices to shard replicates over (default ``jax.local_devices()``).
 
     Returns:
@@ -322,6 +351,7 @@ def fit_fresh(
     *,
     n: int,
     replicates: int,
+    start: int = 0,
     tol: float = 1e-6,
     max_steps: int | None = None,
     chunk_size: int | None = None,
@@ -342,6 +372,8 @@ def fit_fresh(
 
     Args:
       key: PRNG key. problem: the problem. n: examples per replicate. replicates: ``R``.
+      start: number of the first replicate: replicates ``start .. start + R - 1`` are trained, so a long run can
+        be cut into chunks (and resumed) with the same results.
       tol, max_steps, chunk_size, memory_budget, optimizer, batch_size, shared_init, init_params, solver,
       devices: as in :func:`fit`.
 
@@ -357,6 +389,7 @@ def fit_fresh(
     check_key(key)
     n = check_positive_int("n", n)
     replicates = check_positive_int("replicates", replicates)
+    start = _check_start(start)
     tol, solver, max_steps, optimizer, devices = _resolve_common(
         problem, tol, max_steps, chunk_size, memory_budget, optimizer, batch_size, solver, devices
     )
@@ -371,7 +404,67 @@ def fit_fresh(
     chunk = _plan(replicates, chunk_size, memory_budget, per, devices)
     program = _program(problem, solver, True, n, max_steps, optimizer, batch_size, bool(shared_init), False)
     shared = (key, params0, k_init, k_batch, jnp.asarray(tol, x_shape.dtype))
-    return _run(program, replicates, chunk, devices, [], shared)
+    return _run(program, replicates, chunk, devices, [], shared, offset=start)
+
+
+def fit_data(
+    key: Array,
+    problem: Problem,
+    x: Array,
+    y: Array,
+    *,
+    start: int = 0,
+    tol: float = 1e-6,
+    max_steps: int | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    batch_size: int | None = None,
+    shared_init: bool = True,
+    init_params: PyTree | None = None,
+    solver: str = "auto",
+    devices=None,
+) -> FitResult:
+    """Train ``R`` replicates on their own given data sets ``x[r]``, ``y[r]`` (one data set per replicate).
+
+    The embedded-target design of theory.md section 7 builds such sets (a random half of fixed targets plus fresh
+    points). Replicate ``r`` is numbered ``start + r``: its initialisation and minibatch keys are
+    ``fold_in(k, start + r)`` of ``k_init, k_batch = split(key)``, so a chunk trained alone equals the same
+    replicates inside a larger call. Convex GLMs use damped Newton from the initialisation (no shared pilot).
+
+    Args:
+      key: PRNG key. problem: the problem.
+      x: ``(R, n, dx)`` inputs. y: ``(R, n)`` targets.
+      start: number of the first replicate.
+      tol, max_steps, chunk_size, memory_budget, optimizer, batch_size, shared_init, init_params, solver,
+      devices: as in :func:`fit`.
+
+    Returns:
+      :class:`FitResult` with leading replicate axis ``R``.
+    """
+    check_key(key)
+    start = _check_start(start)
+    tol, solver, max_steps, optimizer, devices = _resolve_common(
+        problem, tol, max_steps, chunk_size, memory_budget, optimizer, batch_size, solver, devices
+    )
+    xh, yh = np.asarray(x), np.asarray(y)
+    if xh.ndim < 3 or yh.ndim != 2 or xh.shape[:2] != yh.shape:
+        raise ValueError(f"x must be (R, n, dx) and y (R, n) with matching R and n, got {xh.shape} and {yh.shape}")
+    if xh.shape[0] == 0:
+        raise ValueError("x must hold at least one replicate (R >= 1)")
+    for r in range(0, xh.shape[0], max(1, xh.shape[0] // 4)):  # spot-check labels and finiteness cheaply
+        check_data(problem, xh[r], yh[r])
+    if not (np.all(np.isfinite(xh)) and np.all(np.isfinite(yh))):
+        raise ValueError("x and y must be finite (NaN or inf found)")
+    k_init, k_batch = jax.random.split(key)
+    params0 = _init_params(problem, init_params, k_init)
+    p = ravel_pytree(params0)[0].size + 1
+    n, dx = xh.shape[1], int(np.prod(xh.shape[2:]))
+    per = bytes_per_replicate(solver, n=n, dx=dx, p=p, itemsize=xh.dtype.itemsize, fresh=True, features=False)
+    chunk = _plan(xh.shape[0], chunk_size, memory_budget, per, devices)
+    program = _program(problem, solver, "data", n, max_steps, optimizer, batch_size, bool(shared_init), False)
+    shared = (params0, k_init, k_batch, jnp.asarray(tol, xh.dtype))
+    return _run(program, xh.shape[0], chunk, devices, [xh, yh.astype(xh.dtype)], shared, offset=start)
 
 
 def replicate_data(key: Array, problem: Problem, *, n: int, index) -> tuple[Array, Array]:

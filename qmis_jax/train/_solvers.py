@@ -62,36 +62,62 @@ def unpack_triangle(h: Array, p: int) -> Array:
     return h[index]
 
 
-def newton_direction(g: Array, hess: Array) -> Array:
-    """Newton direction ``-(H + mu I)^{-1} g`` by Cholesky, ``mu`` a relative jitter; ``-g`` if that fails.
+def psd_cholesky(hess: Array) -> Array:
+    """Lower Cholesky factor of ``H + mu I`` with the relative jitter ``mu = 100 eps mean(diag H)``.
 
-    The jitter ``mu = 100 eps mean(diag H)`` keeps a singular but positive semi-definite Hessian (a feature absent
-    from a replicate's data) solvable without moving the fixed point ``g = 0``.
+    The jitter keeps a singular but positive semi-definite Hessian (a feature absent from a replicate's data)
+    factorisable without moving the fixed point ``g = 0``.
     """
-    p = g.shape[0]
-    eps = jnp.finfo(g.dtype).eps
-    mu = 100 * eps * jnp.maximum(jnp.trace(hess) / p, jnp.finfo(g.dtype).tiny)
-    chol = jnp.linalg.cholesky(hess + mu * jnp.eye(p, dtype=g.dtype))
-    d = -jax.scipy.linalg.cho_solve((chol, True), g)
+    p = hess.shape[0]
+    eps = jnp.finfo(hess.dtype).eps
+    mu = 100 * eps * jnp.maximum(jnp.trace(hess) / p, jnp.finfo(hess.dtype).tiny)
+    return jnp.linalg.cholesky(hess + mu * jnp.eye(p, dtype=hess.dtype))
+
+
+def newton_direction(g: Array, hess: Array) -> Array:
+    """Newton direction ``-(H + mu I)^{-1} g`` by Cholesky (see :func:`psd_cholesky`); ``-g`` if that fails."""
+    d = -jax.scipy.linalg.cho_solve((psd_cholesky(hess), True), g)
     return jnp.where(jnp.all(jnp.isfinite(d)), d, -g)
+
+
+def backtrack(value_at: Callable[[Array], Array], f0: Array, gd: Array) -> Array:
+    """Largest step ``a`` in ``1, 1/2, ..., 2^-(LINE_SEARCH_STEPS - 1)`` with ``value_at(a) <= f0 + c a gd``
+    (Armijo, ``c = 1e-4``), tried in that order and stopping at the first success; 0 when none succeeds.
+
+    A ``lax.while_loop``: vmapped over replicates it runs as many trials as the slowest replicate needs, which is
+    one almost always (full Newton or quasi-Newton steps are accepted), instead of evaluating every step size.
+    """
+    one = jnp.ones((), f0.dtype)
+
+    def cond(c):
+        j, _, ok = c
+        return ~ok & (j < LINE_SEARCH_STEPS)
+
+    def body(c):
+        j, a, _ = c
+        val = value_at(a)
+        ok = (val <= f0 + ARMIJO_C * a * gd) & jnp.isfinite(val)
+        return j + 1, jnp.where(ok, a, 0.5 * a), ok
+
+    _, a, ok = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), one, jnp.zeros((), bool)))
+    return jnp.where(ok, a, 0.0)
 
 
 def _newton_loop(
     theta0: Array,
     value_grad: Callable[[Array], tuple[Array, Array]],
     hessian: Callable[[Array], Array],
-    line_values: Callable[[Array, Array, Array], Array],
+    line_search: Callable[[Array, Array], Callable[[Array], Array]],
     *,
     tol: Array,
     max_steps: int,
 ) -> Solution:
-    """Damped Newton's method with an Armijo line search over ``2^-j`` steps evaluated together.
+    """Damped Newton's method with an Armijo backtracking line search (:func:`backtrack`).
 
     Stops when ``||g||_2 <= tol``, after ``max_steps`` iterations, or when no step makes progress: no Armijo step,
     or, once the predicted decrease ``-g.d`` is below the floating-point resolution of the objective (where the
     Armijo test is noise and full Newton steps are safe), a full step that does not lower ``||g||``.
     """
-    alphas = 2.0 ** -jnp.arange(LINE_SEARCH_STEPS, dtype=theta0.dtype)
     eps = jnp.finfo(theta0.dtype).eps
 
     def cond(s: _NewtonState):
@@ -100,10 +126,8 @@ def _newton_loop(
     def body(s: _NewtonState):
         d = newton_direction(s.g, hessian(s.theta))
         gd = s.g @ d
-        trial = line_values(s.theta, d, alphas)
-        armijo = (trial <= s.f + ARMIJO_C * alphas * gd) & jnp.isfinite(trial)
         tiny = -gd <= 10 * eps * (1 + jnp.abs(s.f))
-        alpha = jnp.where(tiny, 1.0, jnp.where(jnp.any(armijo), alphas[jnp.argmax(armijo)], 0.0))
+        alpha = jnp.where(tiny, 1.0, backtrack(line_search(s.theta, d), s.f, gd))
         theta = s.theta + alpha * d
         f, g = value_grad(theta)
         gn = jnp.linalg.norm(g)
@@ -121,6 +145,47 @@ def _newton_loop(
     return Solution(s.theta, s.gn, s.gn <= tol, s.step)
 
 
+class GLMParts(NamedTuple):
+    """Objective pieces of a weighted generalised linear model on one design (see :func:`glm_parts`)."""
+
+    value_grad: Callable[[Array], tuple[Array, Array]]
+    hessian: Callable[[Array], Array]
+    line_search: Callable[[Array, Array], Callable[[Array], Array]]
+    eta_value_grad: Callable[[Array], tuple[Array, Array, Array]]
+    grad_from_eta: Callable[[Array], tuple[Array, Array]]
+
+
+def glm_parts(design: Array, y: Array, w: Array, margin_loss, features: Array | None) -> GLMParts:
+    """``f(theta) = sum_i w_i m(x_i . theta, y_i) / sum_i w_i``, its gradient ``X^T (w m') / sum w`` and Hessian
+    ``X^T diag(w m'') X / sum w`` (from the Khatri-Rao ``features`` when given), for one replicate."""
+    wn = w / jnp.sum(w)
+    m1 = jax.vmap(jax.grad(margin_loss))
+    m2 = jax.vmap(jax.grad(jax.grad(margin_loss)))
+    p = design.shape[1]
+
+    def grad_from_eta(eta):
+        return wn @ margin_loss(eta, y), (wn * m1(eta, y)) @ design
+
+    def eta_value_grad(theta):
+        eta = design @ theta
+        return (eta, *grad_from_eta(eta))
+
+    def value_grad(theta):
+        return grad_from_eta(design @ theta)
+
+    def hessian(theta):
+        s = wn * m2(design @ theta, y)
+        if features is not None:
+            return unpack_triangle(features @ s, p)
+        return (design * s[:, None]).T @ design
+
+    def line_search(theta, d):
+        eta, xd = design @ theta, design @ d
+        return lambda a: wn @ margin_loss(eta + a * xd, y)
+
+    return GLMParts(value_grad, hessian, line_search, eta_value_grad, grad_from_eta)
+
+
 def glm_newton(
     theta0: Array,
     design: Array,
@@ -135,8 +200,8 @@ def glm_newton(
     """Weighted ERM of a generalised linear model by damped Newton (theory.md section 1).
 
     Objective ``f(theta) = sum_i w_i m(x_i . theta, y_i) / sum_i w_i`` with ``m = margin_loss``; gradient
-    ``X^T (w m') / sum w``; Hessian ``X^T diag(w m'') X / sum w``, computed as ``(w m'') @ K`` from the Khatri-Rao
-    ``features`` when given (see :func:`triangle_features`), else directly.
+    ``X^T (w m') / sum w``; Hessian ``X^T diag(w m'') X / sum w``, computed as ``K^T (w m'')`` from the Khatri-Rao
+    ``features`` when given (see :func:`triangle_features`), else directly. Costs ``O(N p^2)`` per iteration.
 
     Args:
       theta0: ``(p,)`` start. design: ``(N, p)``. y, w: ``(N,)``; ``w >= 0`` with a positive sum.
@@ -147,26 +212,8 @@ def glm_newton(
     Returns:
       :class:`Solution` with ``params`` the flat ``(p,)`` vector.
     """
-    wn = w / jnp.sum(w)
-    m1 = jax.vmap(jax.grad(margin_loss))
-    m2 = jax.vmap(jax.grad(jax.grad(margin_loss)))
-    p = design.shape[1]
-
-    def value_grad(theta):
-        eta = design @ theta
-        return wn @ margin_loss(eta, y), (wn * m1(eta, y)) @ design
-
-    def hessian(theta):
-        s = wn * m2(design @ theta, y)
-        if features is not None:
-            return unpack_triangle(features @ s, p)
-        return (design * s[:, None]).T @ design
-
-    def line_values(theta, d, alphas):
-        eta, xd = design @ theta, design @ d
-        return jax.vmap(lambda a: wn @ margin_loss(eta + a * xd, y))(alphas)
-
-    return _newton_loop(theta0, value_grad, hessian, line_values, tol=tol, max_steps=max_steps)
+    parts = glm_parts(design, y, w, margin_loss, features)
+    return _newton_loop(theta0, parts.value_grad, parts.hessian, parts.line_search, tol=tol, max_steps=max_steps)
 
 
 def weighted_objective(batch_loss, unravel, x: Array, y: Array, w: Array):
@@ -191,10 +238,10 @@ def generic_newton(
     value_grad = jax.value_and_grad(f)
     hessian = jax.hessian(f)
 
-    def line_values(theta, d, alphas):
-        return jax.vmap(lambda a: f(theta + a * d))(alphas)
+    def line_search(theta, d):
+        return lambda a: f(theta + a * d)
 
-    return _newton_loop(theta0, value_grad, hessian, line_values, tol=tol, max_steps=max_steps)
+    return _newton_loop(theta0, value_grad, hessian, line_search, tol=tol, max_steps=max_steps)
 
 
 def closed_form(solve, batch_loss, x: Array, y: Array, w: Array, *, tol: Array) -> Solution:
@@ -230,12 +277,14 @@ def optax_fixed_steps(
     """
     wn = w / jnp.sum(w)
     objective = lambda params: wn @ batch_loss(params, x, y)
-    logits = jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1)), -jnp.inf)
+    cdf = jnp.cumsum(w)
 
     def grad_fn(params, t):
         if batch_size is None:
             return jax.grad(objective)(params)
-        idx = jax.random.categorical(jax.random.fold_in(key, t), logits, shape=(batch_size,))
+        # Inverse-CDF draws with probabilities w / sum w: zero-weight examples are never drawn.
+        u = jax.random.uniform(jax.random.fold_in(key, t), (batch_size,), cdf.dtype) * cdf[-1]
+        idx = jnp.minimum(jnp.searchsorted(cdf, u, side="right"), w.shape[0] - 1)
         return jax.grad(lambda p: jnp.mean(batch_loss(p, x[idx], y[idx])))(params)
 
     def body(carry, t):
