@@ -61,7 +61,8 @@ def _common(p: argparse.ArgumentParser, *, default_out: str) -> None:
         "--quantizers",
         type=_name_list,
         default=None,
-        help="comma-separated preset names (see 'qmis quantizers'); default: all presets",
+        help="comma-separated preset names (see 'qmis quantizers'); default: all presets (synthetic adds "
+        "grid_fixed and grid_adaptive; quick: a subset of nine)",
     )
     p.add_argument(
         "--memory-budget",
@@ -88,22 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--n",
         type=_int_list("--n"),
         default=None,
-        help="training-set size, or a comma-separated list for a sweep (default 250,500,1000; quick: 200,400)",
+        help="training-set size, or a comma-separated list for a sweep (default 1000,2000,4000; quick: 400,800)",
     )
     s.add_argument(
         "--replicates",
         type=_positive_int("--replicates"),
         default=None,
-        help="shadow models per (model, n) (default 1024; quick: 256)",
+        help="shadow models per (model, n), and as many again for LiRA (default 256; quick: 64)",
     )
     s.add_argument(
         "--models",
         type=_name_list,
         default=None,
-        help="comma-separated models among logistic,mlp (default both; quick: logistic)",
+        help="comma-separated models among logistic,mlp (default logistic; the MLP is costly on CPU)",
     )
-    s.add_argument("--dim", type=_positive_int("--dim"), default=128, help="input dimension (default 128)")
-    s.add_argument("--k-modes", type=_positive_int("--k-modes"), default=4, help="Gaussian modes per class (default 4)")
+    s.add_argument("--dim", type=_positive_int("--dim"), default=None, help="input dimension (default 128; quick: 16)")
+    s.add_argument("--k-modes", type=_positive_int("--k-modes"), default=None, help="Gaussian modes per class (default 4)")
     s.add_argument("--quick", action="store_true", help="small sizes that finish in about a minute")
     s.add_argument("--ptq", choices=("loss", "rtn"), default="loss", help="post-training procedure (default loss)")
     s.add_argument(

@@ -22,15 +22,16 @@ from qmis_jax.studies import markdown, plots
 from qmis_jax.studies.store import ResultStore, config_hash, write_json
 
 MODELS = ("logistic", "mlp")
+QUICK_QUANTIZERS = ("fp32", "int8", "int4", "int2", "ternary", "sign", "prune50", "grid_fixed", "grid_adaptive")
 
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
     """Configuration of the synthetic study (all sizes validated by :func:`validate`)."""
 
-    n_values: tuple[int, ...] = (500, 1000, 2000)
-    replicates: int = 1024
-    models: tuple[str, ...] = ("logistic", "mlp")
+    n_values: tuple[int, ...] = (1000, 2000, 4000)
+    replicates: int = 256
+    models: tuple[str, ...] = ("logistic",)
     quantizers: tuple[str, ...] | None = None
     dim: int = 128
     k_modes: int = 4
@@ -46,7 +47,7 @@ class SyntheticConfig:
     @classmethod
     def quick(cls, **overrides) -> SyntheticConfig:
         """Sizes that finish in about a minute on two CPU cores."""
-        base = dict(n_values=(250, 500), replicates=128, models=("logistic",), dim=32)
+        base = dict(n_values=(400, 800), replicates=64, models=("logistic",), dim=16, quantizers=QUICK_QUANTIZERS)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
