@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated models among logistic,mlp (default logistic; the MLP is costly on CPU)",
     )
     s.add_argument("--dim", type=_positive_int("--dim"), default=None, help="input dimension (default 128; quick: 16)")
-    s.add_argument("--k-modes", type=_positive_int("--k-modes"), default=None, help="Gaussian modes per class (default 4)")
+    s.add_argument(
+        "--k-modes", type=_positive_int("--k-modes"), default=None, help="Gaussian modes per class (default 4)"
+    )
     s.add_argument("--quick", action="store_true", help="small sizes that finish in about a minute")
     s.add_argument("--ptq", choices=("loss", "rtn"), default="loss", help="post-training procedure (default loss)")
     s.add_argument(
@@ -132,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--replicates",
         type=_positive_int("--replicates"),
         default=None,
-        help="LiRA shadow models (default 256; quick: 64)",
+        help="LiRA shadow models (default 256; quick: 32)",
     )
     m.add_argument(
         "--n",

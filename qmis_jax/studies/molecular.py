@@ -48,7 +48,7 @@ class MolecularConfig:
 
     @classmethod
     def quick(cls, **overrides) -> MolecularConfig:
-        base = dict(featurizers=("ecfp", "maccs"), heads=("linear",), replicates=64)
+        base = dict(featurizers=("maccs",), heads=("linear",), replicates=32)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -135,7 +135,7 @@ def molecular_point(
         store=store,
         progress=lambda *a: None,
         key_q=k_q,
-        pool=(x, y),
+        pool=(x[: 2 * (n // 2)], y[: 2 * (n // 2)]),
     )
     shadow = stats.shadow_mask(replicates, shadows=replicates // 2)
     for name in qs:

@@ -160,7 +160,6 @@ class ResultStore:
         self.save(name, arrays)
         return arrays
 
-
     def get_or_compute_json(self, name: str, compute: Callable[[], Any]) -> Any:
         """Like :meth:`get_or_compute` for a JSON-serialisable result (a finished sweep point's report)."""
         fname = _safe_name(name) + ".json"
