@@ -479,6 +479,10 @@ def audit(
         }
     if len(qs) >= 2:
         ranking, table = stats.rank_quantizers(k_boot, {name: cat[f"{name}.r_hat"] for name in qs}, n_boot=n_boot)
+        # Ties in the mean indicator (all releases with r = 0) are broken by the attacks: more secure first.
+        mean_r = {name: float(np.mean(cat[f"{name}.r_hat"])) for name in qs}
+        upper = {name: entries[name]["mis_empirical_upper"] for name in qs}
+        ranking = sorted(ranking, key=lambda nm: (-mean_r[nm], -(upper[nm] if upper[nm] is not None else 0.0)))
         intervals = [
             {
                 "better": a,
@@ -519,7 +523,8 @@ def audit(
         "theta_star": star_source,
         "quantizers": entries,
         "ranking": ranking,
-        "ranking_by": "mean single-model indicator r_hat over replicates (paired bootstrap intervals)",
+        "ranking_by": "mean single-model indicator r_hat over replicates (paired bootstrap intervals), ties broken "
+        "by the empirical MIS upper bound of the attacks",
         "ranking_intervals": intervals,
         "trained_utility": {m.split(".", 2)[2]: float(np.mean(cat[m])) for m in cat if m.startswith("trained.")},
         "diagnostics": {
