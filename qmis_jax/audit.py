@@ -153,16 +153,9 @@ def _chunks(total: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, total)) for s in range(0, total, size)]
 
 
-def _codes_equal(codes_a: PyTree, codes_b: PyTree) -> Array:
-    """Per-replicate: all codes of a stacked release equal the population codes."""
-    leaves = jax.tree.map(lambda a, b: jnp.all((a == b).reshape(a.shape[0], -1), axis=1), codes_a, codes_b)
-    return functools.reduce(jnp.logical_and, jax.tree_util.tree_leaves(leaves))
-
-
 @functools.lru_cache(maxsize=256)
-def _release_program(q, problem, ptq: str, skip, max_moves, shared: bool):
-    """jit(vmap) of the per-replicate release: ``ptq`` of each replicate on its training data (or a shared pool
-    with per-replicate weights when ``shared``)."""
+def _pool_release_program(q, problem, ptq: str, skip, max_sweeps):
+    """jit(vmap) of the per-replicate release on one shared pool with per-replicate membership weights."""
 
     def one(params, x, y, w, key):
         if ptq == "rtn":
@@ -176,26 +169,33 @@ def _release_program(q, problem, ptq: str, skip, max_moves, shared: bool):
             key=key,
             skip=skip,
             weights=w,
-            max_moves=max_moves,
+            max_sweeps=max_sweeps,
             design=problem.design,
             margin_loss=problem.margin_loss,
+            penalty=problem.penalty,
         )
         return release
 
-    data_axis = None if shared else 0
-    return jax.jit(jax.vmap(one, in_axes=(0, data_axis, data_axis, 0, 0)))
+    return jax.jit(jax.vmap(one, in_axes=(0, None, None, 0, 0)))
 
 
 @functools.lru_cache(maxsize=256)
-def _single_program(q, problem, ptq: str, method: str, skip, z: float, max_moves):
-    """jit(vmap) of the single-model audit over replicates, one key per replicate."""
+def _single_program(q, problem, ptq: str, method: str, skip, z: float, max_sweeps):
+    """jit(vmap) over replicates of the single-model audit, with each release's codes compared to ``pop_codes``
+    (one program per quantizer, shared by the fresh-data statistics and the embedded-target LiRA chunks)."""
 
-    def one(params, x, y, key):
-        return stats.single_model_indicator(
-            q, problem, params, x, y, ptq=ptq, method=method, z=z, key=key, skip=skip, max_moves=max_moves
+    def one(params, x, y, key, pop_codes):
+        single = stats.single_model_indicator(
+            q, problem, params, x, y, ptq=ptq, method=method, z=z, key=key, skip=skip, max_sweeps=max_sweeps
         )
+        codes = _quantizers.tree_codes(q, single.release, params, skip=skip)
+        same = functools.reduce(
+            jnp.logical_and,
+            jax.tree_util.tree_leaves(jax.tree.map(lambda a, b: jnp.all(a == b), codes, pop_codes)),
+        )
+        return single, same
 
-    return jax.jit(jax.vmap(one))
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, None)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -236,7 +236,7 @@ def audit(
     lira_targets: int | None = None,
     tol: float = 1e-6,
     max_steps: int | None = None,
-    max_moves: int | None = None,
+    max_sweeps: int | None = None,
     skip=None,
     z: float = 1.96,
     n_boot: int = 2000,
@@ -266,7 +266,7 @@ def audit(
       lira_targets: ``k``: ``2k`` targets, each replicate trains on ``k`` of them plus ``n - k`` fresh points
         (default ``max(1, n // 10)``).
       tol, max_steps: training tolerance and step cap (see :func:`qmis_jax.train.fit`).
-      max_moves: cap of the loss-PTQ descent moves.
+      max_sweeps: cap of the loss-PTQ sweeps.
       skip: leaves left in full precision (see :func:`qmis_jax.quantizers.quantize_tree`).
       z: normal quantile of the single-model intervals.
       n_boot: bootstrap draws of the paired comparisons.
@@ -351,7 +351,7 @@ def audit(
             method=method,
             key=_stochastic_key(q, jax.random.fold_in(k_q, 0)),
             skip=skip,
-            max_moves=max_moves,
+            max_sweeps=max_sweeps,
         )
         progress("population", len(pops))
 
@@ -367,13 +367,8 @@ def audit(
             out = {}
             for j, (name, q) in enumerate(qs.items()):
                 keys = _keys(jax.random.fold_in(k_q, j + 1), idx)
-                prog = _single_program(q, problem, ptq, method, skip, float(z), max_moves)
-                single = prog(params, x, y, keys)
-                codes = jax.vmap(lambda r, prm, q=q: _quantizers.tree_codes(q, r, prm, skip=skip))(
-                    single.release, params
-                )
-                pop_codes = jax.tree.map(lambda a: jnp.broadcast_to(a, (stop - start, *a.shape)), pops[name].codes)
-                same = _codes_equal(codes, pop_codes)
+                prog = _single_program(q, problem, ptq, method, skip, float(z), max_sweeps)
+                single, same = prog(params, x, y, keys, pops[name].codes)
                 flipped = jnp.ones_like(same) if (q.continuous or (q.stochastic and ptq == "rtn")) else ~same
                 out[f"{name}.r_hat"] = single.r_hat
                 out[f"{name}.r_lo"] = single.r_interval[:, 0]
@@ -406,12 +401,15 @@ def audit(
             replicates=lira_replicates,
             ptq=ptq,
             skip=skip,
-            max_moves=max_moves,
+            max_sweeps=max_sweeps,
             chunk_size=chunk_size,
             fit_opts=fit_opts,
             store=store,
             progress=progress,
             key_q=k_q,
+            z=z,
+            method=method,
+            pops=pops,
         )
         shadow = stats.shadow_mask(lira_replicates, shadows=lira_replicates // 2)
         for name in qs:
@@ -427,7 +425,7 @@ def audit(
             replicates=lira_replicates,
             ptq=ptq,
             skip=skip,
-            max_moves=max_moves,
+            max_sweeps=max_sweeps,
             fit_opts=fit_opts,
             store=store,
             progress=progress,
@@ -508,7 +506,7 @@ def audit(
         "lira_targets": k_targets,
         "tol": tol,
         "max_steps": max_steps,
-        "max_moves": max_moves,
+        "max_sweeps": max_sweeps,
         "z": z,
         "key": np.asarray(jax.random.key_data(key)).tolist(),
     }
@@ -545,14 +543,30 @@ def _lira_train_data(key, problem, targets_x, targets_y, membership_row, i, n, k
     return jnp.concatenate([targets_x[order], xf]), jnp.concatenate([targets_y[order], yf])
 
 
-def _releases(q, problem, ptq, skip, max_moves, params, x, y, w, keys, *, shared=False):
-    return _release_program(q, problem, ptq, skip, max_moves, shared)(params, x, y, w, keys)
-
-
 def _lira_embedded(
-    key, problem, qs, *, n, k, replicates, ptq, skip, max_moves, chunk_size, fit_opts, store, progress, key_q
+    key,
+    problem,
+    qs,
+    *,
+    n,
+    k,
+    replicates,
+    ptq,
+    skip,
+    max_sweeps,
+    chunk_size,
+    fit_opts,
+    store,
+    progress,
+    key_q,
+    z,
+    method,
+    pops,
 ):
-    """Scores ``(R, 2k)`` of every quantizer's releases on the targets, and the membership ``(R, 2k)``."""
+    """Scores ``(R, 2k)`` of every quantizer's releases on the targets, and the membership ``(R, 2k)``.
+
+    The releases come from the same compiled program as the fresh-data statistics (same shapes), so the
+    embedded-target design compiles nothing new per quantizer."""
     k_targets, k_member, k_fresh, k_fit = jax.random.split(key, 4)
     tx, ty = problem.sample(k_targets, 2 * k)
     membership = np.asarray(stats.embedded_target_membership(k_member, replicates=replicates, targets=2 * k))
@@ -567,10 +581,9 @@ def _lira_embedded(
             out = {}
             for j, (name, q) in enumerate(qs.items()):
                 keys = _keys(jax.random.fold_in(key_q, 1000 + j), idx)
-                release = _releases(
-                    q, problem, ptq, skip, max_moves, res.params, x, y, jnp.ones(y.shape, x.dtype), keys
-                )
-                loss = _loss_program(problem, True)(release, tx, ty)
+                prog = _single_program(q, problem, ptq, method, skip, float(z), max_sweeps)
+                single, _ = prog(res.params, x, y, keys, pops[name].codes)
+                loss = _loss_program(problem, True)(single.release, tx, ty)
                 out[name] = stats.score_from_loss(loss, problem.task)
             return out
 
@@ -581,7 +594,7 @@ def _lira_embedded(
     return {name: np.concatenate(v) for name, v in scores.items()}, membership
 
 
-def _lira_pool(key, problem, qs, *, n, replicates, ptq, skip, max_moves, fit_opts, store, progress, key_q, pool=None):
+def _lira_pool(key, problem, qs, *, n, replicates, ptq, skip, max_sweeps, fit_opts, store, progress, key_q, pool=None):
     """The classic pool design: one pool of ``2n`` points (or the given ``pool``), each replicate trains on a
     random half. Returns each quantizer's scores ``(R, pool size)`` and the membership ``(R, pool size)``."""
     k_data, k_member, k_fit = jax.random.split(key, 3)
@@ -594,7 +607,7 @@ def _lira_pool(key, problem, qs, *, n, replicates, ptq, skip, max_moves, fit_opt
         out = {}
         for j, (name, q) in enumerate(qs.items()):
             keys = _keys(jax.random.fold_in(key_q, 2000 + j), np.arange(replicates))
-            release = _releases(q, problem, ptq, skip, max_moves, res.params, px, py, weights, keys, shared=True)
+            release = _pool_release_program(q, problem, ptq, skip, max_sweeps)(res.params, px, py, weights, keys)
             out[name] = stats.score_from_loss(_loss_program(problem, True)(release, px, py), problem.task)
         return out
 

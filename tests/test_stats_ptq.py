@@ -96,7 +96,7 @@ def test_ptq_loss_is_a_local_minimiser_and_glm_path_agrees():
             q, LOGISTIC.loss, params, xj, yj, design=LOGISTIC.design, margin_loss=LOGISTIC.margin_loss
         )
         if q.bits is None:  # the generic path (one forward pass per candidate) finds the same release
-            slow, n_slow = ptq_loss(q, LOGISTIC.loss, params, xj, yj, chunk_size=4)
+            slow, n_slow = ptq_loss(q, LOGISTIC.loss, params, xj, yj)
             assert int(n_fast) == int(n_slow)
             for leaf_fast, leaf_slow in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)):
                 np.testing.assert_array_equal(np.asarray(leaf_fast), np.asarray(leaf_slow))
@@ -123,7 +123,7 @@ def test_ptq_loss_is_a_local_minimiser_and_glm_path_agrees():
     assert total_moves >= 2  # the descent moved away from round-to-nearest for both quantizers
 
 
-def test_ptq_loss_max_moves_and_vmap_over_replicates():
+def test_ptq_loss_max_sweeps_and_vmap_over_replicates():
     q = uniform(step=0.6)
     data = [_logistic_data(300, seed=s) for s in (2, 3, 4)]
     params = [_mle(x, y) for x, y in data]
@@ -140,18 +140,45 @@ def test_ptq_loss_max_moves_and_vmap_over_replicates():
         assert int(n_b[i]) == int(n)
         np.testing.assert_array_equal(np.asarray(rel_b["w"][i]), np.asarray(rel["w"]))
         np.testing.assert_array_equal(np.asarray(rel_b["b"][i]), np.asarray(rel["b"]))
-    # the bound on the number of moves
+    # the bound on the number of sweeps
     i = int(jnp.argmax(n_b))
     assert int(n_b[i]) >= 1
-    zero, n0 = ptq_loss(q, LOGISTIC.loss, params[i], xs[i], ys[i], max_moves=0)
+    zero, n0 = ptq_loss(q, LOGISTIC.loss, params[i], xs[i], ys[i], max_sweeps=0)
     assert int(n0) == 0
     np.testing.assert_array_equal(np.asarray(zero["w"]), np.asarray(ptq_rtn(q, params[i])["w"]))
-    _, n1 = ptq_loss(q, LOGISTIC.loss, params[i], xs[i], ys[i], max_moves=1)
-    assert int(n1) == 1
-    with pytest.raises(ValueError, match="max_moves"):
-        ptq_loss(q, LOGISTIC.loss, params[i], xs[i], ys[i], max_moves=-1)
+    _, n1 = ptq_loss(q, LOGISTIC.loss, params[i], xs[i], ys[i], max_sweeps=1)
+    assert 1 <= int(n1) <= int(n_b[i])
+    with pytest.raises(ValueError, match="max_sweeps"):
+        ptq_loss(q, LOGISTIC.loss, params[i], xs[i], ys[i], max_sweeps=-1)
     with pytest.raises(ValueError, match="design and margin_loss"):
         ptq_loss(q, LOGISTIC.loss, params[i], xs[i], ys[i], design=LOGISTIC.design)
+
+
+def test_ridge_penalty_glm_path_matches_the_generic_path():
+    # a ridge logistic loss carried by (design, margin_loss, penalty) gives the releases and loss differences of
+    # the plain per-example loss that includes the ridge term
+    x, y = _logistic_data(300, seed=5)
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+    l2 = 0.05
+    penalty = jnp.asarray([0.0] + [l2] * DIM)
+
+    def ridge_loss(params, xi, yi):
+        return LOGISTIC.loss(params, xi, yi) + 0.5 * l2 * jnp.sum(params["w"] ** 2)
+
+    params = _mle(x, y)
+    glm = dict(design=LOGISTIC.design, margin_loss=LOGISTIC.margin_loss, penalty=penalty)
+    for q in (uniform(step=0.4), uniform(bits=3)):
+        fast, n_fast = ptq_loss(q, ridge_loss, params, xj, yj, **glm)
+        slow, n_slow = ptq_loss(q, ridge_loss, params, xj, yj)
+        assert int(n_fast) == int(n_slow)
+        for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        moves = competitors(q, fast, params)
+        d_fast = loss_differences(ridge_loss, fast, moves, xj, yj, **glm)
+        d_slow = loss_differences(ridge_loss, fast, moves, xj, yj)
+        np.testing.assert_allclose(np.asarray(d_fast), np.asarray(d_slow), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="penalty"):
+        ptq_loss(uniform(bits=3), ridge_loss, params, xj, yj, penalty=penalty)
 
 
 def test_loss_differences_taylor():

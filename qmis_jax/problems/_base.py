@@ -39,6 +39,8 @@ class Problem:
         one-coordinate moves in O(1) per (move, example) instead of one forward pass each.
       margin_loss: optional, with ``design``: ``margin_loss(eta, y) -> loss`` elementwise, so that
         ``loss(params, x_i, y_i) == margin_loss(design(x_i[None])[0] @ theta, y_i)``.
+      penalty: optional, with ``design``: ``(p,)`` ridge weights ``lambda`` (ravel order) when the loss carries a
+        ridge term, ``loss(params, x_i, y_i) == margin_loss(eta_i, y_i) + sum_j lambda_j theta_j^2 / 2``.
       population: optional ``population(key) -> params`` the population optimum theta* when it is known in closed
         form (Gaussian mean: ``mu``); otherwise estimated from replicates.
     """
@@ -54,6 +56,7 @@ class Problem:
     solve: Callable[[Array, Array, Array], PyTree] | None = None
     design: Callable[[Array], Array] | None = None
     margin_loss: Callable[[Array, Array], Array] | None = None
+    penalty: Array | None = None
     population: Callable[[Array], PyTree] | None = None
 
     def batch_loss(self, params: PyTree, x: Array, y: Array) -> Array:

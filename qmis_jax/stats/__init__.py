@@ -4,10 +4,13 @@ estimates, exact Gaussian-mean oracles, membership-inference attacks and paired 
 """
 
 from .attacks import (
+    LiraFallbacks,
     LiraFit,
+    LiraResult,
     embedded_target_membership,
     fit_lira,
     lira,
+    lira_fallbacks,
     lira_pool,
     lira_scores,
     loss_attack,
@@ -58,7 +61,9 @@ __all__ = [
     "PTQ_METHODS",
     "AttackMetrics",
     "CramerRate",
+    "LiraFallbacks",
     "LiraFit",
+    "LiraResult",
     "MisApprox",
     "Moves",
     "PairedDiff",
@@ -79,6 +84,7 @@ __all__ = [
     "hessian_diag",
     "indicator",
     "lira",
+    "lira_fallbacks",
     "lira_pool",
     "lira_scores",
     "loss_attack",

@@ -25,10 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "LiraFallbacks",
     "LiraFit",
+    "LiraResult",
     "embedded_target_membership",
     "fit_lira",
     "lira",
+    "lira_fallbacks",
     "lira_pool",
     "lira_scores",
     "loss_attack",
@@ -199,7 +202,8 @@ class LiraFit(NamedTuple):
     Attributes (each ``(T,)``, or with the leading batch axes of the scores under ``vmap``):
       mu_in, var_in: mean and variance of the statistic over shadow replicates that trained on the target.
       mu_out, var_out: the same over shadow replicates that did not.
-      n_in, n_out: the number of shadow replicates behind each fit.
+      n_in, n_out: the number of shadow replicates behind each fit; where one is below 2, part of the fit comes
+        from all targets together (:func:`fit_lira`, :func:`lira_fallbacks`).
     """
 
     mu_in: Array
@@ -210,17 +214,21 @@ class LiraFit(NamedTuple):
     n_out: Array
 
 
-def _gaussian_fit(scores: Array, weights: Array, fix_variance: bool) -> tuple[Array, Array, Array]:
+def _side_fit(scores: Array, weights: Array, fix_variance: bool) -> tuple[Array, Array, Array, Array]:
+    """Per-target mean, variance and count of one side, and the mean of all its scores (targets together).
+
+    The variance is the target's own unbiased one where it has >= 2 scores (unless ``fix_variance``), else the
+    pooled within-target variance of the side.
+    """
     count = weights.sum(axis=0)
-    mu = (weights * scores).sum(axis=0) / jnp.maximum(count, 1.0)
-    ss = (weights * (scores - mu) ** 2).sum(axis=0)
-    dof = count - 1.0
-    if fix_variance:
-        var = jnp.broadcast_to(ss.sum() / jnp.maximum(dof.sum(), 1.0), mu.shape)
-    else:
-        var = ss / jnp.maximum(dof, 1.0)
-    floor = jnp.sqrt(jnp.finfo(var.dtype).tiny)
-    return mu, jnp.maximum(var, floor), count
+    mean = (weights * scores).sum(axis=0) / jnp.maximum(count, 1.0)
+    ss = (weights * (scores - mean) ** 2).sum(axis=0)
+    dof = jnp.maximum(count - 1.0, 0.0)
+    pooled = ss.sum() / jnp.maximum(dof.sum(), 1.0)
+    own = ss / jnp.maximum(dof, 1.0)
+    var = jnp.broadcast_to(pooled, mean.shape) if fix_variance else jnp.where(count >= 2, own, pooled)
+    global_mean = (weights * scores).sum() / jnp.maximum(count.sum(), 1.0)
+    return mean, var, count, global_mean
 
 
 @functools.partial(jax.jit, static_argnames=("fix_variance",))
@@ -231,8 +239,23 @@ def fit_lira(scores, membership, *, shadow, fix_variance: bool = False) -> LiraF
     ``scores[r, t]`` over shadow replicates ``r`` with ``membership[r, t]``; ``mu_out``/``var_out`` over shadow
     replicates without it. With ``fix_variance=True`` every target shares one variance per side: the pooled
     within-target variance ``sum_t sum_r (s_rt - mu_t)^2 / sum_t (count_t - 1)`` (the global-variance variant,
-    better with few shadows). Variances are floored at ``sqrt(tiny)`` of the dtype so a constant statistic does not
-    divide by zero. Jitted (``fix_variance`` static) and vmap-friendly: masks enter as weights.
+    better with few shadows).
+
+    With few shadows some targets lack scores on one side (every shadow replicate trains on a target or not, so
+    ``n_in + n_out`` is the number of shadows); following Carlini et al. 2022 the missing pieces come from
+    estimates over all targets, so every target gets a fit (:func:`lira_fallbacks` counts them):
+
+    * one shadow score on a side: its mean is that score, its variance the pooled variance of the side;
+    * no score on one side: that side is the other side moved by the global gap
+      ``shift = mean(all in-scores) - mean(all out-scores)``, with the other side's variance
+      (``mu_in = mu_out + shift``, ``var_in = var_out`` without in-scores). The likelihood ratio is then
+      ``shift * (s - mu_out) / var_out - shift^2 / (2 var_out)``: the offline test of the out-fit, increasing in
+      ``(s - mu_out) / sd_out`` whenever members score higher on average, on the scale of the other targets'
+      ratios so that one threshold serves them all; symmetrically without out-scores.
+
+    Variances are floored at ``sqrt(tiny)`` of the dtype so a constant statistic does not divide by zero. Jitted
+    (``fix_variance`` static) and vmap-friendly: masks enter as weights. The pooled variance of a side needs one
+    target with >= 2 scores there; :func:`lira` checks that, this core does not.
 
     Args:
       scores: ``(R, T)`` statistic of each replicate's release on each target (:func:`score_from_loss`).
@@ -242,17 +265,32 @@ def fit_lira(scores, membership, *, shadow, fix_variance: bool = False) -> LiraF
 
     Returns:
       :class:`LiraFit` with ``(T,)`` fields.
+
+    >>> member = jnp.array([[True, False], [False, True], [True, False], [True, False], [False, True]])
+    >>> scores = jnp.array([[1.0, 0.0], [0.0, 4.0], [3.0, 1.0], [5.0, 2.0], [9.0, 9.0]])
+    >>> fit = fit_lira(scores, member, shadow=jnp.array([True, True, True, True, False]))
+    >>> fit.n_in.tolist(), fit.n_out.tolist()
+    ([3.0, 1.0], [1.0, 3.0])
+    >>> fit.mu_in.tolist(), fit.var_in.tolist()  # target 1 has one in-score: the pooled in-variance
+    ([3.0, 4.0], [4.0, 4.0])
     """
     scores = jnp.asarray(scores)
     if not jnp.issubdtype(scores.dtype, jnp.floating):
         scores = scores.astype(jnp.result_type(float))
     member = jnp.asarray(membership, dtype=bool)
     sh = jnp.asarray(shadow, dtype=bool)[:, None]
-    w_in = (sh & member).astype(scores.dtype)
-    w_out = (sh & ~member).astype(scores.dtype)
-    mu_in, var_in, n_in = _gaussian_fit(scores, w_in, fix_variance)
-    mu_out, var_out, n_out = _gaussian_fit(scores, w_out, fix_variance)
-    return LiraFit(mu_in, var_in, mu_out, var_out, n_in, n_out)
+    mu_in, var_in, n_in, g_in = _side_fit(scores, (sh & member).astype(scores.dtype), fix_variance)
+    mu_out, var_out, n_out, g_out = _side_fit(scores, (sh & ~member).astype(scores.dtype), fix_variance)
+    has_in, has_out = n_in > 0, n_out > 0
+    shift = g_in - g_out
+    mu_in, var_in, mu_out, var_out = (
+        jnp.where(has_in, mu_in, mu_out + shift),
+        jnp.where(has_in, var_in, var_out),
+        jnp.where(has_out, mu_out, mu_in - shift),
+        jnp.where(has_out, var_out, var_in),
+    )
+    floor = jnp.sqrt(jnp.finfo(scores.dtype).tiny)
+    return LiraFit(mu_in, jnp.maximum(var_in, floor), mu_out, jnp.maximum(var_out, floor), n_in, n_out)
 
 
 @functools.partial(jax.jit, static_argnames=("online",))
@@ -290,7 +328,99 @@ def _lira_matrix(scores, membership, shadow, online, fix_variance):
     return lira_scores(scores, fit, online=online)
 
 
-def lira(scores, membership, *, shadow, online: bool = True, fix_variance: bool = False) -> tuple[Array, Array]:
+class LiraFallbacks(NamedTuple):
+    """How many targets LiRA scored with a fit partly taken from all targets (:func:`fit_lira`).
+
+    Each target is counted once, under the larger of its fallbacks.
+
+    Attributes:
+      targets: number of targets ``T``.
+      pooled_variance: targets with exactly one shadow score on a side the test uses, whose variance there is the
+        pooled one (never counted with ``fix_variance=True``, which pools every target).
+      one_sided: targets with no shadow score on a side the test uses, fitted from the other side and the global
+        in/out gap (online: no in- or no out-score; offline: no out-score).
+    """
+
+    targets: int
+    pooled_variance: int
+    one_sided: int
+
+    def to_dict(self) -> dict[str, int]:
+        """JSON-friendly dict of the three counts."""
+        return {k: int(v) for k, v in self._asdict().items()}
+
+
+class LiraResult(tuple):
+    """``(member_scores, nonmember_scores)`` of :func:`lira`, with the fallback counts as ``.fallbacks``.
+
+    A plain pair for unpacking (``m, nm = lira(...)``); ``.fallbacks`` is the :class:`LiraFallbacks` of the fit.
+    """
+
+    fallbacks: LiraFallbacks
+
+    def __new__(cls, member_scores, nonmember_scores, fallbacks: LiraFallbacks):
+        out = super().__new__(cls, (member_scores, nonmember_scores))
+        out.fallbacks = fallbacks
+        return out
+
+    def __getnewargs__(self):
+        return (self[0], self[1], self.fallbacks)
+
+
+def _check_design(shape: tuple[int, ...], membership, shadow) -> tuple[np.ndarray, np.ndarray]:
+    """Host copies of ``membership (R, T)`` and ``shadow (R,)``, checked against the scores' ``shape``."""
+    member = np.asarray(membership)
+    sh = np.asarray(shadow)
+    if len(shape) != 2:
+        raise ValueError(f"scores must have shape (R, T), got shape {shape}")
+    if member.shape != shape:
+        raise ValueError(f"membership must have the shape of scores {shape}, got {member.shape}")
+    if member.dtype != bool:
+        raise ValueError(f"membership must be a bool array, got dtype {member.dtype}")
+    if sh.shape != (shape[0],) or sh.dtype != bool:
+        raise ValueError(f"shadow must be a ({shape[0]},) bool array, got {sh.dtype} array of shape {sh.shape}")
+    return member, sh
+
+
+def _count_fallbacks(member: np.ndarray, sh: np.ndarray, online: bool, fix_variance: bool) -> LiraFallbacks:
+    n_in = (member & sh[:, None]).sum(axis=0)
+    n_out = (~member & sh[:, None]).sum(axis=0)
+    one_sided = (n_out == 0) | ((n_in == 0) if online else False)
+    single = (n_out == 1) | ((n_in == 1) if online else False)
+    pooled = single & ~one_sided if not fix_variance else np.zeros_like(single)
+    return LiraFallbacks(int(member.shape[1]), int(pooled.sum()), int(one_sided.sum()))
+
+
+def lira_fallbacks(membership, *, shadow, online: bool = True, fix_variance: bool = False) -> LiraFallbacks:
+    """Count the targets whose LiRA fit falls back on estimates over all targets (few shadows; :func:`fit_lira`).
+
+    Depends only on the design, so it can be called before training to see what a number of shadows gives:
+    with ``S`` shadows a target has ``n_in ~ Binomial(S, 1/2)`` in-shadows and ``S - n_in`` out-shadows.
+
+    Args:
+      membership: ``(R, T)`` bool, target in the replicate's training set.
+      shadow: ``(R,)`` bool, which replicates are shadows.
+      online: count the sides of the online test (both) or of the offline one (out only).
+      fix_variance: as in :func:`lira`; pooled variances are then not counted as fallbacks.
+
+    Returns:
+      :class:`LiraFallbacks` (Python ints).
+
+    >>> member = jnp.array([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0]], dtype=bool)
+    >>> shadow = jnp.array([True, True, True, False])  # target 0: 3 in, 0 out; the others: 1 in, 2 out
+    >>> lira_fallbacks(member, shadow=shadow)
+    LiraFallbacks(targets=4, pooled_variance=3, one_sided=1)
+    >>> lira_fallbacks(member, shadow=shadow, online=False)
+    LiraFallbacks(targets=4, pooled_variance=0, one_sided=1)
+    """
+    shape = np.shape(membership)
+    if len(shape) != 2:
+        raise ValueError(f"membership must have shape (R, T), got shape {shape}")
+    member, sh = _check_design(shape, membership, shadow)
+    return _count_fallbacks(member, sh, bool(online), bool(fix_variance))
+
+
+def lira(scores, membership, *, shadow, online: bool = True, fix_variance: bool = False) -> LiraResult:
     """LiRA in the embedded-target design: fit on shadow replicates, score the held-out ones (section 7).
 
     Per-target Gaussians of the statistic are fitted on the shadow replicates (:func:`fit_lira`); every pair
@@ -299,50 +429,56 @@ def lira(scores, membership, *, shadow, online: bool = True, fix_variance: bool 
     scores lower-bounds ``Delta``. Use :func:`fit_lira` and :func:`lira_scores` directly under ``jit``/``vmap``
     (this wrapper validates and returns data-dependent sizes).
 
+    With few shadows, targets with fewer than two in- or out-shadows take part of their fit from all targets
+    (Carlini et al. 2022's global variance, and the offline test where a side is empty; :func:`fit_lira`); their
+    number is ``result.fallbacks`` (:class:`LiraFallbacks`), to be reported with the metrics.
+
     Args:
       scores: ``(R, T)`` statistic of each replicate's release on each target (:func:`score_from_loss`).
       membership: ``(R, T)`` bool, target in the replicate's training set
         (:func:`embedded_target_membership`).
       shadow: ``(R,)`` bool, which replicates are shadows (:func:`shadow_mask`); the others are evaluated.
-      online: likelihood ratio of in- and out-fits (needs >= 2 in- and out-shadows per target), or the offline
-        one-sided test on the out-fits only (needs >= 2 out-shadows per target).
+      online: likelihood ratio of in- and out-fits (needs some target with >= 2 in-shadows and some target with
+        >= 2 out-shadows, for the pooled variances), or the offline one-sided test on the out-fits only (needs
+        some target with >= 2 out-shadows).
       fix_variance: one pooled variance per side instead of per-target variances (few shadows).
 
     Returns:
-      ``(member_scores, nonmember_scores)``: 1-D arrays over the evaluation pairs with and without membership,
-      in row-major (replicate, target) order.
+      :class:`LiraResult`, the pair ``(member_scores, nonmember_scores)``: 1-D arrays over the evaluation pairs
+      with and without membership, in row-major (replicate, target) order; ``.fallbacks`` counts the targets
+      fitted with a fallback.
+
+    Raises:
+      ValueError: on malformed inputs, when every replicate is a shadow, or when no target has two shadow scores
+        on a side the test needs (fewer than two shadows, for instance).
     """
     scores = jnp.asarray(scores)
-    member = np.asarray(membership)
-    sh = np.asarray(shadow)
-    if scores.ndim != 2:
-        raise ValueError(f"scores must have shape (R, T), got shape {scores.shape}")
-    if member.shape != scores.shape:
-        raise ValueError(f"membership must have the shape of scores {scores.shape}, got {member.shape}")
-    if member.dtype != bool:
-        raise ValueError(f"membership must be a bool array, got dtype {member.dtype}")
-    if sh.shape != (scores.shape[0],) or sh.dtype != bool:
-        raise ValueError(f"shadow must be a ({scores.shape[0]},) bool array, got {sh.dtype} array of shape {sh.shape}")
+    member, sh = _check_design(scores.shape, membership, shadow)
     if not bool(jnp.all(jnp.isfinite(scores))):
         raise ValueError("scores must be finite (use score_from_loss, which keeps them finite)")
-    n_in = (member & sh[:, None]).sum(axis=0)
-    n_out = (~member & sh[:, None]).sum(axis=0)
-    if online and n_in.min() < 2:
-        t = int(np.argmin(n_in))
-        raise ValueError(f"shadow: every target needs >= 2 in-shadow replicates, target {t} has {int(n_in[t])}")
-    if n_out.min() < 2:
-        t = int(np.argmin(n_out))
-        raise ValueError(f"shadow: every target needs >= 2 out-shadow replicates, target {t} has {int(n_out[t])}")
     if sh.all():
         raise ValueError("shadow: no evaluation replicate left (all replicates are shadows)")
+    n_in = (member & sh[:, None]).sum(axis=0)
+    n_out = (~member & sh[:, None]).sum(axis=0)
+    if online and n_in.max() < 2:
+        raise ValueError(
+            f"shadow: no target has >= 2 in-shadow replicates to estimate a variance from (most: {int(n_in.max())}, "
+            f"with {int(sh.sum())} shadow(s)); use more shadows, or online=False for the offline test"
+        )
+    if n_out.max() < 2:
+        raise ValueError(
+            f"shadow: no target has >= 2 out-shadow replicates to estimate a variance from (most: "
+            f"{int(n_out.max())}, with {int(sh.sum())} shadow(s)); use more shadows"
+        )
     lr = _lira_matrix(scores, jnp.asarray(member), jnp.asarray(sh), bool(online), bool(fix_variance))
     ev = ~sh
     ev_member = member[ev]
     ev_lr = np.asarray(lr)[ev]
-    return jnp.asarray(ev_lr[ev_member]), jnp.asarray(ev_lr[~ev_member])
+    fallbacks = _count_fallbacks(member, sh, bool(online), bool(fix_variance))
+    return LiraResult(jnp.asarray(ev_lr[ev_member]), jnp.asarray(ev_lr[~ev_member]), fallbacks)
 
 
-def lira_pool(scores, membership, *, shadow, online: bool = True, fix_variance: bool = False) -> tuple[Array, Array]:
+def lira_pool(scores, membership, *, shadow, online: bool = True, fix_variance: bool = False) -> LiraResult:
     """LiRA in the classic pool design (theory.md section 7): a different game, reported as ``lira_pool``.
 
     Same computation as :func:`lira`, on scores of a fixed pool of points where each replicate trains on a random
@@ -358,6 +494,6 @@ def lira_pool(scores, membership, *, shadow, online: bool = True, fix_variance: 
       fix_variance: as in :func:`lira`.
 
     Returns:
-      ``(member_scores, nonmember_scores)`` as in :func:`lira`.
+      :class:`LiraResult` as in :func:`lira` (the pair of scores, with ``.fallbacks``).
     """
     return lira(scores, membership, shadow=shadow, online=online, fix_variance=fix_variance)

@@ -133,15 +133,16 @@ def _no_exponential_security(q, ptq: str) -> bool:
     return bool(q.continuous or (ptq == "rtn" and q.stochastic))
 
 
-def _glm(problem, differences: str):
+def _glm(problem, differences: str) -> dict[str, Any]:
+    """The GLM structure of ``problem`` (design, margin loss, ridge penalty) for the exact fast paths, or Nones."""
     if differences == "exact" and problem.design is not None and problem.margin_loss is not None:
-        return problem.design, problem.margin_loss
-    return None, None
+        return {"design": problem.design, "margin_loss": problem.margin_loss, "penalty": problem.penalty}
+    return {"design": None, "margin_loss": None, "penalty": None}
 
 
-def _statistics(q, problem, params, x, y, *, ptq, method, key, skip, weights, max_moves, chunk_size, differences):
+def _statistics(q, problem, params, x, y, *, ptq, method, key, skip, weights, max_sweeps, chunk_size, differences):
     """Release, ``(delta, sigma, valid)``, the samples ``D`` (or None), moves and an ok flag."""
-    design, margin_loss = _glm(problem, differences)
+    glm = _glm(problem, differences)
     if ptq == "loss":
         release, n_moves = ptq_loss(
             q,
@@ -152,10 +153,8 @@ def _statistics(q, problem, params, x, y, *, ptq, method, key, skip, weights, ma
             key=key,
             skip=skip,
             weights=weights,
-            max_moves=max_moves,
-            design=design,
-            margin_loss=margin_loss,
-            chunk_size=chunk_size,
+            max_sweeps=max_sweeps,
+            **glm,
         )
         moves = competitors(q, release, params, skip=skip)
         D = loss_differences(
@@ -164,8 +163,7 @@ def _statistics(q, problem, params, x, y, *, ptq, method, key, skip, weights, ma
             moves,
             x,
             y,
-            design=design,
-            margin_loss=margin_loss,
+            **glm,
             chunk_size=chunk_size,
             method=differences,
         )
@@ -204,7 +202,7 @@ def single_model_indicator(
     key: Array | None = None,
     skip=None,
     weights: Array | None = None,
-    max_moves: int | None = None,
+    max_sweeps: int | None = None,
     chunk_size: int | None = None,
     cap: float | None = None,
     differences: str = "exact",
@@ -237,7 +235,7 @@ def single_model_indicator(
       skip: leaves kept in full precision.
       weights: optional ``(n,)`` membership weights of a shared pool (statistics are weighted; ``n`` is the
         effective size ``(sum w)^2 / sum w^2``, the member count for 0/1 weights).
-      max_moves: bound of the loss-PTQ descent.
+      max_sweeps: bound of the loss-PTQ sweeps.
       chunk_size: competitors evaluated at once.
       cap: Cramer rate cap (default ``log(n)``).
       differences: ``"exact"`` loss differences, or the ``"taylor"`` form for large models (section 6, "Cost").
@@ -270,7 +268,7 @@ def single_model_indicator(
         ptq=ptq,
         method=method,
         skip=hashable_skip(skip),
-        max_moves=max_moves,
+        max_sweeps=max_sweeps,
         chunk_size=chunk_size,
         cap=cap,
         differences=differences,
@@ -280,10 +278,10 @@ def single_model_indicator(
 @functools.partial(
     jax.jit,
     static_argnums=(0, 1),
-    static_argnames=("ptq", "method", "skip", "max_moves", "chunk_size", "cap", "differences"),
+    static_argnames=("ptq", "method", "skip", "max_sweeps", "chunk_size", "cap", "differences"),
 )
 def _single_core(
-    q, problem, params, x, y, weights, key, z, *, ptq, method, skip, max_moves, chunk_size, cap, differences
+    q, problem, params, x, y, weights, key, z, *, ptq, method, skip, max_sweeps, chunk_size, cap, differences
 ):
     n = x.shape[0]
     release, delta, sigma, valid, D, n_moves, ok = _statistics(
@@ -297,7 +295,7 @@ def _single_core(
         key=key,
         skip=skip,
         weights=weights,
-        max_moves=max_moves,
+        max_sweeps=max_sweeps,
         chunk_size=chunk_size,
         differences=differences,
     )
@@ -399,7 +397,7 @@ def population_indicator(
     method: str = "gaussian",
     key: Array | None = None,
     skip=None,
-    max_moves: int | None = None,
+    max_sweeps: int | None = None,
     chunk_size: int | None = None,
     cap: float | None = None,
     differences: str = "exact",
@@ -423,7 +421,7 @@ def population_indicator(
       ptq: ``"loss"`` or ``"rtn"``. method: ``"gaussian"`` or ``"cramer"``.
       key: PRNG key for stochastic quantizers.
       skip: leaves kept in full precision.
-      max_moves: bound of the population PTQ descent.
+      max_sweeps: bound of the population PTQ sweeps.
       chunk_size: competitors evaluated at once.
       cap: Cramer rate cap (default ``log(m)``).
       differences: ``"exact"`` or ``"taylor"`` loss differences.
@@ -452,7 +450,7 @@ def population_indicator(
         ptq=ptq,
         method=method,
         skip=skip,
-        max_moves=max_moves,
+        max_sweeps=max_sweeps,
         chunk_size=chunk_size,
         cap=cap,
         differences=differences,
@@ -485,10 +483,10 @@ def population_indicator(
 @functools.partial(
     jax.jit,
     static_argnums=(0, 1),
-    static_argnames=("ptq", "method", "skip", "max_moves", "chunk_size", "cap", "differences"),
+    static_argnames=("ptq", "method", "skip", "max_sweeps", "chunk_size", "cap", "differences"),
 )
 def _population_core(
-    q, problem, theta_star, x_big, y_big, key, n, *, ptq, method, skip, max_moves, chunk_size, cap, differences
+    q, problem, theta_star, x_big, y_big, key, n, *, ptq, method, skip, max_sweeps, chunk_size, cap, differences
 ):
     release, delta, sigma, valid, D, n_moves, ok = _statistics(
         q,
@@ -501,7 +499,7 @@ def _population_core(
         key=key,
         skip=skip,
         weights=None,
-        max_moves=max_moves,
+        max_sweeps=max_sweeps,
         chunk_size=chunk_size,
         differences=differences,
     )

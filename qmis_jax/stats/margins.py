@@ -28,7 +28,7 @@ from jax.flatten_util import ravel_pytree
 from qmis_jax.quantizers import get as get_quantizer
 from qmis_jax.quantizers import tree_thresholds
 
-from .ptq import adjacent_levels
+from .ptq import adjacent_levels, check_glm
 from .sandwich import check_chunk, check_data, default_chunk, hashable_skip, hessian_diag, normalized_weights
 
 Array = jax.Array
@@ -103,6 +103,7 @@ def loss_differences(
     *,
     design: Callable[[Array], Array] | None = None,
     margin_loss: Callable[[Array, Array], Array] | None = None,
+    penalty: Array | None = None,
     chunk_size: int | None = None,
     method: str = "exact",
     hess_diag: Array | None = None,
@@ -110,7 +111,8 @@ def loss_differences(
     """Per-example loss differences ``D_k(z_i) = l(theta_k, z_i) - l(theta_0, z_i)`` (theory.md section 3(a)).
 
     ``method="exact"``: GLM path (``design``, ``margin_loss``): with ``eta = X theta_0``,
-    ``D_k(z_i) = l(eta_i + e_k X_{i, j_k}) - l(eta_i)``, ``O(K m)`` in all; otherwise one forward pass per
+    ``D_k(z_i) = l(eta_i + e_k X_{i, j_k}) - l(eta_i)`` (plus ``lambda_j ((theta_j + e_k)^2 - theta_j^2) / 2``
+    with a ridge ``penalty``), ``O(K m)`` in all; otherwise one forward pass per
     (competitor, example), ``vmap``-ed over competitors in chunks of ``chunk_size`` (default about ``2^20 / m``).
 
     ``method="taylor"`` (section 6, "Cost", for large models):
@@ -124,7 +126,7 @@ def loss_differences(
       release: the release ``theta_0`` (pytree).
       moves: its competitors, from :func:`competitors`.
       x: ``(m, ...)`` inputs. y: ``(m,)`` targets.
-      design, margin_loss: optional GLM structure (see :class:`~qmis_jax.problems.Problem`).
+      design, margin_loss, penalty: optional GLM structure (see :class:`~qmis_jax.problems.Problem`).
       chunk_size: competitors evaluated at once (generic exact path).
       method: ``"exact"`` or ``"taylor"``.
       hess_diag: optional ``(p,)`` Hessian diagonal for ``"taylor"``.
@@ -134,8 +136,7 @@ def loss_differences(
     """
     if method not in LOSS_DIFFERENCE_METHODS:
         raise ValueError(f"method must be one of {LOSS_DIFFERENCE_METHODS}, got method={method!r}")
-    if (design is None) != (margin_loss is None):
-        raise ValueError(f"design and margin_loss go together, got design={design!r}, margin_loss={margin_loss!r}")
+    check_glm(design, margin_loss, penalty)
     check_chunk(chunk_size)
     check_data(x, y)
     p = int(ravel_pytree(release)[0].shape[0])
@@ -153,6 +154,7 @@ def loss_differences(
         x,
         y,
         hess_diag,
+        None if penalty is None else jnp.asarray(penalty),
         design=design,
         margin_loss=margin_loss,
         chunk_size=chunk_size,
@@ -161,7 +163,7 @@ def loss_differences(
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("design", "margin_loss", "chunk_size", "method"))
-def _loss_differences(loss_fn, release, moves, x, y, hess_diag, *, design, margin_loss, chunk_size, method):
+def _loss_differences(loss_fn, release, moves, x, y, hess_diag, penalty, *, design, margin_loss, chunk_size, method):
     m = x.shape[0]
     theta, unravel = ravel_pytree(release)
     index, step = moves.index, jnp.where(moves.valid, moves.step, 0.0).astype(theta.dtype)
@@ -179,7 +181,10 @@ def _loss_differences(loss_fn, release, moves, x, y, hess_diag, *, design, margi
 
         def one(args):
             j, e = args
-            return margin_loss(eta + e * cols[j], y) - base
+            d = margin_loss(eta + e * cols[j], y) - base
+            if penalty is not None:
+                d = d + 0.5 * penalty[j] * e * (2 * theta[j] + e)
+            return d
 
     else:
         batch = jax.vmap(loss_fn, in_axes=(None, 0, 0))

@@ -1,9 +1,9 @@
 """Post-training quantization procedures: round-to-nearest and loss-minimising (theory.md section 3).
 
 - :func:`ptq_rtn`: ``Q(theta_hat)`` leaf by leaf (section 3(b)).
-- :func:`ptq_loss`: start at round-to-nearest, then take, one at a time, the single-coordinate move to an adjacent
-  codebook level that lowers the empirical mean loss ``L_n`` most, while one does (greedy steepest descent over
-  the codebook, in a ``lax.while_loop``, bounded by ``max_moves``). The codebook (scales, quantiles) is the one
+- :func:`ptq_loss`: start at round-to-nearest, then sweep over the coordinates, moving each to an adjacent codebook
+  level when that lowers the empirical mean loss ``L_n``, until a sweep moves nothing (cyclic coordinate descent
+  over the codebook, bounded by ``max_sweeps``). The codebook (scales, quantiles) is the one
   the trained parameters define and stays fixed. The release is then a local minimiser of ``L_n`` over the
   codebook: no single move lowers ``L_n`` (section 3(a)).
 
@@ -23,7 +23,7 @@ from jax.flatten_util import ravel_pytree
 from qmis_jax.quantizers import get as get_quantizer
 from qmis_jax.quantizers import quantize_tree, tree_codes, tree_neighbors
 
-from .sandwich import check_chunk, check_data, default_chunk, hashable_skip, normalized_weights
+from .sandwich import check_data, hashable_skip, normalized_weights
 
 Array = jax.Array
 PyTree = Any
@@ -75,61 +75,44 @@ def adjacent_levels(q, release: PyTree, params: PyTree, skip) -> tuple[Array, Ar
     return theta, lo, up, has_lo, has_up
 
 
-def flat_moves(q, unravel: Callable, params: PyTree, theta: Array, skip) -> tuple[Array, Array, Array]:
-    """``(index, target, valid)`` of the ``K = 2p`` single-coordinate moves of the flat release ``theta``.
+def coordinate_trial(loss_fn, unravel, x, y, w, *, design, margin_loss, penalty):
+    """``(init, trial)`` of one-coordinate moves with per-example state.
 
-    Move ``2j`` goes to coordinate ``j``'s lower adjacent level, ``2j + 1`` to its upper one (codebook of
-    ``params``); ``valid`` is False where that level does not exist (see :func:`adjacent_levels`).
+    ``init(theta) -> state`` and ``trial(theta, state, j, t) -> (d, new_state)``: the weighted mean loss
+    difference ``d = sum_i w_i [l(theta with theta_j = t, z_i) - l(theta, z_i)]`` and the state after the move.
+    GLM path (``design``, ``margin_loss``): the state is ``(eta, l(eta))`` and a move costs ``O(n)``; with a ridge
+    ``penalty`` (per-coordinate weights ``lambda``) ``d`` gains ``lambda_j (t^2 - theta_j^2) / 2``. Otherwise the
+    state is the per-example losses and a move costs one forward pass per example.
     """
-    _, lo, up, has_lo, has_up = adjacent_levels(q, unravel(theta), params, skip)
-    target = jnp.stack([lo, up], axis=-1).reshape(-1).astype(theta.dtype)
-    valid = jnp.stack([has_lo, has_up], axis=-1).reshape(-1)
-    index = jnp.repeat(jnp.arange(theta.shape[0]), 2)
-    return index, target, valid
-
-
-def mean_move_differences(
-    loss_fn,
-    unravel: Callable,
-    theta: Array,
-    index: Array,
-    target: Array,
-    x: Array,
-    y: Array,
-    w: Array,
-    *,
-    design: Callable | None,
-    margin_loss: Callable | None,
-    chunk_size: int | None,
-) -> Array:
-    """Weighted means ``sum_i w_i D_k(z_i)`` of the loss differences of the moves ``theta[index_k] -> target_k``.
-
-    GLM path (``design``, ``margin_loss``): ``eta = X theta``, ``D_k(z_i) = l(eta_i + e_k X_ik) - l(eta_i)``, all
-    ``K`` moves in ``O(n K)``. Otherwise one forward pass per (move, example), ``vmap``-ed over moves in chunks.
-    """
-    k = index.shape[0]
-    n = y.shape[0]
-    chunk = chunk_size if chunk_size is not None else default_chunk(k, n)
     if design is not None:
         xd = design(x)
-        eta = xd @ theta
-        base = margin_loss(eta, y)
         cols = xd.T
 
-        def one(args):
-            j, t = args
-            step = t - theta[j]
-            return jnp.sum(w * (margin_loss(eta + step * cols[j], y) - base))
+        def init(theta):
+            eta = xd @ theta
+            return eta, margin_loss(eta, y)
 
-    else:
-        batch = jax.vmap(loss_fn, in_axes=(None, 0, 0))
-        base = batch(unravel(theta), x, y)
+        def trial(theta, state, j, t):
+            eta, base = state
+            new_eta = eta + (t - theta[j]) * cols[j]
+            new = margin_loss(new_eta, y)
+            d = jnp.sum(w * (new - base))
+            if penalty is not None:
+                d = d + 0.5 * penalty[j] * (t * t - theta[j] * theta[j])
+            return d, (new_eta, new)
 
-        def one(args):
-            j, t = args
-            return jnp.sum(w * (batch(unravel(theta.at[j].set(t)), x, y) - base))
+        return init, trial
 
-    return jax.lax.map(one, (index, target), batch_size=chunk)
+    batch = jax.vmap(loss_fn, in_axes=(None, 0, 0))
+
+    def init(theta):
+        return batch(unravel(theta), x, y)
+
+    def trial(theta, state, j, t):
+        new = batch(unravel(theta.at[j].set(t)), x, y)
+        return jnp.sum(w * (new - state)), new
+
+    return init, trial
 
 
 def ptq_loss(
@@ -142,24 +125,24 @@ def ptq_loss(
     key: Array | None = None,
     skip=None,
     weights: Array | None = None,
-    max_moves: int | None = None,
+    max_sweeps: int | None = None,
     design: Callable[[Array], Array] | None = None,
     margin_loss: Callable[[Array, Array], Array] | None = None,
-    chunk_size: int | None = None,
+    penalty: Array | None = None,
 ) -> tuple[PyTree, Array]:
-    """Loss-minimising post-training quantization: greedy single-coordinate descent from round-to-nearest.
+    """Loss-minimising post-training quantization: coordinate sweeps from round-to-nearest.
 
-    theory.md section 3(a): start at ``theta_0 = Q(theta_hat)``; at each step evaluate every single-coordinate
-    move ``theta_k`` to an adjacent codebook level (codebook fixed by ``params``) and take the one with the most
-    negative mean loss difference ``sum_i w_i [l(theta_k, z_i) - l(theta_0, z_i)]``; stop when none is negative
-    or after ``max_moves`` moves. Each accepted move strictly lowers ``L_n``, so the loop terminates; when it stops
-    before ``max_moves`` the release is a local minimiser of ``L_n`` over the codebook (every competitor has
-    ``delta_k >= 0`` on this data).
+    theory.md section 3(a): start at ``theta_0 = Q(theta_hat)``; sweep over the coordinates in order and, for each,
+    move it to the adjacent codebook level (lower or upper, codebook fixed by ``params``) whose mean loss difference
+    ``sum_i w_i [l(theta_k, z_i) - l(theta_0, z_i)]`` is the more negative, if one is negative; repeat sweeps until
+    one moves nothing, or ``max_sweeps`` sweeps. Each accepted move strictly lowers ``L_n``, so the loop
+    terminates; when the last sweep moved nothing the release is a local minimiser of ``L_n`` over the codebook
+    (every competitor has ``delta_k >= 0`` on this data).
 
-    Cost per move: ``K = 2p`` candidate evaluations. For GLMs pass ``design`` and ``margin_loss`` (a
-    :class:`~qmis_jax.problems.Problem` provides them): with ``eta = X theta``, all candidates cost ``O(n p)`` via
-    ``eta + e_k X[:, k]``. Otherwise candidates are forward passes, ``vmap``-ed in chunks of ``chunk_size``
-    moves (default: about ``2^20 / n``). Runs in a ``lax.while_loop``; ``vmap`` it over replicates.
+    Cost per sweep: ``2p`` one-coordinate trials. For GLMs pass ``design`` and ``margin_loss`` (a
+    :class:`~qmis_jax.problems.Problem` provides them, with its ridge ``penalty``): the margins ``eta = X theta``
+    are carried along, so a trial costs ``O(n)``. Otherwise a trial is one forward pass per example. Runs in a
+    ``lax.while_loop`` over sweeps and a ``lax.scan`` over coordinates; ``vmap`` it over replicates.
 
     Args:
       q: the quantizer (or a preset name).
@@ -169,10 +152,11 @@ def ptq_loss(
       key: PRNG key for stochastic quantizers (only the starting point is random).
       skip: leaves kept in full precision (never moved).
       weights: optional ``(n,)`` example weights (membership weights of a shared pool).
-      max_moves: bound on accepted moves (default ``4 p``, two sweeps in each direction).
+      max_sweeps: bound on the sweeps (default 16).
       design: optional GLM design map ``design(x) -> (n, p)`` in ``ravel_pytree`` order.
       margin_loss: with ``design``, ``margin_loss(eta, y)`` elementwise.
-      chunk_size: candidate moves evaluated at once on the generic path.
+      penalty: with ``design``, optional ``(p,)`` ridge weights ``lambda``: the loss of one example is
+        ``margin_loss(eta, y) + sum_j lambda_j theta_j^2 / 2``.
 
     Returns:
       ``(release, n_moves)``: the released pytree and the int32 number of accepted moves.
@@ -185,18 +169,15 @@ def ptq_loss(
     >>> release["mu"].tolist(), int(moves)
     ([1.0], 1)
     """
-    if (design is None) != (margin_loss is None):
-        raise ValueError(f"design and margin_loss go together, got design={design!r}, margin_loss={margin_loss!r}")
-    check_chunk(chunk_size)
+    check_glm(design, margin_loss, penalty)
     check_data(x, y, weights)
     q = get_quantizer(q)
     if q.stochastic and key is None:
         raise ValueError(f"key is required: quantizer {q.name!r} rounds stochastically, got key=None")
-    p = int(ravel_pytree(params)[0].shape[0])
-    if max_moves is None:
-        max_moves = 4 * p
-    if isinstance(max_moves, bool) or not isinstance(max_moves, int) or max_moves < 0:
-        raise ValueError(f"max_moves must be a non-negative int or None, got max_moves={max_moves!r}")
+    if max_sweeps is None:
+        max_sweeps = DEFAULT_SWEEPS
+    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or max_sweeps < 0:
+        raise ValueError(f"max_sweeps must be a non-negative int or None, got max_sweeps={max_sweeps!r}")
     return _ptq_loss(
         q,
         loss_fn,
@@ -205,52 +186,65 @@ def ptq_loss(
         y,
         key,
         weights,
+        None if penalty is None else jnp.asarray(penalty),
         skip=hashable_skip(skip),
-        max_moves=max_moves,
+        max_sweeps=max_sweeps,
         design=design,
         margin_loss=margin_loss,
-        chunk_size=chunk_size,
     )
+
+
+DEFAULT_SWEEPS = 16
+
+
+def check_glm(design, margin_loss, penalty) -> None:
+    """``design`` and ``margin_loss`` go together; a ``penalty`` needs them."""
+    if (design is None) != (margin_loss is None):
+        raise ValueError(f"design and margin_loss go together, got design={design!r}, margin_loss={margin_loss!r}")
+    if penalty is not None and design is None:
+        raise ValueError("penalty applies to the GLM path only: pass design and margin_loss with it")
 
 
 @functools.partial(
     jax.jit,
     static_argnums=(0, 1),
-    static_argnames=("skip", "max_moves", "design", "margin_loss", "chunk_size"),
+    static_argnames=("skip", "max_sweeps", "design", "margin_loss"),
 )
-def _ptq_loss(q, loss_fn, params, x, y, key, weights, *, skip, max_moves, design, margin_loss, chunk_size):
+def _ptq_loss(q, loss_fn, params, x, y, key, weights, penalty, *, skip, max_sweeps, design, margin_loss):
     release0 = quantize_tree(q, params, key=key, skip=skip)
     theta0, unravel = ravel_pytree(release0)
     dtype = jnp.result_type(theta0, jnp.float32)
     theta0 = theta0.astype(dtype)
     w = normalized_weights(weights, x.shape[0], dtype)
+    init, trial = coordinate_trial(loss_fn, unravel, x, y, w, design=design, margin_loss=margin_loss, penalty=penalty)
+    if q.continuous:  # no adjacent levels: the release is round-to-nearest
+        return unravel(theta0), jnp.int32(0)
 
-    def cond(state):
-        _, moves, improving = state
-        return improving & (moves < max_moves)
+    def sweep(carry):
+        theta, state, moves, sweeps, _ = carry
+        _, lo, up, has_lo, has_up = adjacent_levels(q, unravel(theta), params, skip)
 
-    def body(state):
-        theta, moves, _ = state
-        index, target, valid = flat_moves(q, unravel, params, theta, skip)
-        diffs = mean_move_differences(
-            loss_fn,
-            unravel,
-            theta,
-            index,
-            target,
-            x,
-            y,
-            w,
-            design=design,
-            margin_loss=margin_loss,
-            chunk_size=chunk_size,
-        )
-        diffs = jnp.where(valid & jnp.isfinite(diffs), diffs, jnp.inf)
-        best = jnp.argmin(diffs)
-        improving = diffs[best] < 0
-        new = theta.at[index[best]].set(target[best])
-        theta = jnp.where(improving, new, theta)
-        return theta, moves + improving.astype(jnp.int32), improving
+        def coordinate(c, j):
+            theta, state, moved = c
+            d_lo, s_lo = trial(theta, state, j, lo[j])
+            d_up, s_up = trial(theta, state, j, up[j])
+            d_lo = jnp.where(has_lo[j] & jnp.isfinite(d_lo), d_lo, jnp.inf)
+            d_up = jnp.where(has_up[j] & jnp.isfinite(d_up), d_up, jnp.inf)
+            up_wins = d_up < d_lo
+            accept = jnp.minimum(d_lo, d_up) < 0
+            target = jnp.where(up_wins, up[j], lo[j])
+            moved_state = jax.tree.map(lambda a, b: jnp.where(up_wins, b, a), s_lo, s_up)
+            theta = jnp.where(accept, theta.at[j].set(target), theta)
+            state = jax.tree.map(lambda new, old: jnp.where(accept, new, old), moved_state, state)
+            return (theta, state, moved + accept.astype(jnp.int32)), None
 
-    theta, moves, _ = jax.lax.while_loop(cond, body, (theta0, jnp.int32(0), jnp.asarray(True)))
+        (theta, state, moved), _ = jax.lax.scan(coordinate, (theta, state, jnp.int32(0)), jnp.arange(theta.shape[0]))
+        return theta, state, moves + moved, sweeps + 1, moved > 0
+
+    def cond(carry):
+        *_, sweeps, improving = carry
+        return improving & (sweeps < max_sweeps)
+
+    carry = (theta0, init(theta0), jnp.int32(0), jnp.int32(0), jnp.asarray(True))
+    theta, _, moves, _, _ = jax.lax.while_loop(cond, sweep, carry)
     return unravel(theta), moves

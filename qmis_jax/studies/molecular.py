@@ -130,7 +130,7 @@ def molecular_point(
         replicates=replicates,
         ptq=ptq,
         skip=None,
-        max_moves=None,
+        max_sweeps=None,
         fit_opts=fit_opts,
         store=store,
         progress=lambda *a: None,

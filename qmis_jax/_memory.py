@@ -1,0 +1,82 @@
+"""Memory budgets and peak memory: parse sizes, estimate a replicate's working set, read the process peaks.
+
+Private helpers shared by :func:`qmis_jax.audit` and the ``qmis`` command.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+
+MIB = 2**20
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """A memory size in bytes from ``"536870912"``, ``"512M"``, ``"2G"``, ``"1.5GiB"`` (binary units).
+
+    A bare number is a count of bytes; the suffixes ``K``, ``M``, ``G``, ``T`` (optionally followed by ``B`` or
+    ``iB``, any case) are powers of 1024.
+
+    Raises:
+      ValueError: the text is not a size, or the size is not a positive whole number of bytes (at least 1).
+
+    >>> parse_bytes("512M"), parse_bytes("2G"), parse_bytes("1024")
+    (536870912, 2147483648, 1024)
+    """
+    match = _SIZE.match(str(text))
+    if match is None:
+        raise ValueError(f"expected a size such as 512M, 2G or a number of bytes, got {text!r}")
+    value = float(match.group(1)) * _UNITS[match.group(2).upper()]
+    if not (math.isfinite(value) and value >= 1):
+        raise ValueError(f"expected a positive size (at least 1 byte), got {text!r}")
+    return int(value)
+
+
+def replicate_bytes(*, n: int, p: int, dx: int, itemsize: int = 4) -> int:
+    """A rough estimate of one replicate's working memory in an audit (training data, per-example gradients and
+    loss differences of ``2 p + 2`` columns, and a ``p x p`` curvature matrix), in bytes.
+
+    Args:
+      n: training-set size. p: number of parameters. dx: input width. itemsize: bytes per float.
+
+    >>> replicate_bytes(n=1000, p=129, dx=128)
+    11449092
+    """
+    return itemsize * ((2 * p + 2) * n * 3 + n * (dx + 1) * 4 + p * p)
+
+
+def peak_rss_bytes() -> int | None:
+    """Peak resident set size of this process so far, in bytes (None where the platform does not report it).
+
+    ``ru_maxrss`` is in KiB on Linux and in bytes on macOS.
+    """
+    try:
+        import resource
+    except ImportError:  # not available on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def device_peak_bytes(devices=None) -> int | None:
+    """Largest ``peak_bytes_in_use`` over ``devices`` (default: the local devices), None where none reports it
+    (CPU devices do not)."""
+    import jax
+
+    peaks = []
+    for device in jax.local_devices() if devices is None else devices:
+        try:
+            stats = device.memory_stats() or {}
+        except Exception:  # some backends do not implement memory statistics
+            stats = {}
+        if "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+def mib(value: int | None) -> float | None:
+    """Bytes as MiB rounded to 0.1 (None stays None)."""
+    return None if value is None else round(value / MIB, 1)
