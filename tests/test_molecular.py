@@ -319,7 +319,12 @@ def test_loss_matches_numpy_reference(small_data, head, task):
     np.testing.assert_allclose(prob.loss(params, data.x_train[3], data.y_train[3]), base[3] + pen, rtol=2e-5)
     u = utility(prob, params, data.x_train, data.y_train)
     assert ("accuracy" in u) == (task == "binary")
-    assert prob.design is None and prob.margin_loss is None  # l2 > 0: no GLM shortcut
+    if head == "linear":  # the GLM structure with its ridge penalty reproduces the loss
+        theta = jax.flatten_util.ravel_pytree(params)[0]
+        glm = prob.margin_loss(prob.design(data.x_train) @ theta, data.y_train) + 0.5 * prob.penalty @ theta**2
+        np.testing.assert_allclose(glm, base + pen, rtol=2e-5, atol=2e-5)
+    else:
+        assert prob.design is None and prob.penalty is None
 
 
 @pytest.mark.parametrize("task", ["regression", "binary"])

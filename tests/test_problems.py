@@ -108,7 +108,9 @@ def test_logistic_loss_design_and_margin_loss_agree(x64):
     d2 = jax.vmap(jax.grad(jax.grad(p.margin_loss)))(big, jnp.array([1.0, 0.0]))
     assert np.all(np.isfinite(np.asarray(d2)))
     pen = logistic_mixture(dim=6, k_modes=2, l2=0.5)
-    assert pen.design is None and pen.margin_loss is None
+    ridge = pen.margin_loss(pen.design(x) @ theta, y) + 0.5 * pen.penalty @ theta**2  # GLM form with the penalty
+    np.testing.assert_allclose(np.asarray(ridge), np.asarray(pen.batch_loss(params, x, y)), rtol=1e-12)
+    assert p.penalty is None
     np.testing.assert_allclose(
         float(pen.loss(params, x[0], y[0])),
         float(p.loss(params, x[0], y[0])) + 0.25 * np.sum(np.linspace(-1, 1, 6) ** 2),

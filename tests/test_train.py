@@ -130,7 +130,7 @@ def test_replicate_independent_of_chunking_and_batch(x64, fresh16, pool16):
 
 def test_generic_newton_penalised_logistic_matches_sklearn(x64):
     problem = logistic_mixture(dim=5, k_modes=2, l2=0.05)
-    assert problem.design is None  # the penalty takes the GLM path away: generic autodiff Newton
+    assert problem.penalty is not None  # a ridge penalty: trained by the generic autodiff Newton
     x, y = _mixture_np(problem, 200, seed=3)
     weights = np.ones((2, 200))
     weights[1, :50] = 0.0

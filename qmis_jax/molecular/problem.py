@@ -57,9 +57,9 @@ def molecular_problem(
     (biases are not penalised). The penalty is the same for every example, so the sandwich of section 2 and the
     loss differences of section 3 apply unchanged.
 
-    * ``head="linear"``: params ``{"b": (1,), "w": (f, 1)}``, ``eta = b + x @ w``; convex. With ``l2 == 0`` it
-      also carries ``design(x) = [1, x]`` (ravel order of the params: ``b`` then ``w``) and ``margin_loss``;
-      with ``l2 > 0`` they are omitted, because ``loss == margin_loss(design(x) @ theta, y)`` would not hold.
+    * ``head="linear"``: params ``{"b": (1,), "w": (f, 1)}``, ``eta = b + x @ w``; convex. It also carries the
+      GLM structure ``design(x) = [1, x]`` (ravel order of the params: ``b`` then ``w``), ``margin_loss`` and,
+      with ``l2 > 0``, the ridge ``penalty`` ``(0, l2, ..., l2)``, which the statistics' fast paths use.
       For regression, ``solve`` is the closed-form weighted ridge fit.
     * ``head="mlp"``: params ``{"b1": (h,), "b2": (1,), "w1": (f, h), "w2": (h, 1)}``,
       ``eta = b2 + act(x @ w1 + b1) @ w2``; non-convex (share one initialisation across replicates, theory.md
@@ -148,14 +148,15 @@ def molecular_problem(
         def predict(params, x):
             return eta_fn(params, x)
 
-    design = glm_margin_loss = solve = None
-    if head == "linear" and l2 == 0.0:
+    design = glm_margin_loss = ridge = solve = None
+    if head == "linear":
 
         def design(x):
             x = jnp.asarray(x)
             return jnp.concatenate([jnp.ones((x.shape[0], 1), x.dtype), x], axis=1)
 
         glm_margin_loss = margin_loss
+        ridge = jnp.concatenate([jnp.zeros((1,)), jnp.full((f,), l2)]) if l2 > 0 else None
 
     if head == "linear" and task == "regression":
 
@@ -195,5 +196,6 @@ def molecular_problem(
         solve=solve,
         design=design,
         margin_loss=glm_margin_loss,
+        penalty=ridge,
         population=None,
     )

@@ -35,9 +35,9 @@ def logistic_mixture(
     linearly separable (so the unpenalised MLE exists) and a held-out accuracy of about 85% (about 89% for the
     population optimum).
 
-    GLM structure: ``design(x) = [1, x]`` (``ravel_pytree`` puts ``"b"`` before ``"w"``) and
-    ``margin_loss(eta, y) = softplus(-(2y - 1) eta)``; they are provided when ``l2 == 0`` only (with a penalty the
-    loss is no longer a function of the margin alone), and the training engine then uses its generic Newton solver.
+    GLM structure: ``design(x) = [1, x]`` (``ravel_pytree`` puts ``"b"`` before ``"w"``),
+    ``margin_loss(eta, y) = softplus(-(2y - 1) eta)`` and, when ``l2 > 0``, the ridge ``penalty`` ``(0, l2, ...)``;
+    the statistics use them for their fast paths. With a penalty the training engine uses its generic Newton solver.
 
     Args:
       dim: input dimension (parameters: ``dim + 1``).
@@ -75,7 +75,6 @@ def logistic_mixture(
     def predict(params, x: Array) -> Array:
         return jax.nn.sigmoid(linear_margin(params, x))
 
-    glm = l2 == 0
     return Problem(
         name="logistic_mixture",
         sample=mixture_sampler(centres),
@@ -85,6 +84,7 @@ def logistic_mixture(
         task="binary",
         convex=True,
         config={"dim": dim, "k_modes": k_modes, "separation": separation, "scale": scale, "l2": l2, "seed": seed},
-        design=intercept_design if glm else None,
-        margin_loss=logistic_margin_loss if glm else None,
+        design=intercept_design,
+        margin_loss=logistic_margin_loss,
+        penalty=jnp.concatenate([jnp.zeros(1), jnp.full(dim, l2)]) if l2 > 0 else None,
     )

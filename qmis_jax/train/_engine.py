@@ -51,13 +51,15 @@ def resolve_solver(problem: Problem, solver: str) -> str:
     if solver == "auto":
         if problem.solve is not None:
             return "closed_form"
-        if problem.convex and problem.design is not None and problem.margin_loss is not None:
+        if problem.convex and problem.design is not None and problem.margin_loss is not None and problem.penalty is None:
             return "glm_newton"
         return "newton" if problem.convex else "optax"
     if solver == "closed_form" and problem.solve is None:
         raise ValueError(f"solver='closed_form' needs problem.solve, which {problem.name!r} does not have")
     if solver == "glm_newton" and (problem.design is None or problem.margin_loss is None):
         raise ValueError(f"solver={solver!r} needs problem.design and margin_loss, which {problem.name!r} lacks")
+    if solver == "glm_newton" and problem.penalty is not None:
+        raise ValueError(f"solver={solver!r} fits unpenalised GLMs; {problem.name!r} has a ridge penalty")
     return solver
 
 

@@ -50,7 +50,10 @@ def _losses(problem, params, x, y, shared, chunk_size):
         if problem.design is not None and problem.margin_loss is not None:
             theta = jax.vmap(lambda p: ravel_pytree(p)[0])(params)
             design = problem.design(x)
-            return _map(lambda th: problem.margin_loss(design @ th, y), theta, chunk_size)
+            if problem.penalty is None:
+                return _map(lambda th: problem.margin_loss(design @ th, y), theta, chunk_size)
+            ridge = jnp.asarray(problem.penalty, theta.dtype)
+            return _map(lambda th: problem.margin_loss(design @ th, y) + 0.5 * ridge @ th**2, theta, chunk_size)
         return _map(lambda p: problem.batch_loss(p, x, y), params, chunk_size)
     return _map(lambda a: problem.batch_loss(*a), (params, x, y), chunk_size)
 
