@@ -43,7 +43,7 @@ def replicate_bytes(*, n: int, p: int, dx: int, itemsize: int = 4) -> int:
       n: training-set size. p: number of parameters. dx: input width. itemsize: bytes per float.
 
     >>> replicate_bytes(n=1000, p=129, dx=128)
-    11449092
+    5250564
     """
     return itemsize * ((2 * p + 2) * n * 3 + n * (dx + 1) * 4 + p * p)
 

@@ -259,7 +259,8 @@ def audit(
       attacks: any of ``"loss"``, ``"lira"`` (online), ``"lira_offline"`` (embedded-target design, section 1
         games) and ``"lira_pool"`` (pool design, a different game, reported apart).
       chunk_size: replicates per chunk (default: from ``memory_budget``).
-      memory_budget: bytes a chunk may use (default 2 GiB).
+      memory_budget: bytes a chunk may use (default 2 GiB); refused when one replicate alone needs more (rough
+        estimate). The report's ``diagnostics`` record it with the chunk size and the peak memory.
       population_size: size of the large fresh sample for the population quantities (default ``max(20 n, 20000)``).
       test_size: size of the common test set for utility.
       lira_replicates: replicates of the LiRA designs (default ``replicates``), half shadows, half attacked.
@@ -289,15 +290,18 @@ def audit(
     for a in attacks:
         if a not in ATTACKS:
             raise ValueError(f"attacks must be among {ATTACKS}, got {a!r}")
-    population_size = _check_int("population_size", population_size or max(20 * n, 20_000))
+    population_size = _check_int("population_size", max(20 * n, 20_000) if population_size is None else population_size)
     test_size = _check_int("test_size", test_size)
-    lira_replicates = _check_int("lira_replicates", lira_replicates or replicates, minimum=4)
-    k_targets = _check_int("lira_targets", lira_targets or max(1, n // 10))
+    lira_replicates = _check_int(
+        "lira_replicates", replicates if lira_replicates is None else lira_replicates, minimum=4
+    )
+    k_targets = _check_int("lira_targets", max(1, n // 10) if lira_targets is None else lira_targets)
     if k_targets >= n:
         raise ValueError(f"lira_targets must be smaller than n={n}, got lira_targets={k_targets}")
-    if memory_budget is None:
-        memory_budget = 2 * 2**30
-    memory_budget = _check_int("memory_budget", memory_budget)
+    from qmis_jax import _memory
+
+    budget_given = memory_budget is not None
+    memory_budget = _check_int("memory_budget", memory_budget if budget_given else 2 * 2**30)
     store = MemoryStore() if store is None else store
     progress = progress or (lambda stage, done: None)
 
@@ -305,9 +309,15 @@ def audit(
     dx = int(np.prod(x_spec.shape[1:]))
     theta_init, unravel = ravel_pytree(problem.init(jax.random.key(0)))
     p = theta_init.size
+    per = _memory.replicate_bytes(n=n, p=p, dx=dx)
+    if per > memory_budget and (budget_given or chunk_size is None):
+        raise ValueError(
+            f"memory_budget={memory_budget} bytes ({memory_budget / _memory.MIB:.1f} MiB) cannot hold one replicate, "
+            f"which needs about {per / _memory.MIB:.1f} MiB at n={n} with {p} parameters; raise memory_budget or "
+            "lower n"
+        )
     if chunk_size is None:
-        per = 4 * (2 * p + 2) * n * 3 + 4 * n * (dx + 1) * 4 + 4 * p * p
-        chunk_size = max(1, min(replicates, memory_budget // max(per, 1)))
+        chunk_size = max(1, min(replicates, memory_budget // per))
     chunk_size = _check_int("chunk_size", chunk_size)
 
     k_train, k_out, k_pop, k_test, k_lira, k_boot, k_pool, k_q = jax.random.split(key, 8)
@@ -414,10 +424,11 @@ def audit(
         shadow = stats.shadow_mask(lira_replicates, shadows=lira_replicates // 2)
         for name in qs:
             for attack in section1_lira:
-                m, nm = stats.lira(scores[name], membership, shadow=shadow, online=attack == "lira")
-                lira_results[name][attack] = stats.attack_metrics(m, nm, key=jax.random.fold_in(k_lira, 7)).to_dict()
+                lira_results[name][attack] = lira_metrics(
+                    scores[name], membership, shadow=shadow, online=attack == "lira", key=jax.random.fold_in(k_lira, 7)
+                )
     if "lira_pool" in attacks:
-        scores, membership = _lira_pool(
+        scores, membership = pool_design_scores(
             k_pool,
             problem,
             qs,
@@ -433,8 +444,9 @@ def audit(
         )
         shadow = stats.shadow_mask(lira_replicates, shadows=lira_replicates // 2)
         for name in qs:
-            m, nm = stats.lira_pool(scores[name], membership, shadow=shadow, online=True)
-            lira_results[name]["lira_pool"] = stats.attack_metrics(m, nm, key=jax.random.fold_in(k_pool, 7)).to_dict()
+            lira_results[name]["lira_pool"] = lira_metrics(
+                scores[name], membership, shadow=shadow, pool=True, key=jax.random.fold_in(k_pool, 7)
+            )
 
     # 5. Assemble, compare, rank.
     entries: dict[str, dict[str, Any]] = {}
@@ -529,6 +541,11 @@ def audit(
             "replicates_not_converged": int(np.sum(~converged.astype(bool))),
             "max_grad_norm": float(np.max(grad_norm)),
             "nonfinite_parameters": int(np.sum(~np.isfinite(theta_all).all(axis=1))),
+            "chunk_size": chunk_size,
+            "memory_budget_mib": _memory.mib(memory_budget),
+            "replicate_estimate_mib": _memory.mib(per),
+            "peak_rss_mib": _memory.mib(_memory.peak_rss_bytes()),
+            "device_peak_mib": _memory.mib(_memory.device_peak_bytes()),
         },
         "environment": environment(),
         "config": config,
@@ -594,9 +611,31 @@ def _lira_embedded(
     return {name: np.concatenate(v) for name, v in scores.items()}, membership
 
 
-def _lira_pool(key, problem, qs, *, n, replicates, ptq, skip, max_sweeps, fit_opts, store, progress, key_q, pool=None):
-    """The classic pool design: one pool of ``2n`` points (or the given ``pool``), each replicate trains on a
-    random half. Returns each quantizer's scores ``(R, pool size)`` and the membership ``(R, pool size)``."""
+FIX_VARIANCE_BELOW = 64
+
+
+def lira_metrics(scores, membership, *, shadow, online: bool = True, pool: bool = False, key: Array) -> dict[str, Any]:
+    """LiRA on one quantizer's scores (embedded-target design, or the pool design with ``pool=True``) -> the
+    :func:`~qmis_jax.stats.attack_metrics` dictionary, with the fallback counts of the fit.
+
+    Below ``FIX_VARIANCE_BELOW`` shadow replicates every target shares one variance per side (Carlini et al. 2022
+    do the same with few shadow models: per-target variances from a handful of scores hurt the test).
+    """
+    fix = int(np.sum(np.asarray(shadow))) < FIX_VARIANCE_BELOW
+    attack = stats.lira_pool if pool else stats.lira
+    result = attack(scores, membership, shadow=shadow, online=online, fix_variance=fix)
+    out = stats.attack_metrics(*result, key=key).to_dict()
+    out["fallbacks"] = result.fallbacks.to_dict()
+    out["fixed_variance"] = fix
+    return out
+
+
+def pool_design_scores(
+    key, problem, qs, *, n, replicates, ptq, skip, max_sweeps, fit_opts, store, progress, key_q, pool=None
+):
+    """The classic pool design (theory.md section 7, reported as ``lira_pool``): one pool of ``2n`` points (or the
+    given ``pool``), each replicate trains on a random half. Returns each quantizer's scores ``(R, pool size)`` and
+    the membership ``(R, pool size)``."""
     k_data, k_member, k_fit = jax.random.split(key, 3)
     px, py = problem.sample(k_data, 2 * n) if pool is None else (jnp.asarray(pool[0]), jnp.asarray(pool[1]))
     membership = np.asarray(stats.pool_membership(k_member, replicates=replicates, pool=px.shape[0]))

@@ -53,10 +53,32 @@ def _name_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _memory_size(text: str) -> int:
+    from qmis_jax._memory import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--memory-budget must be a positive size, in bytes or with a suffix K, M, G, T (512M, 2G), got {text!r}"
+        ) from None
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        # JAX keys hold 32-bit seeds unless x64 is enabled: larger seeds would silently alias smaller ones
+        raise argparse.ArgumentTypeError(f"--seed must be an integer in [0, 2^32), got {text!r}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser, *, default_out: str) -> None:
     p.add_argument("--out", default=default_out, help=f"output directory (default: {default_out})")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out, reusing finished work")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed; the same seed gives the same numbers (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="PRNG seed; the same seed gives the same numbers (default 0)")
     p.add_argument(
         "--quantizers",
         type=_name_list,
@@ -66,9 +88,10 @@ def _common(p: argparse.ArgumentParser, *, default_out: str) -> None:
     )
     p.add_argument(
         "--memory-budget",
-        type=float,
-        default=2.0,
-        help="GiB of memory the replicate chunks may use; larger runs are cut into chunks (default 2)",
+        type=_memory_size,
+        default=2 * 2**30,
+        help="memory the replicate chunks may use, in bytes or with a suffix (512M, 2G); larger runs are cut into "
+        "chunks, and a run where one replicate alone needs more is refused (default 2G)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 

@@ -7,10 +7,12 @@ import pytest
 from scipy import stats as sps
 
 from qmis_jax.stats.attacks import (
+    LiraFallbacks,
     LiraFit,
     embedded_target_membership,
     fit_lira,
     lira,
+    lira_fallbacks,
     lira_pool,
     lira_scores,
     loss_attack,
@@ -133,21 +135,27 @@ def _random_design(seed, r=40, t=6):
 
 
 def _reference_lira(scores, member, shadow, online, fix_variance):
-    """Loop over targets with NumPy/SciPy (Carlini et al. 2022 online / offline tests)."""
+    """Loop over targets with NumPy/SciPy (Carlini et al. 2022 online / offline tests, with the few-shadow fallbacks
+    of fit_lira: pooled variance below two scores, the other side moved by the mean in/out gap without any)."""
     t = scores.shape[1]
-    mu_in, mu_out, var_in, var_out = np.zeros(t), np.zeros(t), np.zeros(t), np.zeros(t)
-    ss_in = ss_out = dof_in = dof_out = 0.0
-    for j in range(t):
-        s_in = scores[shadow & member[:, j], j].astype(np.float64)
-        s_out = scores[shadow & ~member[:, j], j].astype(np.float64)
-        mu_in[j], mu_out[j] = s_in.mean(), s_out.mean()
-        var_in[j], var_out[j] = s_in.var(ddof=1), s_out.var(ddof=1)
-        ss_in += ((s_in - mu_in[j]) ** 2).sum()
-        ss_out += ((s_out - mu_out[j]) ** 2).sum()
-        dof_in += s_in.size - 1
-        dof_out += s_out.size - 1
-    if fix_variance:
-        var_in[:], var_out[:] = ss_in / dof_in, ss_out / dof_out
+    fits = {}
+    for side, mask in (("in", member), ("out", ~member)):
+        groups = [scores[shadow & mask[:, j], j].astype(np.float64) for j in range(t)]
+        ss = sum(((g - g.mean()) ** 2).sum() for g in groups if g.size)
+        pooled = ss / sum(max(g.size - 1, 0) for g in groups)
+        mu = np.array([g.mean() if g.size else np.nan for g in groups])
+        var = np.array([g.var(ddof=1) if g.size >= 2 and not fix_variance else pooled for g in groups])
+        fits[side] = mu, var, np.concatenate(groups).mean()
+    (mu_in, var_in, all_in), (mu_out, var_out, all_out) = fits["in"], fits["out"]
+    no_in, no_out = np.isnan(mu_in), np.isnan(mu_out)
+    both = ~no_in & ~no_out
+    shift = np.mean(mu_in[both] - mu_out[both]) if both.any() else all_in - all_out
+    mu_in, var_in, mu_out, var_out = (
+        np.where(no_in, mu_out + shift, mu_in),
+        np.where(no_in, var_out, var_in),
+        np.where(no_out, mu_in - shift, mu_out),
+        np.where(no_out, var_in, var_out),
+    )
     s = scores.astype(np.float64)
     if online:
         lr = sps.norm.logpdf(s, mu_in, np.sqrt(var_in)) - sps.norm.logpdf(s, mu_out, np.sqrt(var_out))
@@ -158,8 +166,15 @@ def _reference_lira(scores, member, shadow, online, fix_variance):
 
 @pytest.mark.parametrize("online", [True, False])
 @pytest.mark.parametrize("fix_variance", [False, True])
-def test_lira_matches_reference(online, fix_variance):
-    scores, member, shadow = _random_design(5)
+@pytest.mark.parametrize("shadows", [30, 3, 2])
+def test_lira_matches_reference(online, fix_variance, shadows):
+    # 30 of 40 replicates as shadows: >= 2 in- and out-shadows for every target, the per-target fits of Carlini et
+    # al. 2022 without any fallback; 3 shadows: every target falls back (pooled variance or one side empty);
+    # 2 identical shadows: every target has one side empty and none has both (the gap of all scores' means)
+    scores, member, _ = _random_design(5)
+    if shadows == 2:
+        member = np.concatenate([member[:1], member[:1], member[2:]])
+    shadow = np.arange(scores.shape[0]) < shadows
     (mu_in, var_in, mu_out, var_out), lr_ref = _reference_lira(scores, member, shadow, online, fix_variance)
     fit = fit_lira(scores, member, shadow=shadow, fix_variance=fix_variance)
     assert isinstance(fit, LiraFit)
@@ -170,13 +185,44 @@ def test_lira_matches_reference(online, fix_variance):
     np.testing.assert_array_equal(fit.n_in + fit.n_out, shadow.sum())
     lr = lira_scores(scores, fit, online=online)
     np.testing.assert_allclose(lr, lr_ref, rtol=1e-4, atol=1e-4)
-    ms, ns = lira(scores, member, shadow=shadow, online=online, fix_variance=fix_variance)
+    ms, ns = res = lira(scores, member, shadow=shadow, online=online, fix_variance=fix_variance)
     ev = ~shadow
     np.testing.assert_allclose(ms, lr_ref[ev][member[ev]], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(ns, lr_ref[ev][~member[ev]], rtol=1e-4, atol=1e-4)
     assert ms.size + ns.size == ev.sum() * scores.shape[1]
-    ms_pool, _ = lira_pool(scores, member, shadow=shadow, online=online, fix_variance=fix_variance)
+    ms_pool, _ = pool = lira_pool(scores, member, shadow=shadow, online=online, fix_variance=fix_variance)
     np.testing.assert_array_equal(ms_pool, ms)
+    assert (
+        res.fallbacks
+        == pool.fallbacks
+        == lira_fallbacks(member, shadow=shadow, online=online, fix_variance=fix_variance)
+    )
+    n_in = (member & shadow[:, None]).sum(0)
+    if shadows == 30:
+        assert n_in.min() >= 2 and (shadows - n_in).min() >= 2
+        assert res.fallbacks == LiraFallbacks(targets=6, pooled_variance=0, one_sided=0)
+    elif shadows == 3:
+        # every case: n_in = 0 or 3 leaves one side empty, n_in = 1 or 2 one side with a single score
+        assert n_in.tolist() == [2, 0, 3, 1, 1, 2]
+        pooled, one_sided = (4, 2) if online else (2, 1)  # offline uses the out-side only (n_out = 3 - n_in)
+        assert res.fallbacks == LiraFallbacks(6, 0 if fix_variance else pooled, one_sided)
+    else:
+        assert sorted(n_in.tolist()) == [0, 0, 0, 2, 2, 2]
+        assert res.fallbacks == LiraFallbacks(6, 0, 6 if online else 3)
+
+
+def test_lira_fallback_counts():
+    # shadow rows 0-2; target 0: 3 in, 0 out; target 1: 0 in, 3 out; targets 2, 3: 2 in, 1 out
+    member = np.array([[1, 0, 1, 0], [1, 0, 0, 1], [1, 0, 1, 1], [0, 1, 0, 1]], dtype=bool)
+    shadow = np.array([True, True, True, False])
+    assert lira_fallbacks(member, shadow=shadow) == LiraFallbacks(4, pooled_variance=2, one_sided=2)
+    assert lira_fallbacks(member, shadow=shadow, online=False) == LiraFallbacks(4, pooled_variance=2, one_sided=1)
+    assert lira_fallbacks(member, shadow=shadow, fix_variance=True) == LiraFallbacks(4, pooled_variance=0, one_sided=2)
+    assert lira_fallbacks(member, shadow=shadow).to_dict() == {"targets": 4, "pooled_variance": 2, "one_sided": 2}
+    with pytest.raises(ValueError, match="membership must have shape"):
+        lira_fallbacks(member[0], shadow=shadow)
+    with pytest.raises(ValueError, match="shadow must be"):
+        lira_fallbacks(member, shadow=shadow[:-1])
 
 
 def test_lira_core_jit_and_vmap_agree():
@@ -208,10 +254,94 @@ def test_lira_constant_statistic_and_validation():
         lira(scores, member, shadow=np.ones_like(shadow))
     with pytest.raises(ValueError, match="finite"):
         lira(np.where(member, np.inf, scores), member, shadow=shadow)
-    few = np.zeros_like(shadow)
-    few[:3] = True  # three shadows cannot give two in- and two out-replicates for every target
-    with pytest.raises(ValueError, match="in-shadow|out-shadow"):
-        lira(scores, member, shadow=few)
+    one = np.arange(shadow.size) < 1  # one shadow: no target has two scores on a side, no variance to pool
+    with pytest.raises(ValueError, match="no target has >= 2 in-shadow"):
+        lira(scores, member, shadow=one)
+    with pytest.raises(ValueError, match="no target has >= 2 out-shadow"):
+        lira(scores, member, shadow=one, online=False)
+    halves = np.zeros_like(member)
+    halves[0, :3] = halves[1, 3:] = True  # two shadows, complementary: one in- and one out-score per target
+    with pytest.raises(ValueError, match="in-shadow"):
+        lira(scores, halves, shadow=np.arange(shadow.size) < 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Few shadows: LiRA with 4 replicates against the AUC its fallbacks must reach on a known score model
+
+
+def _auc_and_se(pos, neg, pos_cluster, neg_cluster):
+    """AUC of ``pos`` over ``neg`` and its DeLong standard error with entries clustered (by target: the entries of
+    one target share its fit, so they are not independent)."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    sn, sp = np.sort(neg), np.sort(pos)
+    v10 = (np.searchsorted(sn, pos, "left") + np.searchsorted(sn, pos, "right")) / (2 * neg.size)
+    v01 = 1 - (np.searchsorted(sp, neg, "left") + np.searchsorted(sp, neg, "right")) / (2 * pos.size)
+    auc = v10.mean()
+    k = max(pos_cluster.max(), neg_cluster.max()) + 1
+    z = np.bincount(pos_cluster, (v10 - auc) / pos.size, k) + np.bincount(neg_cluster, (v01 - auc) / neg.size, k)
+    return auc, float(np.sqrt(np.sum(z**2)))
+
+
+def _predicted_auc_two_shadows(gap, online, samples=400_000):
+    """Expected AUC of LiRA with two shadows when scores are ``a_t + N(gap, 1)`` in and ``a_t + N(0, 1)`` out, many
+    targets (pooled variances 1, global in/out gap ``g = gap``), by Monte Carlo over the fits. Returns (AUC, its
+    Monte Carlo error).
+
+    A target has (n_in, n_out) = (1, 1) w.p. 1/2, else (2, 0) or (0, 2); write x_in, x_out for single scores,
+    m = 1 for a member and 0 otherwise, Z ~ N(0, 1) (two scores' own variance is Z^2, independent of their mean).
+    Online: (1, 1) gives LR = D (s - (x_in + x_out) / 2) with D = x_in - x_out ~ N(g, 2) independent of the
+    second factor ~ N(g (m - 1/2), 3/2); (0, 2) gives LR = g (s - mean_out - g / 2) / Z^2, (2, 0) likewise, the
+    factor again ~ N(g (m - 1/2), 3/2). So LR = A U and AUC = E Phi(g (A1 + A2) / sqrt(6 (A1^2 + A2^2))).
+    Offline: (1, 1) gives s - x_out ~ N(g m, 2); (0, 2) and (2, 0) give N(g m, 3/2) / |Z|; so the statistic is
+    a (g m + sigma e) and AUC = E Phi(g a1 / sqrt(a1^2 sigma1^2 + a2^2 sigma2^2)).
+    """
+    rng = np.random.default_rng(0)
+
+    def draw():
+        pair = rng.random(samples) < 0.5
+        z = rng.standard_normal(samples)
+        if online:
+            return np.where(pair, rng.normal(gap, np.sqrt(2.0), samples), gap / z**2), None
+        return np.where(pair, 1.0, 1 / np.abs(z)), np.where(pair, np.sqrt(2.0), np.sqrt(1.5))
+
+    (a1, s1), (a2, s2) = draw(), draw()
+    if online:
+        p = sps.norm.cdf(gap * (a1 + a2) / np.sqrt(6 * (a1**2 + a2**2)))
+    else:
+        p = sps.norm.cdf(gap * a1 / np.sqrt((a1 * s1) ** 2 + (a2 * s2) ** 2))
+    return p.mean(), p.std() / np.sqrt(samples)
+
+
+def test_lira_with_four_replicates_reaches_its_predicted_auc():
+    # the smallest LiRA of audit (lira_replicates=4): 2 shadows, 2 evaluated replicates; each target has 0, 1 or 2
+    # in-shadows, so without the fallbacks no target could be scored
+    t = 20_000
+    rng = np.random.default_rng(3)
+    member = np.argsort(np.argsort(rng.random((4, t)), axis=1), axis=1) < t // 2  # random halves, as in audit
+    shadow = shadow_mask(4, shadows=2)
+    ev = member[2:]
+    pos_t, neg_t = np.nonzero(ev)[1], np.nonzero(~ev)[1]  # row-major (replicate, target) order, as lira returns
+    # n_in = 1 leaves one score per side (pooled variances); n_in = 0 or 2 leaves a side empty (offline: only the
+    # out-side counts, empty when n_in = 2)
+    count = np.bincount(member[:2].sum(0), minlength=3)
+    assert 0.2 * t < count.min() and count[1] > 0.45 * t  # about t / 4, t / 2, t / 4
+    offset = 3 * rng.standard_normal(t)  # per-target offsets: a global threshold cannot calibrate them
+    for gap in (1.0, 3.0):
+        scores = (rng.standard_normal((4, t)) + gap * member + offset).astype(np.float32)
+        # the per-target likelihood ratio with known parameters, s - a_t - gap / 2, reaches Phi(gap / sqrt(2))
+        oracle = scores[2:] - offset - gap / 2
+        auc, se = _auc_and_se(oracle[ev], oracle[~ev], pos_t, neg_t)
+        assert se < 0.004
+        assert abs(auc - sps.norm.cdf(gap / np.sqrt(2))) < 4 * se  # 4 sigma
+        for online in (True, False):
+            res = lira(scores, member, shadow=shadow, online=online)
+            one_sided = count[0] + count[2] if online else count[2]
+            assert res.fallbacks == LiraFallbacks(t, pooled_variance=count[1], one_sided=one_sided)
+            auc, se = _auc_and_se(*res, pos_t, neg_t)
+            # fits from one or two scores cost accuracy: the optimum is out of reach, the prediction is met
+            predicted, mc_se = _predicted_auc_two_shadows(gap, online)
+            assert predicted < sps.norm.cdf(gap / np.sqrt(2)) - 0.03
+            assert abs(auc - predicted) < 4 * np.hypot(se, mc_se)  # 4 sigma
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -115,3 +115,60 @@ def test_bad_audit_arguments_name_the_argument():
         qj.audit(key, problem, [3.0], n=10, replicates=8)
     with pytest.raises(KeyError, match="int3"):
         qj.audit(key, problem, ["int3"], n=10, replicates=8)
+
+
+def test_logistic_flip_exponent_tends_to_the_indicator():
+    """theory.md sections 4-6 on a GLM: the Monte Carlo flip rate matches sum_k p_k, and its exponent
+    -log(flip rate)/n lies in the Gaussian sandwich around r_population, whose width shrinks like log(n)/n:
+    sum_k p_k <= K exp(-n r) (lower end r - log(K)/n), and the dominant p = Phi(-x), x = sqrt(2 n r), is at least
+    phi(x) x / (1 + x^2) (Mills; upper end r + (log(2 pi)/2 + log((1 + x^2)/x))/n)."""
+    problem = qj.problems.logistic_mixture(dim=2, k_modes=1, separation=1.0, scale=0.0)
+    grid = qj.quantizers.uniform(step=0.7)  # theta* ~ (0, 0.69, -0.73): every coordinate well inside its cell
+    reps = 4000
+    rates = {}
+    for n in (200, 400):
+        report = qj.audit(
+            jax.random.key(n), problem, {"grid": grid}, n=n, replicates=reps, attacks=(), population_size=400_000
+        )
+        e = report["grid"]
+        r, flip, pred = e["r_population"], e["flip_rate"], e["flip_rate_predicted"]
+        assert r > 0 and 0 < flip < 1
+        se = math.sqrt(pred * (1 - pred) / reps)
+        assert abs(flip - pred) < 4 * se, (n, flip, pred, se)
+        x = math.sqrt(2 * n * r)
+        lower = r - math.log(e["competitors"]) / n
+        upper = r + (0.5 * math.log(2 * math.pi) + math.log((1 + x * x) / x)) / n
+        assert lower <= -math.log(flip) / n <= upper, (n, -math.log(flip) / n, lower, upper)
+        rates[n] = r
+    assert rates[200] == pytest.approx(rates[400], rel=0.1)  # one population indicator, whatever n
+
+
+def test_logistic_fp32_and_pruning_have_r_zero_and_quantizing_never_leaks_more():
+    """Section 4: continuous releases have r = 0. Section 1 (data processing): a quantized release is a function of
+    the fp32 one, so attacks on it do not beat the same attacks on fp32 beyond their error bars (95% held-out
+    intervals, paired on the same replicates)."""
+    problem = qj.problems.logistic_mixture(dim=10, k_modes=2)
+    report = qj.audit(
+        jax.random.key(3),
+        problem,
+        ["fp32", "prune50", "int4", "sign"],
+        n=100,
+        replicates=192,
+        attacks=("loss", "lira"),
+        population_size=100_000,
+        test_size=2000,
+        n_boot=200,
+    )
+    for name in ("fp32", "prune50"):
+        e = report[name]
+        assert e["continuous"] and e["r_population"] == 0.0 and e["r_single"]["q95"] == 0.0
+        assert e["mis_asymptotic"] is None and e["flip_rate"] == 1.0
+    for name in ("int4", "sign"):
+        assert not report[name]["continuous"] and report[name]["r_single"]["median"] > 0
+    fp32 = report["fp32"]["attacks"]
+    assert fp32["loss"]["advantage_heldout_ci"][0] > 0  # a leaky reference: n = 100 points for 11 parameters
+    for name, e in report.quantizers.items():
+        for attack in ("loss", "lira"):
+            lo = e["attacks"][attack]["advantage_heldout_ci"][0]
+            assert lo <= fp32[attack]["advantage_heldout_ci"][1], (name, attack)
+    assert set(report.ranking[-2:]) == {"fp32", "prune50"}  # no exponential security: ranked last

@@ -1,7 +1,8 @@
 """Hypothesis property tests of qmis_jax.quantizers: codebook membership, ordering, scaling and symmetry.
 
 Tensors are (48, 8) float32 built from drawn structure (scale, zeros, ties, heavy tails, a zero column) so that
-every example reuses the compiled programs of tests/test_quantizers.py. Runs are derandomized (fixed examples).
+every example reuses the compiled programs of tests/_helpers.py that tests/test_quantizers.py also runs. Runs are
+derandomized (fixed examples).
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import W, run_all, run_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_quantizers import W, run_all, run_batch
 
 import qmis_jax.quantizers as Q
 

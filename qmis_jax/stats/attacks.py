@@ -215,7 +215,7 @@ class LiraFit(NamedTuple):
 
 
 def _side_fit(scores: Array, weights: Array, fix_variance: bool) -> tuple[Array, Array, Array, Array]:
-    """Per-target mean, variance and count of one side, and the mean of all its scores (targets together).
+    """Per-target mean, variance and count of one side, and the mean of all its scores (all targets together).
 
     The variance is the target's own unbiased one where it has >= 2 scores (unless ``fix_variance``), else the
     pooled within-target variance of the side.
@@ -246,8 +246,9 @@ def fit_lira(scores, membership, *, shadow, fix_variance: bool = False) -> LiraF
     estimates over all targets, so every target gets a fit (:func:`lira_fallbacks` counts them):
 
     * one shadow score on a side: its mean is that score, its variance the pooled variance of the side;
-    * no score on one side: that side is the other side moved by the global gap
-      ``shift = mean(all in-scores) - mean(all out-scores)``, with the other side's variance
+    * no score on one side: that side is the other side moved by the global gap ``shift``, the mean of
+      ``mu_in - mu_out`` over the targets with scores on both sides (free of the targets' own levels; the mean of
+      all in-scores minus that of all out-scores where no target has both), with the other side's variance
       (``mu_in = mu_out + shift``, ``var_in = var_out`` without in-scores). The likelihood ratio is then
       ``shift * (s - mu_out) / var_out - shift^2 / (2 var_out)``: the offline test of the out-fit, increasing in
       ``(s - mu_out) / sd_out`` whenever members score higher on average, on the scale of the other targets'
@@ -282,7 +283,9 @@ def fit_lira(scores, membership, *, shadow, fix_variance: bool = False) -> LiraF
     mu_in, var_in, n_in, g_in = _side_fit(scores, (sh & member).astype(scores.dtype), fix_variance)
     mu_out, var_out, n_out, g_out = _side_fit(scores, (sh & ~member).astype(scores.dtype), fix_variance)
     has_in, has_out = n_in > 0, n_out > 0
-    shift = g_in - g_out
+    both = (has_in & has_out).astype(scores.dtype)
+    paired = (both * (mu_in - mu_out)).sum() / jnp.maximum(both.sum(), 1.0)
+    shift = jnp.where(both.sum() > 0, paired, g_in - g_out)
     mu_in, var_in, mu_out, var_out = (
         jnp.where(has_in, mu_in, mu_out + shift),
         jnp.where(has_in, var_in, var_out),

@@ -55,7 +55,8 @@ def gaussian_rate(delta: Array, sigma: Array) -> Array:
     The probability that the mean of ``n`` loss differences with mean ``delta`` and standard deviation ``sigma``
     falls below 0 is ``Phi(-sqrt(n) delta / sigma) = exp(-n I (1 + o(1)))``. For round-to-nearest pass the
     margin ``m_k`` and its asymptotic standard deviation ``s_k``. ``I = 0`` when ``delta <= 0`` (the change is
-    not rare), ``+inf`` when ``sigma = 0 < delta``, NaN where an input is NaN.
+    not rare), ``+inf`` when ``sigma = 0 < delta``, NaN where an input is NaN or ``sigma < 0`` (not a standard
+    deviation; jitted, so it cannot raise).
 
     Args:
       delta: gaps (or margins), any shape.
@@ -75,7 +76,7 @@ def gaussian_rate(delta: Array, sigma: Array) -> Array:
     safe = jnp.where(sigma > 0, sigma, 1.0)
     rate = jnp.where(sigma > 0, 0.5 * (delta / safe) ** 2, jnp.inf)
     rate = jnp.where(delta > 0, rate, 0.0)
-    return jnp.where(jnp.isnan(delta) | jnp.isnan(sigma), jnp.nan, rate)
+    return jnp.where(jnp.isnan(delta) | jnp.isnan(sigma) | (sigma < 0), jnp.nan, rate)
 
 
 def _tilt_moments(u, x, lw):

@@ -6,15 +6,13 @@ The ``run_*`` functions take the parsed command-line arguments of ``qmis`` and r
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import zipfile
 
 import numpy as np
 
+from qmis_jax._memory import MIB, parse_bytes, replicate_bytes
 from qmis_jax.studies.store import MemoryStore, ResultStore, StoreError, config_hash, write_json
-
-GIB = 2**30
 
 __all__ = [
     "MemoryStore",
@@ -28,53 +26,60 @@ __all__ = [
 
 
 def _budget(args) -> int:
-    if not (args.memory_budget > 0 and math.isfinite(args.memory_budget)):
-        raise ValueError(f"--memory-budget must be a positive number of GiB, got {args.memory_budget}")
-    return int(args.memory_budget * GIB)
+    budget = args.memory_budget
+    if isinstance(budget, str):
+        budget = parse_bytes(budget)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"--memory-budget must be a positive number of bytes, got {budget!r}")
+    return budget
 
 
-def run_synthetic(args: argparse.Namespace) -> str:
-    from qmis_jax.studies import synthetic
+def _run_study(study, config_cls, args: argparse.Namespace, **options) -> str:
+    """Build a study's configuration from the parsed arguments and run it into ``args.out``.
 
-    over = dict(
-        n_values=args.n,
-        replicates=args.replicates,
-        models=args.models,
-        quantizers=args.quantizers,
-        dim=args.dim,
-        k_modes=args.k_modes,
-        seed=args.seed,
-        ptq=args.ptq,
-        method=args.method,
-        memory_budget=_budget(args),
-    )
+    ``options`` are the study's own arguments; the shared ones (quantizers, replicates, seed, memory budget) are
+    added here. With ``--quick`` they override the quick preset (which ignores the ones left None); otherwise
+    options left None keep the configuration's defaults.
+    """
+    options.update(quantizers=args.quantizers, replicates=args.replicates, seed=args.seed, memory_budget=_budget(args))
     if args.quick:
-        cfg = synthetic.SyntheticConfig.quick(**over)
+        cfg = config_cls.quick(**options)
     else:
-        cfg = synthetic.SyntheticConfig(**{k: v for k, v in over.items() if v is not None})
-    synthetic.run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+        cfg = config_cls(**{k: v for k, v in options.items() if v is not None})
+    study.run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     return args.out
 
 
+def run_synthetic(args: argparse.Namespace) -> str:
+    """The synthetic study (``qmis synthetic``) from parsed arguments; returns the output directory."""
+    from qmis_jax.studies import synthetic
+
+    return _run_study(
+        synthetic,
+        synthetic.SyntheticConfig,
+        args,
+        n_values=args.n,
+        models=args.models,
+        dim=args.dim,
+        k_modes=args.k_modes,
+        ptq=args.ptq,
+        method=args.method,
+    )
+
+
 def run_molecular(args: argparse.Namespace) -> str:
+    """The molecular study (``qmis molecular``) from parsed arguments; returns the output directory."""
     from qmis_jax.studies import molecular
 
-    over = dict(
+    return _run_study(
+        molecular,
+        molecular.MolecularConfig,
+        args,
         dataset=args.dataset,
         featurizers=args.featurizers,
         heads=args.heads,
         task=args.task,
-        quantizers=args.quantizers,
-        replicates=args.replicates,
-        seed=args.seed,
-        memory_budget=_budget(args),
     )
-    if args.quick:
-        cfg = molecular.MolecularConfig.quick(**over)
-    else:
-        cfg = molecular.MolecularConfig(**{k: v for k, v in over.items() if v is not None})
-    molecular.run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    return args.out
 
 
 def load_npz(path: str, what: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -91,6 +96,27 @@ def load_npz(path: str, what: str, keys: tuple[str, ...]) -> dict[str, np.ndarra
         raise ValueError(f"{what} {path!r} is not a readable .npz file ({err})") from None
 
 
+def _real(arr: np.ndarray, what: str) -> np.ndarray:
+    """``arr`` if it holds finite real numbers, else a ValueError naming ``what``."""
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.iscomplexobj(arr):
+        raise ValueError(f"{what} must hold real numbers, got dtype {arr.dtype}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what} holds NaN or infinite values")
+    return arr
+
+
+def _audit_xy(data: dict[str, np.ndarray], flag: str, path: str, model: str) -> tuple[np.ndarray, np.ndarray]:
+    """Checked ``x (n, d)`` and ``y (n,)`` of a data file of ``qmis audit``."""
+    x, y = data["x"], data["y"]
+    if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"{flag} needs x of shape (n, d), n >= 1, and y of shape (n,), got {x.shape} and {y.shape}")
+    _real(x, f"{flag} {path!r} x")
+    _real(y, f"{flag} {path!r} y")
+    if model == "logistic" and not np.all(np.isin(y, (0, 1))):
+        raise ValueError(f"{flag} y must hold 0/1 labels for --model logistic")
+    return x, y
+
+
 def run_audit_cli(args: argparse.Namespace) -> str:
     """Single-model audit of a saved linear model: ``r_hat`` with interval and utility per quantizer."""
     import jax
@@ -101,36 +127,45 @@ def run_audit_cli(args: argparse.Namespace) -> str:
     from qmis_jax.quantizers import names
 
     prm = load_npz(args.params, "--params", ("w", "b"))
-    data = load_npz(args.data, "--data", ("x", "y"))
-    x, y = data["x"], data["y"]
-    if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"--data needs x of shape (n, d) and y of shape (n,), got {x.shape} and {y.shape}")
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise ValueError(f"--data {args.data!r} holds NaN or infinite values")
-    d = x.shape[1]
-    w = np.asarray(prm["w"], np.float32).reshape(d, 1) if prm["w"].size == d else None
-    if w is None:
-        raise ValueError(f"--params 'w' must hold d = {d} values (the data's width), got shape {prm['w'].shape}")
-    params = {"b": jnp.asarray(np.asarray(prm["b"], np.float32).reshape(1)), "w": jnp.asarray(w)}
-    if args.model == "logistic":
-        if not np.all(np.isin(y, (0, 1))):
-            raise ValueError("--data y must hold 0/1 labels for --model logistic")
-        problem = problems.logistic_mixture(dim=d)
-    else:
-        problem = problems.linear_regression(dim=d)
+    x, y = _audit_xy(load_npz(args.data, "--data", ("x", "y")), "--data", args.data, args.model)
+    n, d = x.shape
+    test = None
+    if args.test_data:
+        test = _audit_xy(load_npz(args.test_data, "--test-data", ("x", "y")), "--test-data", args.test_data, args.model)
+        if test[0].shape[1] != d:
+            raise ValueError(f"--test-data x has {test[0].shape[1]} columns, the training data (--data) {d}")
+    w, b = (_real(prm[k], f"--params {args.params!r} '{k}'") for k in ("w", "b"))
+    if w.size != d:
+        raise ValueError(f"--params 'w' must hold d = {d} values (the data's width), got shape {w.shape}")
+    if b.size != 1:
+        raise ValueError(f"--params 'b' must hold one value (the intercept), got shape {b.shape}")
+    if n <= d + 1:
+        raise ValueError(
+            f"--data holds n = {n} examples for a model of p = {d + 1} parameters; the single-model audit needs "
+            "n > p (its rates come from the spread of loss differences over the training set)"
+        )
+    budget, need = _budget(args), replicate_bytes(n=n, p=d + 1, dx=d)
+    if need > budget:
+        raise ValueError(
+            f"--memory-budget {budget} bytes ({budget / MIB:.3g} MiB) is less than the audit of n = {n} examples "
+            f"needs, about {need / MIB:.3g} MiB; raise --memory-budget"
+        )
+    params = {"b": jnp.asarray(b.astype(np.float32).reshape(1)), "w": jnp.asarray(w.astype(np.float32).reshape(d, 1))}
+    problem = problems.logistic_mixture(dim=d) if args.model == "logistic" else problems.linear_regression(dim=d)
     qs = resolve_quantizers(list(args.quantizers or names()))
     config = {
         "command": "audit",
         "params": os.path.abspath(args.params),
         "data": os.path.abspath(args.data),
+        "test_data": os.path.abspath(args.test_data) if args.test_data else None,
         "model": args.model,
         "ptq": args.ptq,
         "method": args.method,
         "quantizers": list(qs),
+        "seed": args.seed,
     }
     store = ResultStore(args.out, config, resume=args.resume)
     xj, yj = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
-    test = load_npz(args.test_data, "--test-data", ("x", "y")) if args.test_data else None
 
     def compute():
         out = {}
@@ -148,7 +183,7 @@ def run_audit_cli(args: argparse.Namespace) -> str:
             }
             if test is not None:
                 util = problems.utility(
-                    problem, s.release, jnp.asarray(test["x"], jnp.float32), jnp.asarray(test["y"], jnp.float32)
+                    problem, s.release, jnp.asarray(test[0], jnp.float32), jnp.asarray(test[1], jnp.float32)
                 )
                 entry["utility"] = {k: float(v) for k, v in util.items()}
             out[name] = entry

@@ -25,6 +25,15 @@ def fmt(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}g}" if abs(x) >= 1 else f"{x:.{digits}f}"
 
 
+def _diag_value(v: Any) -> str:
+    """A diagnostic as text: integers and flags as they are, other numbers compact, ``-`` when not measured."""
+    if v is None:
+        return "-"
+    if isinstance(v, (bool, int, str)):
+        return str(v)
+    return fmt(v)
+
+
 def _attack_cell(q: Mapping[str, Any], name: str) -> str:
     res = q.get("attacks", {}).get(name)
     if res is None:
@@ -96,7 +105,7 @@ def render(title: str, runs: Sequence[Report], *, figures: Sequence[str] = (), n
         ]
         diag = run.get("diagnostics")
         if diag:
-            out += ["Diagnostics: " + ", ".join(f"{k} = {v}" for k, v in diag.items()), ""]
+            out += ["Diagnostics: " + ", ".join(f"{k} = {_diag_value(v)}" for k, v in diag.items()), ""]
     by_problem: dict[str, list[Report]] = {}
     for run in runs:
         by_problem.setdefault(run["problem"]["name"], []).append(run)

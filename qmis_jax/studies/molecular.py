@@ -22,7 +22,7 @@ from scipy import stats as sps
 
 from qmis_jax import stats, train
 from qmis_jax._version import __version__
-from qmis_jax.audit import _lira_pool, environment, resolve_quantizers
+from qmis_jax.audit import environment, lira_metrics, pool_design_scores, resolve_quantizers
 from qmis_jax.problems import Problem
 from qmis_jax.studies import plots
 from qmis_jax.studies.store import ResultStore, config_hash, write_json
@@ -93,7 +93,8 @@ def molecular_point(
     k_fit, k_pool, k_q = jax.random.split(key, 3)
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     n = int(x.shape[0])
-    fit = train.fit(k_fit, problem, x, y, weights=jnp.ones((1, n), x.dtype))
+    # the budget is checked here, before any quantizer work: a budget below one replicate is refused at once
+    fit = train.fit(k_fit, problem, x, y, weights=jnp.ones((1, n), x.dtype), memory_budget=memory_budget)
     params = jax.tree.map(lambda a: a[0], fit.params)
     entries = {}
     for j, (name, q) in enumerate(qs.items()):
@@ -122,7 +123,7 @@ def molecular_point(
         }
         entries[name]["utility_fp32"] = test_utility(problem, params, data.x_test, data.y_test, data.info)
     fit_opts = dict(tol=1e-6, max_steps=None, chunk_size=None, memory_budget=memory_budget)
-    scores, membership = _lira_pool(
+    scores, membership = pool_design_scores(
         k_pool,
         problem,
         qs,
@@ -139,8 +140,9 @@ def molecular_point(
     )
     shadow = stats.shadow_mask(replicates, shadows=replicates // 2)
     for name in qs:
-        m, nm = stats.lira_pool(scores[name], membership, shadow=shadow, online=True)
-        entries[name]["attacks"]["lira_pool"] = stats.attack_metrics(m, nm, key=k_pool).to_dict()
+        entries[name]["attacks"]["lira_pool"] = lira_metrics(
+            scores[name], membership, shadow=shadow, pool=True, key=k_pool
+        )
         entries[name]["flip_rate"] = None
     ranking = sorted(qs, key=lambda nm: (-entries[nm]["r_hat"], entries[nm]["attacks"]["lira_pool"]["advantage"]))
     return {

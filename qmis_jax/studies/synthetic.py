@@ -17,6 +17,7 @@ import jax
 
 from qmis_jax import problems
 from qmis_jax import quantizers as Q
+from qmis_jax._memory import replicate_bytes
 from qmis_jax.audit import audit, environment
 from qmis_jax.studies import markdown, plots
 from qmis_jax.studies.store import ResultStore, config_hash, write_json
@@ -58,8 +59,8 @@ def validate(cfg: SyntheticConfig) -> SyntheticConfig:
         if m not in MODELS:
             raise ValueError(f"--models: unknown model {m!r}; valid: {', '.join(MODELS)}")
     for n in cfg.n_values:
-        if n <= 0:
-            raise ValueError(f"--n must be positive, got {n}")
+        if n < 2:
+            raise ValueError(f"--n must be at least 2 (each replicate embeds LiRA targets among fresh points), got {n}")
     if cfg.replicates < 4:
         raise ValueError(f"--replicates must be at least 4 (LiRA needs shadows and targets), got {cfg.replicates}")
     names = cfg.quantizers or (*Q.names(), "grid_fixed", "grid_adaptive")
@@ -94,10 +95,9 @@ def make_problem(cfg: SyntheticConfig, model: str):
 
 
 def estimate_bytes(cfg: SyntheticConfig) -> int:
-    """Rough peak bytes of one replicate chunk's statistics at the largest n, to refuse impossible budgets."""
-    n = max(cfg.n_values)
+    """Rough peak bytes of one replicate at the largest n (as estimated by the audit), to refuse impossible budgets."""
     p = cfg.dim + 1 if "mlp" not in cfg.models else (cfg.dim + 2) * cfg.hidden + 1
-    return 4 * (2 * p + 2) * n * 3 + 4 * n * (cfg.dim + 1) * 4
+    return replicate_bytes(n=max(cfg.n_values), p=p, dx=cfg.dim)
 
 
 def run(
@@ -113,8 +113,9 @@ def run(
     need = estimate_bytes(cfg)
     if need > cfg.memory_budget:
         raise ValueError(
-            f"one replicate needs about {need / 2**30:.2f} GiB at n = {max(cfg.n_values)}, more than "
-            f"--memory-budget {cfg.memory_budget / 2**30:.2f} GiB; raise the budget or lower --n"
+            f"one replicate needs about {need / 2**20:.3g} MiB at n = {max(cfg.n_values)}, more than "
+            f"--memory-budget {cfg.memory_budget} bytes ({cfg.memory_budget / 2**20:.3g} MiB); raise the budget or "
+            "lower --n"
         )
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
     config["study"] = "synthetic"

@@ -21,46 +21,23 @@ from jax.sharding import PartitionSpec as P
 from qmis_jax.problems._base import Problem
 
 from . import _solvers
+from ._options import FitOptions, fit_options
 from ._result import FitResult
-from ._validate import check_data, check_key, check_positive_int, check_problem, check_tol, check_weights
+from ._validate import (
+    check_data,
+    check_fits_model,
+    check_key,
+    check_positive_int,
+    check_problem,
+    check_weights,
+)
 
 Array = jax.Array
 PyTree = Any
 
-SOLVERS = ("auto", "closed_form", "glm_newton", "newton", "optax")
-DEFAULT_NEWTON_STEPS = 100
-DEFAULT_OPTAX_STEPS = 500
-DEFAULT_LEARNING_RATE = 1e-2
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
 FEATURES_MAX_BYTES = 2**30
 CPU_CHUNK_CAP = 256
-
-
-def default_optimizer() -> optax.GradientTransformation:
-    """The optimizer of non-convex problems unless one is given: ``optax.adam(1e-2)``."""
-    return _DEFAULT_OPTIMIZER
-
-
-_DEFAULT_OPTIMIZER = optax.adam(DEFAULT_LEARNING_RATE)
-
-
-def resolve_solver(problem: Problem, solver: str) -> str:
-    """The training method: closed form, GLM Newton, generic Newton (convex) or optax steps (non-convex)."""
-    if solver not in SOLVERS:
-        raise KeyError(f"unknown solver {solver!r}; valid: {list(SOLVERS)}")
-    if solver == "auto":
-        if problem.solve is not None:
-            return "closed_form"
-        if problem.convex and problem.design is not None and problem.margin_loss is not None and problem.penalty is None:
-            return "glm_newton"
-        return "newton" if problem.convex else "optax"
-    if solver == "closed_form" and problem.solve is None:
-        raise ValueError(f"solver='closed_form' needs problem.solve, which {problem.name!r} does not have")
-    if solver == "glm_newton" and (problem.design is None or problem.margin_loss is None):
-        raise ValueError(f"solver={solver!r} needs problem.design and margin_loss, which {problem.name!r} lacks")
-    if solver == "glm_newton" and problem.penalty is not None:
-        raise ValueError(f"solver={solver!r} fits unpenalised GLMs; {problem.name!r} has a ridge penalty")
-    return solver
 
 
 def _default_budget(devices) -> int:
@@ -186,6 +163,11 @@ def _plan(replicates: int, chunk_size, memory_budget, per_replicate: int, device
     per CPU device, where larger chunks gain nothing and lose cache locality), a multiple of the device count."""
     ndev = len(devices)
     if chunk_size is None:
+        if memory_budget is not None and per_replicate > memory_budget:
+            raise ValueError(
+                f"memory_budget={memory_budget} bytes ({memory_budget / 2**20:.3g} MiB) cannot hold one replicate, "
+                f"which needs about {per_replicate / 2**20:.3g} MiB; raise memory_budget or use fewer examples"
+            )
         budget = _default_budget(devices) if memory_budget is None else memory_budget
         chunk_size = max(1, budget // max(per_replicate, 1))
         if all(d.platform == "cpu" for d in devices):
@@ -194,35 +176,28 @@ def _plan(replicates: int, chunk_size, memory_budget, per_replicate: int, device
     return -(-chunk // ndev) * ndev
 
 
-def _resolve_common(problem, tol, max_steps, chunk_size, memory_budget, optimizer, batch_size, solver, devices):
-    check_problem(problem)
-    tol = check_tol(tol)
-    solver = resolve_solver(problem, solver)
-    max_steps = check_positive_int("max_steps", max_steps, allow_none=True)
-    if max_steps is None:
-        max_steps = DEFAULT_OPTAX_STEPS if solver == "optax" else DEFAULT_NEWTON_STEPS
-    check_positive_int("chunk_size", chunk_size, allow_none=True)
-    check_positive_int("memory_budget", memory_budget, allow_none=True)
-    check_positive_int("batch_size", batch_size, allow_none=True)
-    if optimizer is None:
-        optimizer = default_optimizer()
-    elif not isinstance(optimizer, optax.GradientTransformation):
-        raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
-    devices = tuple(jax.local_devices() if devices is None else devices)
-    if not devices:
-        raise ValueError("devices must hold at least one device")
-    return tol, solver, max_steps, optimizer, devices
-
-
 def _init_params(problem, init_params, k_init):
     params0 = jax.jit(problem.init)(k_init) if init_params is None else init_params
     return jax.tree.map(jnp.asarray, params0)
 
 
-def _check_start(start) -> int:
-    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
-        raise ValueError(f"start must be a non-negative integer, got start={start!r}")
-    return int(start)
+def _start(key, problem, opts: FitOptions):
+    """The subkeys ``k_init, k_batch = split(key)`` and the start every replicate shares (``init_params`` or
+    ``problem.init(k_init)``)."""
+    k_init, k_batch = jax.random.split(key)
+    return k_init, k_batch, _init_params(problem, opts.init_params, k_init)
+
+
+def _chunk(opts: FitOptions, replicates: int, per_replicate: int) -> int:
+    """Replicates per compiled call for these options (:func:`_plan`)."""
+    return _plan(replicates, opts.chunk_size, opts.memory_budget, per_replicate, opts.devices)
+
+
+def _compiled(problem, opts: FitOptions, fresh, n: int, *, warm_start: bool = False):
+    """The cached compiled chunk program of these options (:func:`_program`)."""
+    return _program(
+        problem, opts.solver, fresh, n, opts.max_steps, opts.optimizer, opts.batch_size, opts.shared_init, warm_start
+    )
 
 
 def _run(program, replicates, chunk, devices, per_rep, shared, offset: int = 0) -> FitResult:
@@ -292,7 +267,8 @@ def fit(
       max_steps: Newton iteration cap (default 100) or the exact number of optimizer steps (default 500).
       chunk_size: replicates per compiled call (rounded up to a multiple of the device count).
       memory_budget: bytes per chunk, used when ``chunk_size`` is None (default: 40% of the devices' memory where
-        reported, else 2 GiB); on CPU devices chunks are capped at 256 replicates per device.
+        reported, else 2 GiB); on CPU devices chunks are capped at 256 replicates per device. A budget smaller
+        than one replicate's rough estimate is refused (ValueError).
       optimizer: optax optimizer of non-convex problems (default ``optax.adam(1e-2)``).
       batch_size: minibatch size of non-convex training (None: full batch).
       shared_init: one initialisation ``init(k_init)`` for all replicates (else ``init(fold_in(k_init, r))``).
@@ -313,9 +289,19 @@ def fit(
     >>> res.params["mu"][:, 0].tolist()
     [0.5, 3.0]
     """
-    check_key(key)
-    tol, solver, max_steps, optimizer, devices = _resolve_common(
-        problem, tol, max_steps, chunk_size, memory_budget, optimizer, batch_size, solver, devices
+    opts = fit_options(
+        key,
+        problem,
+        tol=tol,
+        max_steps=max_steps,
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        optimizer=optimizer,
+        batch_size=batch_size,
+        shared_init=shared_init,
+        init_params=init_params,
+        solver=solver,
+        devices=devices,
     )
     xh, _ = check_data(problem, x, y)
     wh = check_weights(weights, xh.shape[0])
@@ -323,17 +309,17 @@ def fit(
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros(()).dtype
     x, y = x.astype(dtype), jnp.asarray(y, dtype)
     w = wh.astype(dtype)
-    k_init, k_batch = jax.random.split(key)
-    params0 = _init_params(problem, init_params, k_init)
+    k_init, k_batch, params0 = _start(key, problem, opts)
+    check_fits_model(problem, params0, x, y)
     p = ravel_pytree(params0)[0].size
     design = features = None
-    if solver == "glm_newton":
+    if opts.solver == "glm_newton":
         design = problem.design(x)
         p = design.shape[1]
         if design.shape[0] * p * (p + 1) // 2 * design.dtype.itemsize <= FEATURES_MAX_BYTES:
             features = _solvers.triangle_features(design)
     per = bytes_per_replicate(
-        solver,
+        opts.solver,
         n=xh.shape[0],
         dx=xh.shape[1],
         p=p,
@@ -341,10 +327,10 @@ def fit(
         fresh=False,
         features=features is not None,
     )
-    chunk = _plan(wh.shape[0], chunk_size, memory_budget, per, devices)
-    program = _program(problem, solver, False, 0, max_steps, optimizer, batch_size, bool(shared_init), bool(warm_start))
-    shared = (x, y, design, features, params0, k_init, k_batch, jnp.asarray(tol, x.dtype))
-    return _run(program, wh.shape[0], chunk, devices, [w], shared)
+    chunk = _chunk(opts, wh.shape[0], per)
+    program = _compiled(problem, opts, False, 0, warm_start=bool(warm_start))
+    shared = (x, y, design, features, params0, k_init, k_batch, jnp.asarray(opts.tol, x.dtype))
+    return _run(program, wh.shape[0], chunk, opts.devices, [w], shared)
 
 
 def fit_fresh(
@@ -388,25 +374,36 @@ def fit_fresh(
     >>> res.params["mu"].shape
     (3, 2)
     """
-    check_key(key)
-    n = check_positive_int("n", n)
-    replicates = check_positive_int("replicates", replicates)
-    start = _check_start(start)
-    tol, solver, max_steps, optimizer, devices = _resolve_common(
-        problem, tol, max_steps, chunk_size, memory_budget, optimizer, batch_size, solver, devices
+    opts = fit_options(
+        key,
+        problem,
+        n=n,
+        replicates=replicates,
+        start=start,
+        tol=tol,
+        max_steps=max_steps,
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        optimizer=optimizer,
+        batch_size=batch_size,
+        shared_init=shared_init,
+        init_params=init_params,
+        solver=solver,
+        devices=devices,
     )
-    k_init, k_batch = jax.random.split(key)
-    params0 = _init_params(problem, init_params, k_init)
+    n, replicates = opts.n, opts.replicates
+    k_init, k_batch, params0 = _start(key, problem, opts)
     x_shape = jax.eval_shape(lambda k: problem.sample(k, n), key)[0]
     dx = x_shape.shape[1] if len(x_shape.shape) == 2 else 1
     p = ravel_pytree(params0)[0].size
-    if solver == "glm_newton":
+    if opts.solver == "glm_newton":
         p = jax.eval_shape(lambda k: problem.design(problem.sample(k, n)[0]), key).shape[1]
-    per = bytes_per_replicate(solver, n=n, dx=dx, p=p, itemsize=x_shape.dtype.itemsize, fresh=True, features=False)
-    chunk = _plan(replicates, chunk_size, memory_budget, per, devices)
-    program = _program(problem, solver, True, n, max_steps, optimizer, batch_size, bool(shared_init), False)
-    shared = (key, params0, k_init, k_batch, jnp.asarray(tol, x_shape.dtype))
-    return _run(program, replicates, chunk, devices, [], shared, offset=start)
+    itemsize = x_shape.dtype.itemsize
+    per = bytes_per_replicate(opts.solver, n=n, dx=dx, p=p, itemsize=itemsize, fresh=True, features=False)
+    chunk = _chunk(opts, replicates, per)
+    program = _compiled(problem, opts, True, n)
+    shared = (key, params0, k_init, k_batch, jnp.asarray(opts.tol, x_shape.dtype))
+    return _run(program, replicates, chunk, opts.devices, [], shared, offset=opts.start)
 
 
 def fit_data(
@@ -444,10 +441,20 @@ def fit_data(
     Returns:
       :class:`FitResult` with leading replicate axis ``R``.
     """
-    check_key(key)
-    start = _check_start(start)
-    tol, solver, max_steps, optimizer, devices = _resolve_common(
-        problem, tol, max_steps, chunk_size, memory_budget, optimizer, batch_size, solver, devices
+    opts = fit_options(
+        key,
+        problem,
+        start=start,
+        tol=tol,
+        max_steps=max_steps,
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        optimizer=optimizer,
+        batch_size=batch_size,
+        shared_init=shared_init,
+        init_params=init_params,
+        solver=solver,
+        devices=devices,
     )
     xh, yh = np.asarray(x), np.asarray(y)
     if xh.ndim < 3 or yh.ndim != 2 or xh.shape[:2] != yh.shape:
@@ -458,15 +465,15 @@ def fit_data(
         check_data(problem, xh[r], yh[r])
     if not (np.all(np.isfinite(xh)) and np.all(np.isfinite(yh))):
         raise ValueError("x and y must be finite (NaN or inf found)")
-    k_init, k_batch = jax.random.split(key)
-    params0 = _init_params(problem, init_params, k_init)
+    k_init, k_batch, params0 = _start(key, problem, opts)
+    check_fits_model(problem, params0, xh[0], yh[0])
     p = ravel_pytree(params0)[0].size + 1
     n, dx = xh.shape[1], int(np.prod(xh.shape[2:]))
-    per = bytes_per_replicate(solver, n=n, dx=dx, p=p, itemsize=xh.dtype.itemsize, fresh=True, features=False)
-    chunk = _plan(xh.shape[0], chunk_size, memory_budget, per, devices)
-    program = _program(problem, solver, "data", n, max_steps, optimizer, batch_size, bool(shared_init), False)
-    shared = (params0, k_init, k_batch, jnp.asarray(tol, xh.dtype))
-    return _run(program, xh.shape[0], chunk, devices, [xh, yh.astype(xh.dtype)], shared, offset=start)
+    per = bytes_per_replicate(opts.solver, n=n, dx=dx, p=p, itemsize=xh.dtype.itemsize, fresh=True, features=False)
+    chunk = _chunk(opts, xh.shape[0], per)
+    program = _compiled(problem, opts, "data", n)
+    shared = (params0, k_init, k_batch, jnp.asarray(opts.tol, xh.dtype))
+    return _run(program, xh.shape[0], chunk, opts.devices, [xh, yh.astype(xh.dtype)], shared, offset=opts.start)
 
 
 def replicate_data(key: Array, problem: Problem, *, n: int, index) -> tuple[Array, Array]:

@@ -45,6 +45,9 @@ def check_tol(tol) -> float:
 def check_data(problem: Problem, x, y) -> tuple[np.ndarray, np.ndarray]:
     """Host copies of ``x (N, dx)`` and ``y (N,)``, checked: shapes, finiteness, binary labels."""
     xh, yh = np.asarray(x), np.asarray(y)
+    for name, arr in (("x", xh), ("y", yh)):
+        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.iscomplexobj(arr):
+            raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     if xh.ndim != 2 or xh.shape[0] == 0:
         raise ValueError(f"x must have shape (N, dx) with N >= 1, got {xh.shape}")
     if yh.shape != (xh.shape[0],):
@@ -61,6 +64,20 @@ def check_data(problem: Problem, x, y) -> tuple[np.ndarray, np.ndarray]:
             i = int(np.argmax(bad))
             raise ValueError(f"y must hold labels in {{0, 1}} for a binary problem, got {yh[i]} at index {i}")
     return xh, yh
+
+
+def check_fits_model(problem: Problem, params, x, y) -> None:
+    """Rows of ``x`` (and entries of ``y``) that the model takes: one example's loss is traced abstractly, so a
+    wrong input width is a ValueError naming the shapes instead of an error from inside the traced program."""
+    row = jax.ShapeDtypeStruct(tuple(np.shape(x)[1:]), jnp.asarray(x).dtype)
+    target = jax.ShapeDtypeStruct((), jnp.asarray(y).dtype)
+    try:
+        jax.eval_shape(problem.loss, params, row, target)
+    except (TypeError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"x rows of shape {row.shape} do not fit the model of problem {problem.name!r} ({reason})"
+        ) from None
 
 
 def check_weights(weights, n_pool: int) -> np.ndarray:
