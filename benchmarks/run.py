@@ -309,6 +309,51 @@ def mlp(args, peak):
     )  # fmt: skip
 
 
+@workload("audit")
+def audit_workload(args, peak):
+    """The whole audit (training, population, statistics, LiRA) of logistic d = 128, n = 1000 and the 12 design
+    presets, against training the same replicates alone. Both warm (compiled once before timing)."""
+    import qmis_jax as qj
+
+    problem, n = logistic_mixture(dim=128), 1000
+    replicates = 128 if args.quick else 1024
+    names = qj.quantizers.names()[:12]
+    key = jax.random.key(0)
+    stages: dict[str, float] = {}
+    clock = [0.0]
+
+    def progress(stage, done):
+        now = time.perf_counter()
+        stages[stage] = stages.get(stage, 0.0) + now - clock[0]
+        clock[0] = now
+
+    def run_audit():
+        clock[0] = time.perf_counter()
+        return qj.audit(key, problem, names, n=n, replicates=replicates, progress=progress)
+
+    report, first = first_call(run_audit)
+    entries = report.quantizers
+    if sorted(entries) != sorted(names) or entries["fp32"]["r_population"] != 0.0 or len(report.ranking) != 12:
+        raise AssertionError("audit: the report lacks quantizers, or fp32 has r != 0")
+    stages.clear()
+    seconds, compile_s = timed(run_audit, first=first)
+    per_run = {k: round(v / 3, 2) for k, v in stages.items()}
+    train_run = lambda: fit_fresh(key, problem, n=n, replicates=replicates, tol=1e-6)
+    train_s, train_compile = timed(train_run)
+    out = record("audit", replicates, seconds, compile_s, 0.0, peak, {"training_alone": train_s})
+    out.update(
+        n=n,
+        dim=128,
+        quantizers=list(names),
+        audit_over_training=round(seconds / train_s, 2),
+        training_compile_seconds=round(train_compile, 3),
+        stage_seconds=per_run,
+        note="the audit trains 2R models (fresh-data and embedded-target LiRA replicates) and runs the loss-PTQ "
+        "sweeps of every quantizer on both",
+    )
+    return out
+
+
 @workload("scaling")
 def scaling(args, peak):
     """Models/s and peak memory of the shared-pool logistic workload as the replicate count grows."""

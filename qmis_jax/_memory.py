@@ -78,5 +78,5 @@ def device_peak_bytes(devices=None) -> int | None:
 
 
 def mib(value: int | None) -> float | None:
-    """Bytes as MiB rounded to 0.1 (None stays None)."""
-    return None if value is None else round(value / MIB, 1)
+    """Bytes as MiB rounded to 0.001 (None stays None)."""
+    return None if value is None else round(value / MIB, 3)

@@ -19,9 +19,11 @@ Every chunk of work goes through a store (``store.get_or_compute``): with a
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
+import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -210,6 +212,20 @@ def _utility_program(problem):
     return jax.jit(jax.vmap(lambda p, x, y: utility(problem, p, x, y), in_axes=(0, None, None)))
 
 
+def _per_quantizer(fn: Callable[[int, str, Any], Any], qs: Mapping[str, Any]) -> list[Any]:
+    """``[fn(j, name, q) for j, (name, q) in enumerate(qs.items())]``, run on a few threads.
+
+    Each quantizer has its own compiled programs; compiling them is single-threaded and dominates small audits, so
+    overlapping the quantizers' compilations (and runs) uses the cores XLA leaves idle. The results do not depend on
+    the number of threads (each call is a pure function of its own keys)."""
+    items = list(enumerate(qs.items()))
+    workers = min(len(items), os.cpu_count() or 1, 8)
+    if workers <= 1:
+        return [fn(j, name, q) for j, (name, q) in items]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda item: fn(item[0], *item[1]), items))
+
+
 def _keys(key: Array, idx: np.ndarray) -> Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(idx, jnp.uint32))
 
@@ -286,7 +302,7 @@ def audit(
         raise ValueError(f"ptq must be one of {stats.PTQ_METHODS}, got ptq={ptq!r}")
     if method not in stats.MIS_METHODS:
         raise ValueError(f"method must be one of {stats.MIS_METHODS}, got method={method!r}")
-    attacks = tuple(attacks)
+    attacks = (attacks,) if isinstance(attacks, str) else tuple(attacks)
     for a in attacks:
         if a not in ATTACKS:
             raise ValueError(f"attacks must be among {ATTACKS}, got {a!r}")
@@ -312,8 +328,8 @@ def audit(
     per = _memory.replicate_bytes(n=n, p=p, dx=dx)
     if per > memory_budget and (budget_given or chunk_size is None):
         raise ValueError(
-            f"memory_budget={memory_budget} bytes ({memory_budget / _memory.MIB:.1f} MiB) cannot hold one replicate, "
-            f"which needs about {per / _memory.MIB:.1f} MiB at n={n} with {p} parameters; raise memory_budget or "
+            f"memory_budget={memory_budget} bytes ({memory_budget / _memory.MIB:.3g} MiB) cannot hold one replicate, "
+            f"which needs about {per / _memory.MIB:.3g} MiB at n={n} with {p} parameters; raise memory_budget or "
             "lower n"
         )
     if chunk_size is None:
@@ -348,9 +364,9 @@ def audit(
         star_source = f"mean of {replicates} replicates"
     x_big, y_big = problem.sample(jax.random.fold_in(k_pop, 1), population_size)
     x_test, y_test = problem.sample(k_test, test_size)
-    pops = {}
-    for name, q in qs.items():
-        pops[name] = stats.population_indicator(
+
+    def population(j, name, q):
+        return stats.population_indicator(
             q,
             problem,
             theta_star,
@@ -363,7 +379,9 @@ def audit(
             skip=skip,
             max_sweeps=max_sweeps,
         )
-        progress("population", len(pops))
+
+    pops = dict(zip(qs, _per_quantizer(population, qs)))
+    progress("population", len(pops))
 
     # 3. Per-replicate statistics, chunk by chunk.
     per_rep: list[dict[str, np.ndarray]] = []
@@ -374,21 +392,26 @@ def audit(
             params = jax.vmap(unravel)(jnp.asarray(trained[c]["theta"], theta_init.dtype))
             x, y = train.replicate_data(k_train, problem, n=n, index=idx)
             xo, yo = train.replicate_data(k_out, problem, n=n, index=idx)
-            out = {}
-            for j, (name, q) in enumerate(qs.items()):
+
+            def one(j, name, q):
                 keys = _keys(jax.random.fold_in(k_q, j + 1), idx)
                 prog = _single_program(q, problem, ptq, method, skip, float(z), max_sweeps)
                 single, same = prog(params, x, y, keys, pops[name].codes)
                 flipped = jnp.ones_like(same) if (q.continuous or (q.stochastic and ptq == "rtn")) else ~same
-                out[f"{name}.r_hat"] = single.r_hat
-                out[f"{name}.r_lo"] = single.r_interval[:, 0]
-                out[f"{name}.r_hi"] = single.r_interval[:, 1]
-                out[f"{name}.ok"] = single.ok
-                out[f"{name}.flip"] = flipped
-                out[f"{name}.member_loss"] = _loss_program(problem)(single.release, x, y)
-                out[f"{name}.nonmember_loss"] = _loss_program(problem)(single.release, xo, yo)
+                part = {
+                    f"{name}.r_hat": single.r_hat,
+                    f"{name}.r_lo": single.r_interval[:, 0],
+                    f"{name}.r_hi": single.r_interval[:, 1],
+                    f"{name}.ok": single.ok,
+                    f"{name}.flip": flipped,
+                    f"{name}.member_loss": _loss_program(problem)(single.release, x, y),
+                    f"{name}.nonmember_loss": _loss_program(problem)(single.release, xo, yo),
+                }
                 for metric, values in _utility_program(problem)(single.release, x_test, y_test).items():
-                    out[f"{name}.utility.{metric}"] = values
+                    part[f"{name}.utility.{metric}"] = values
+                return part
+
+            out = {k: v for part in _per_quantizer(one, qs) for k, v in part.items()}
             fp = _utility_program(problem)(params, x_test, y_test)
             for metric, values in fp.items():
                 out[f"trained.utility.{metric}"] = values
@@ -488,9 +511,19 @@ def audit(
             "single_audits_not_ok": int(np.sum(~cat[f"{name}.ok"].astype(bool))),
         }
     if len(qs) >= 2:
-        ranking, table = stats.rank_quantizers(k_boot, {name: cat[f"{name}.r_hat"] for name in qs}, n_boot=n_boot)
+        # Paired comparisons on the replicates where every quantizer's single audit is finite (NaN flags a failed
+        # one, counted in single_audits_not_ok).
+        r_hats = {name: cat[f"{name}.r_hat"] for name in qs}
+        rows = np.all([np.isfinite(v) for v in r_hats.values()], axis=0)
+        if rows.sum() < 2:
+            raise ValueError(
+                f"only {rows.sum()} of {rows.size} replicates have a finite single-model indicator for every "
+                "quantizer; see the report's diagnostics (non-finite parameters, singular Hessians)"
+            )
+        r_hats = {name: v[rows] for name, v in r_hats.items()}
+        ranking, table = stats.rank_quantizers(k_boot, r_hats, n_boot=n_boot)
         # Ties in the mean indicator (all releases with r = 0) are broken by the attacks: more secure first.
-        mean_r = {name: float(np.mean(cat[f"{name}.r_hat"])) for name in qs}
+        mean_r = {name: float(np.mean(v)) for name, v in r_hats.items()}
         upper = {name: entries[name]["mis_empirical_upper"] for name in qs}
         ranking = sorted(ranking, key=lambda nm: (-mean_r[nm], -(upper[nm] if upper[nm] is not None else 0.0)))
         intervals = [
@@ -594,15 +627,16 @@ def _lira_embedded(
         def chunk(start=start, stop=stop):
             idx = np.arange(start, stop)
             x, y = make(jnp.asarray(membership[start:stop]), jnp.asarray(idx, jnp.uint32))
-            res = train.fit_data(k_fit, problem, x, y, start=start, **fit_opts)
-            out = {}
-            for j, (name, q) in enumerate(qs.items()):
+            # on one device, like the fresh-data chunks' parameters, so the compiled programs are shared
+            params = jax.device_put(train.fit_data(k_fit, problem, x, y, start=start, **fit_opts).params, x.sharding)
+
+            def one(j, label, q):
                 keys = _keys(jax.random.fold_in(key_q, 1000 + j), idx)
                 prog = _single_program(q, problem, ptq, method, skip, float(z), max_sweeps)
-                single, _ = prog(res.params, x, y, keys, pops[name].codes)
-                loss = _loss_program(problem, True)(single.release, tx, ty)
-                out[name] = stats.score_from_loss(loss, problem.task)
-            return out
+                single, _ = prog(params, x, y, keys, pops[label].codes)
+                return stats.score_from_loss(_loss_program(problem, True)(single.release, tx, ty), problem.task)
+
+            return dict(zip(qs, _per_quantizer(one, qs)))
 
         done = store.get_or_compute(f"lira-{c}", chunk)
         for name in qs:
@@ -643,12 +677,13 @@ def pool_design_scores(
     def compute():
         weights = jnp.asarray(membership, px.dtype)
         res = train.fit(k_fit, problem, px, py, weights=weights, **fit_opts)
-        out = {}
-        for j, (name, q) in enumerate(qs.items()):
+
+        def one(j, name, q):
             keys = _keys(jax.random.fold_in(key_q, 2000 + j), np.arange(replicates))
             release = _pool_release_program(q, problem, ptq, skip, max_sweeps)(res.params, px, py, weights, keys)
-            out[name] = stats.score_from_loss(_loss_program(problem, True)(release, px, py), problem.task)
-        return out
+            return stats.score_from_loss(_loss_program(problem, True)(release, px, py), problem.task)
+
+        return dict(zip(qs, _per_quantizer(one, qs)))
 
     done = store.get_or_compute("lira_pool", compute)
     progress("lira_pool", 1)

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 from qmis_jax.quantizers import get as _get_quantizer
 from qmis_jax.quantizers import tree_codes
@@ -179,6 +180,7 @@ def _statistics(q, problem, params, x, y, *, ptq, method, key, skip, weights, ma
         if method == "cramer":
             D, _ = rtn_differences(q, problem.loss, params, x, y, skip=skip, weights=weights, chunk_size=chunk_size)
     finite = jnp.all(jnp.where(valid, jnp.isfinite(delta) & jnp.isfinite(sigma), True))
+    finite = finite & jnp.all(jnp.isfinite(ravel_pytree(params)[0]))  # NaN parameters have no neighbours at all
     return release, delta, sigma, valid, D, n_moves, ok & finite
 
 
@@ -314,8 +316,14 @@ def _single_core(
         rates, capped = cr.rate[:k], cr.capped[:k]
         lo_rates, hi_rates = cr.rate[k : 2 * k], cr.rate[2 * k :]
     flat = _no_exponential_security(q, ptq)
-    r_hat = indicator(rates, valid, continuous=flat)
-    r_interval = jnp.stack([indicator(lo_rates, valid, continuous=flat), indicator(hi_rates, valid, continuous=flat)])
+    # a statistic that is not finite (NaN parameters, NaN losses) gives NaN, never a spurious +inf or 0
+    bad = ~ok
+    r_hat = jnp.where(bad, jnp.nan, indicator(rates, valid, continuous=flat))
+    r_interval = jnp.where(
+        bad,
+        jnp.nan,
+        jnp.stack([indicator(lo_rates, valid, continuous=flat), indicator(hi_rates, valid, continuous=flat)]),
+    )
     return SingleAudit(
         r_hat=r_hat,
         r_interval=r_interval,
