@@ -97,7 +97,12 @@ def _common(p: argparse.ArgumentParser, *, default_out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="qmis", description=__doc__.split("\n")[0])
+    parser = _Parser(
+        prog="qmis",
+        description=__doc__.split("\n")[0],
+        epilog="Compiled programs are kept in ~/.cache/qmis_jax/xla (or $XDG_CACHE_HOME/qmis_jax/xla), so a second "
+        "run compiles little; QMIS_JAX_CACHE=DIR moves that cache, QMIS_JAX_CACHE=off turns it off.",
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
@@ -237,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        from qmis_jax._cache import enable_compilation_cache
+
+        enable_compilation_cache()
         return _run(args)
     except KeyboardInterrupt:
         print("qmis: interrupted; finished work is saved, continue with --resume", file=sys.stderr)

@@ -124,8 +124,9 @@ def run(
     bar = _progress_bar(len(points), progress)
     runs = []
     key = jax.random.key(cfg.seed)
+    models = {model: make_problem(cfg, model) for model in cfg.models}  # one object: programs compile once
     for model, n in points:
-        problem = make_problem(cfg, model)
+        problem = models[model]
         tag = f"{model}-n{n}"
         bar.set_description(tag)
 
