@@ -160,6 +160,11 @@ def molecular_point(
     }
 
 
+def _utility_text(metric: str, value: float) -> str:
+    """``rmse 1.11`` for the maximised ``-rmse`` score, else ``accuracy 0.85``."""
+    return f"rmse {-value:.3g}" if metric == "-rmse" else f"{metric} {value:.3g}"
+
+
 def pareto_table(point: dict[str, Any]) -> list[dict[str, Any]]:
     """Quantizers on the privacy-utility Pareto front of one point (privacy: 1 - pool-LiRA advantage)."""
     names = list(point["quantizers"])
@@ -312,7 +317,7 @@ def render_markdown(report, figures) -> str:
             "",
             "Pareto front (privacy = 1 - pool-LiRA advantage): "
             + ", ".join(
-                f"{row['quantizer']} ({fmt(row['privacy'])}, {row['utility_metric']} {fmt(row['utility'])})"
+                f"{row['quantizer']} ({fmt(row['privacy'])}, {_utility_text(row['utility_metric'], row['utility'])})"
                 for row in report["pareto"][tag]
             ),
             "",
