@@ -11,7 +11,17 @@ quantizers on privacy and utility.
 """
 
 from qmis_jax import problems, quantizers, stats, train
+from qmis_jax._cache import enable_compilation_cache
 from qmis_jax._version import __version__
 from qmis_jax.audit import AuditReport, audit
 
-__all__ = ["AuditReport", "__version__", "audit", "problems", "quantizers", "stats", "train"]
+__all__ = [
+    "AuditReport",
+    "__version__",
+    "audit",
+    "enable_compilation_cache",
+    "problems",
+    "quantizers",
+    "stats",
+    "train",
+]
