@@ -10,18 +10,20 @@ quantizers on privacy and utility.
 >>> report = qj.audit(jax.random.key(0), problem, ["fp32", "int4"], n=100, replicates=64)  # doctest: +SKIP
 """
 
-from qmis_jax import problems, quantizers, stats, train
+from qmis_jax import problems, quantizers, stats, store, train
 from qmis_jax._cache import enable_compilation_cache
 from qmis_jax._version import __version__
-from qmis_jax.audit import AuditReport, audit
+from qmis_jax.audit import AuditReport, audit, audit_model
 
 __all__ = [
     "AuditReport",
     "__version__",
     "audit",
+    "audit_model",
     "enable_compilation_cache",
     "problems",
     "quantizers",
     "stats",
+    "store",
     "train",
 ]

@@ -19,11 +19,7 @@ from qmis_jax.stats.exact import (
 )
 from qmis_jax.stats.mis import mis_asymptotic
 
-
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 # theory.md section 5: Z ~ N(0.3, 1), squared loss, fixed step h = 1

@@ -21,7 +21,7 @@ import qmis_jax as qj
 from qmis_jax import quantizers as Q
 from qmis_jax import stats, train
 from qmis_jax.cli import main
-from qmis_jax.studies.store import ResultStore
+from qmis_jax.store import ResultStore
 
 KEY = jax.random.key(0)
 LOGISTIC = qj.problems.logistic_mixture(dim=3)

@@ -25,12 +25,6 @@ from qmis_jax.problems import (
 from qmis_jax.problems._mixture import mixture_centres
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def _sample(problem, key, n):
     return jax.jit(problem.sample, static_argnums=1)(key, n)
 

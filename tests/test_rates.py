@@ -12,11 +12,7 @@ from scipy import stats as sps
 from qmis_jax.stats.mis import MisApprox, mis_asymptotic
 from qmis_jax.stats.rates import cramer_rate, gaussian_rate, indicator
 
-
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def _chernoff_reference(d, w=None):

@@ -16,11 +16,7 @@ from qmis_jax.stats.sandwich import (
     sandwich_diagonal,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 PROBLEM = logistic_mixture(dim=4, k_modes=2, separation=1.5, scale=1.0)

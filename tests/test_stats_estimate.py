@@ -16,11 +16,7 @@ from qmis_jax.stats.estimate import (
 )
 from qmis_jax.stats.rates import gaussian_rate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 GAUSS = gaussian_mean(mu=[0.3, -0.2])

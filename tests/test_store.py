@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from qmis_jax.studies.store import ResultStore, StoreError, config_hash
+from qmis_jax.store import ResultStore, StoreError, config_hash
 
 
 def test_config_hash_ignores_key_order_and_sees_values():

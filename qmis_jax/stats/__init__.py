@@ -11,6 +11,7 @@ from .attacks import (
     fit_lira,
     lira,
     lira_fallbacks,
+    lira_metrics,
     lira_pool,
     lira_scores,
     loss_attack,
@@ -23,6 +24,7 @@ from .estimate import (
     PTQ_METHODS,
     PopulationAudit,
     SingleAudit,
+    no_exponential_security,
     population_indicator,
     single_model_indicator,
     single_model_indicator_batched,
@@ -44,6 +46,7 @@ from .margins import (
 )
 from .metrics import AttackMetrics, attack_metrics, clopper_pearson, roc_curve
 from .mis import MIS_METHODS, MisApprox, mis_asymptotic
+from .options import IndicatorOptions
 from .ptq import ptq_loss, ptq_rtn
 from .rates import CramerRate, cramer_rate, gaussian_rate, indicator
 from .sandwich import (
@@ -61,6 +64,7 @@ __all__ = [
     "PTQ_METHODS",
     "AttackMetrics",
     "CramerRate",
+    "IndicatorOptions",
     "LiraFallbacks",
     "LiraFit",
     "LiraResult",
@@ -85,11 +89,13 @@ __all__ = [
     "indicator",
     "lira",
     "lira_fallbacks",
+    "lira_metrics",
     "lira_pool",
     "lira_scores",
     "loss_attack",
     "loss_differences",
     "mis_asymptotic",
+    "no_exponential_security",
     "paired_bootstrap",
     "per_sample_grads",
     "pool_membership",

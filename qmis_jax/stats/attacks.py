@@ -32,6 +32,7 @@ __all__ = [
     "fit_lira",
     "lira",
     "lira_fallbacks",
+    "lira_metrics",
     "lira_pool",
     "lira_scores",
     "loss_attack",
@@ -500,3 +501,31 @@ def lira_pool(scores, membership, *, shadow, online: bool = True, fix_variance: 
       :class:`LiraResult` as in :func:`lira` (the pair of scores, with ``.fallbacks``).
     """
     return lira(scores, membership, shadow=shadow, online=online, fix_variance=fix_variance)
+
+
+FIX_VARIANCE_BELOW = 64
+
+
+def lira_metrics(scores, membership, *, shadow, key: Array, online: bool = True, pool: bool = False) -> dict:
+    """LiRA on one quantizer's scores (embedded-target design, or the pool design with ``pool=True``) -> the
+    :func:`~qmis_jax.stats.attack_metrics` dictionary, with the fallback counts of the fit.
+
+    Below ``FIX_VARIANCE_BELOW`` shadow replicates every target shares one variance per side (Carlini et al. 2022
+    do the same with few shadow models: per-target variances from a handful of scores hurt the test).
+
+    Args:
+      scores: ``(R, T)`` statistics of every replicate's release on the targets (higher = member).
+      membership: ``(R, T)`` bool, target ``t`` is in replicate ``r``'s training set.
+      shadow: ``(R,)`` bool, the replicates the Gaussians are fitted on (the others are attacked).
+      key: PRNG key of the metrics' held-out split.
+      online: fit both sides (online LiRA) or only the non-member side (offline).
+      pool: the pool design (a different game, theory.md section 7).
+    """
+    from .metrics import attack_metrics
+
+    fix = int(np.sum(np.asarray(shadow))) < FIX_VARIANCE_BELOW
+    result = (lira_pool if pool else lira)(scores, membership, shadow=shadow, online=online, fix_variance=fix)
+    out = attack_metrics(*result, key=key).to_dict()
+    out["fallbacks"] = result.fallbacks.to_dict()
+    out["fixed_variance"] = fix
+    return out

@@ -39,6 +39,7 @@ __all__ = [
     "PTQ_METHODS",
     "PopulationAudit",
     "SingleAudit",
+    "no_exponential_security",
     "population_indicator",
     "single_model_indicator",
     "single_model_indicator_batched",
@@ -130,7 +131,9 @@ def _check_options(ptq: str, method: str, differences: str, z: float | None = No
         raise ValueError(f"z must be >= 0, got z={z!r}")
 
 
-def _no_exponential_security(q, ptq: str) -> bool:
+def no_exponential_security(q, ptq: str) -> bool:
+    """Whether a release of ``q`` under ``ptq`` has only polynomial security (``r = 0``, theory.md section 4):
+    continuous releases, and stochastic round-to-nearest (a smooth law of ``theta_hat``; see the module docs)."""
     return bool(q.continuous or (ptq == "rtn" and q.stochastic))
 
 
@@ -315,7 +318,7 @@ def _single_core(
         cr = cramer_rate(stacked, jnp.tile(valid, 3), weights=weights, cap=cap)
         rates, capped = cr.rate[:k], cr.capped[:k]
         lo_rates, hi_rates = cr.rate[k : 2 * k], cr.rate[2 * k :]
-    flat = _no_exponential_security(q, ptq)
+    flat = no_exponential_security(q, ptq)
     # a statistic that is not finite (NaN parameters, NaN losses) gives NaN, never a spurious +inf or 0
     bad = ~ok
     r_hat = jnp.where(bad, jnp.nan, indicator(rates, valid, continuous=flat))
@@ -511,7 +514,7 @@ def _population_core(
         chunk_size=chunk_size,
         differences=differences,
     )
-    flat = _no_exponential_security(q, ptq)
+    flat = no_exponential_security(q, ptq)
     capped = jnp.zeros(valid.shape, bool)
     if method == "gaussian":
         rates = gaussian_rate(delta, sigma)

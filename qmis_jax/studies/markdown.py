@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from qmis_jax.audit.tables import fmt, quantizer_table
 from qmis_jax.studies.plots import empirical_rate, indicator_attack_agreement
 
 Report = Mapping[str, Any]
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    """Format a number compactly for tables (``-`` for missing, scientific notation for small values)."""
-    if x is None:
-        return "-"
-    if isinstance(x, str):
-        return x
-    x = float(x)
-    if math.isnan(x):
-        return "nan"
-    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
-        return f"{x:.{max(digits - 1, 1)}e}"
-    return f"{x:.{digits}g}" if abs(x) >= 1 else f"{x:.{digits}f}"
 
 
 def _diag_value(v: Any) -> str:
@@ -32,40 +18,6 @@ def _diag_value(v: Any) -> str:
     if isinstance(v, (bool, int, str)):
         return str(v)
     return fmt(v)
-
-
-def _attack_cell(q: Mapping[str, Any], name: str) -> str:
-    res = q.get("attacks", {}).get(name)
-    if res is None:
-        return "-"
-    lo, hi = res["advantage_ci"]
-    return f"{fmt(res['advantage'])} [{fmt(lo)}, {fmt(hi)}]"
-
-
-def _utility_cell(u: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k} {fmt(v)}" for k, v in u.items() if not isinstance(v, dict))
-
-
-def quantizer_table(report: Report) -> list[str]:
-    """Markdown table of one audit: one row per quantizer in ranking order."""
-    lines = [
-        "| rank | quantizer | r_population | r_single median [q05, q95] | 1 - MIS (asymptotic) | flip rate (MC) "
-        "| flip rate (predicted) | LOSS advantage [95% CI] | LiRA advantage [95% CI] | MIS upper (attacks) "
-        "| utility |",
-        "|---:|---|---:|---|---:|---:|---:|---|---|---:|---|",
-    ]
-    for i, name in enumerate(report["ranking"], 1):
-        q = report["quantizers"][name]
-        s = q["r_single"]
-        mis = q.get("mis_asymptotic")
-        one_minus = None if mis is None or (isinstance(mis, float) and math.isnan(mis)) else 1.0 - mis
-        lines.append(
-            f"| {i} | {name} | {fmt(q['r_population'])} | {fmt(s['median'])} [{fmt(s['q05'])}, {fmt(s['q95'])}] "
-            f"| {fmt(one_minus)} | {fmt(q['flip_rate'])} | {fmt(q['flip_rate_predicted'])} "
-            f"| {_attack_cell(q, 'loss')} | {_attack_cell(q, 'lira')} | {fmt(q.get('mis_empirical_upper'))} "
-            f"| {_utility_cell(q['utility'])} |"
-        )
-    return lines
 
 
 def render(title: str, runs: Sequence[Report], *, figures: Sequence[str] = (), notes: Sequence[str] = ()) -> str:

@@ -11,7 +11,6 @@ from that of section 1, so its advantage is reported as such and bounds nothing;
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any
 
@@ -20,12 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats as sps
 
-from qmis_jax import stats, train
+from qmis_jax import train
+from qmis_jax._progress import progress_bar
 from qmis_jax._version import __version__
-from qmis_jax.audit import environment, lira_metrics, pool_design_scores, resolve_quantizers
+from qmis_jax.audit import audit_model, environment, resolve_quantizers
 from qmis_jax.problems import Problem
+from qmis_jax.store import ResultStore, config_hash, write_json
 from qmis_jax.studies import plots
-from qmis_jax.studies.store import ResultStore, config_hash, write_json
 
 FEATURIZERS = ("ecfp", "atompair", "maccs", "rdkit2d")
 HEADS = ("linear", "mlp")
@@ -89,62 +89,32 @@ def test_utility(problem: Problem, params, x, y, info: dict[str, Any]) -> dict[s
 def molecular_point(
     key, problem: Problem, data, qs, *, replicates: int, ptq: str, method: str, store, memory_budget: int
 ) -> dict[str, Any]:
-    """One (featurizer, head) point: full model, per-quantizer utility, single-model indicator and LiRA (pool)."""
-    k_fit, k_pool, k_q = jax.random.split(key, 3)
+    """One (featurizer, head) point: the model trained on the training split, then :func:`qmis_jax.audit_model`
+    (per-quantizer test utility, single-model indicator, and LiRA on shadow models over random halves of the
+    training split: the pool game)."""
+    k_fit, k_audit = jax.random.split(key)
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     n = int(x.shape[0])
     # the budget is checked here, before any quantizer work: a budget below one replicate is refused at once
     fit = train.fit(k_fit, problem, x, y, weights=jnp.ones((1, n), x.dtype), memory_budget=memory_budget)
     params = jax.tree.map(lambda a: a[0], fit.params)
-    entries = {}
-    for j, (name, q) in enumerate(qs.items()):
-        qkey = jax.random.fold_in(k_q, j) if q.stochastic else None
-        single = stats.single_model_indicator(q, problem, params, x, y, ptq=ptq, method=method, key=qkey)
-        mis = stats.mis_asymptotic(
-            n, single.delta, single.sigma, single.valid, method="gaussian", continuous=bool(q.continuous)
-        )
-        r_hat = float(single.r_hat)
-        lo, hi = (float(v) for v in np.asarray(single.r_interval))
-        mis_value = float(mis.mis)
-        entries[name] = {
-            "description": repr(q),
-            "continuous": bool(q.continuous),
-            "r_population": None,
-            "r_hat": r_hat,
-            "r_hat_interval": [lo, hi],
-            "r_single": {"mean": r_hat, "median": r_hat, "q05": lo, "q95": hi},
-            "mis_asymptotic": mis_value if math.isfinite(mis_value) else None,
-            "mis_asymptotic_method": "gaussian (plug-in at the trained model)",
-            "flip_rate_predicted": 1.0 if q.continuous else float(jnp.sum(jnp.where(single.valid, mis.p, 0.0))),
-            "utility": test_utility(problem, single.release, data.x_test, data.y_test, data.info),
-            "attacks": {},
-            "mis_empirical_upper": None,
-            "single_audit_ok": bool(single.ok),
-        }
-        entries[name]["utility_fp32"] = test_utility(problem, params, data.x_test, data.y_test, data.info)
-    fit_opts = dict(tol=1e-6, max_steps=None, chunk_size=None, memory_budget=memory_budget)
-    scores, membership = pool_design_scores(
-        k_pool,
+    report = audit_model(
+        k_audit,
         problem,
+        params,
+        x,
+        y,
         qs,
-        n=n // 2,
-        replicates=replicates,
+        test=(data.x_test, data.y_test),
+        utility_fn=lambda p, xt, yt: test_utility(problem, p, xt, yt, data.info),
+        pool_replicates=replicates,
         ptq=ptq,
-        skip=None,
-        max_sweeps=None,
-        fit_opts=fit_opts,
+        method=method,
+        memory_budget=memory_budget,
         store=store,
-        progress=lambda *a: None,
-        key_q=k_q,
-        pool=(x[: 2 * (n // 2)], y[: 2 * (n // 2)]),
-    )
-    shadow = stats.shadow_mask(replicates, shadows=replicates // 2)
-    for name in qs:
-        entries[name]["attacks"]["lira_pool"] = lira_metrics(
-            scores[name], membership, shadow=shadow, pool=True, key=k_pool
-        )
-        entries[name]["flip_rate"] = None
-    ranking = sorted(qs, key=lambda nm: (-entries[nm]["r_hat"], entries[nm]["attacks"]["lira_pool"]["advantage"]))
+    ).to_dict()
+    for entry in report["quantizers"].values():
+        entry["utility_fp32"] = report["trained_utility"]
     return {
         "n": n,
         "replicates": replicates,
@@ -152,9 +122,9 @@ def molecular_point(
         "data": data.info,
         "n_invalid_train": int(data.n_invalid_train),
         "n_invalid_test": int(data.n_invalid_test),
-        "quantizers": entries,
-        "ranking": ranking,
-        "ranking_by": "single-model indicator r_hat, then lower pool-LiRA advantage",
+        "quantizers": report["quantizers"],
+        "ranking": report["ranking"],
+        "ranking_by": report["ranking_by"],
         "train_grad_norm": float(fit.grad_norm[0]),
         "train_converged": bool(fit.converged[0]),
     }
@@ -195,9 +165,7 @@ def run(cfg: MolecularConfig, out: str, *, resume: bool = False, progress: bool 
     task = {"classification": "binary", None: None, "regression": "regression"}[cfg.task]
     qs = resolve_quantizers(list(cfg.quantizers))
     points = [(f, h) for f in cfg.featurizers for h in cfg.heads]
-    from qmis_jax.studies.synthetic import _progress_bar
-
-    bar = _progress_bar(len(points), progress)
+    bar = progress_bar(len(points), progress)
     key = jax.random.key(cfg.seed)
     results = {}
     for i, (feat, head) in enumerate(points):

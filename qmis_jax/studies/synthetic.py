@@ -1,7 +1,7 @@
 """The synthetic study: Gaussian mixtures in R^dim, logistic and MLP models, all quantizers, a sweep over n.
 
 Each (model, n) point is one :func:`qmis_jax.audit` on its own replicates; its chunks and its finished report are
-kept in the study's :class:`~qmis_jax.studies.store.ResultStore`, so ``--resume`` loses nothing. The study writes
+kept in the study's :class:`~qmis_jax.store.ResultStore`, so ``--resume`` loses nothing. The study writes
 ``report.json`` (the report schema of design.md for the main point, the largest n of the first model, with every
 point under ``"runs"``), ``report.md`` and the figures.
 """
@@ -18,9 +18,10 @@ import jax
 from qmis_jax import problems
 from qmis_jax import quantizers as Q
 from qmis_jax._memory import replicate_bytes
+from qmis_jax._progress import progress_bar
 from qmis_jax.audit import audit, environment
+from qmis_jax.store import ResultStore, config_hash, write_json
 from qmis_jax.studies import markdown, plots
-from qmis_jax.studies.store import ResultStore, config_hash, write_json
 
 MODELS = ("logistic", "mlp")
 QUICK_QUANTIZERS = ("fp32", "int8", "int4", "int2", "ternary", "sign", "prune50", "grid_fixed", "grid_adaptive")
@@ -121,7 +122,7 @@ def run(
     config["study"] = "synthetic"
     store = ResultStore(out, config, resume=resume)
     points = [(m, n) for m in cfg.models for n in sorted(cfg.n_values)]
-    bar = _progress_bar(len(points), progress)
+    bar = progress_bar(len(points), progress)
     runs = []
     key = jax.random.key(cfg.seed)
     models = {model: make_problem(cfg, model) for model in cfg.models}  # one object: programs compile once
@@ -199,25 +200,3 @@ def write_outputs(out: str, runs: Sequence[dict[str, Any]], config: dict[str, An
     with open(os.path.join(out, "report.md"), "w") as fh:
         fh.write(md)
     return report
-
-
-class _NullBar:
-    def set_description(self, *_):
-        pass
-
-    def set_postfix_str(self, *_):
-        pass
-
-    def update(self, *_):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return _NullBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="point", dynamic_ncols=True)

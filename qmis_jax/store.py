@@ -1,4 +1,8 @@
-"""A crash-safe result store: finished units of work saved atomically, resumed by name.
+"""Where an audit keeps its finished units of work: the :class:`Store` protocol and its two implementations.
+
+An audit computes its work in named units (a chunk of replicates, one attack design) and asks its store for each
+(``store.get_or_compute(name, compute)``). :class:`MemoryStore` (the default) just computes; :class:`ResultStore`
+saves every finished unit to a directory and reuses it on resume, so a long study survives a crash.
 
 A study's output directory holds ``manifest.json`` (configuration, its hash, the package version and the list of
 finished units) and one ``units/<name>.npz`` per finished unit (arrays only, loaded with ``allow_pickle=False``).
@@ -15,13 +19,29 @@ import os
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from qmis_jax._version import __version__
 
 MANIFEST = "manifest.json"
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What an audit needs of a store: named units of arrays (and JSON results), computed once.
+
+    ``get_or_compute(name, compute)`` returns unit ``name``: the saved arrays if it is finished, else the result
+    of ``compute()`` (a mapping of array-likes), saved first. ``prefixed(prefix)`` is a view whose unit names start
+    with ``prefix`` (several audits in one study).
+    """
+
+    def get_or_compute(self, name: str, compute: Callable[[], Mapping[str, Any]]) -> dict[str, np.ndarray]: ...
+
+    def get_or_compute_json(self, name: str, compute: Callable[[], Any]) -> Any: ...
+
+    def prefixed(self, prefix: str) -> Store: ...
 
 
 class StoreError(ValueError):
@@ -190,9 +210,15 @@ class PrefixedStore:
     def get_or_compute(self, name: str, compute: Callable[[], Mapping[str, Any]]) -> dict[str, np.ndarray]:
         return self.store.get_or_compute(self.prefix + name, compute)
 
+    def get_or_compute_json(self, name: str, compute: Callable[[], Any]) -> Any:
+        return self.store.get_or_compute_json(self.prefix + name, compute)
+
+    def prefixed(self, prefix: str) -> PrefixedStore:
+        return PrefixedStore(self.store, self.prefix + prefix)
+
 
 class MemoryStore:
-    """The in-memory stand-in for :class:`ResultStore` when nothing is written (the API default)."""
+    """The store that keeps nothing: every unit is computed when asked for (the API default)."""
 
     def get_or_compute(self, name: str, compute: Callable[[], Mapping[str, Any]]) -> dict[str, np.ndarray]:
         return {k: np.asarray(v) for k, v in compute().items()}

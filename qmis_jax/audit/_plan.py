@@ -1,0 +1,173 @@
+"""Stage 1 of the audit: check the arguments, size the chunks, split the key."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from qmis_jax import _memory
+from qmis_jax import quantizers as _quantizers
+from qmis_jax._checks import positive_int
+from qmis_jax.problems import Problem
+from qmis_jax.stats.options import IndicatorOptions
+
+ATTACKS = ("loss", "lira", "lira_offline", "lira_pool")
+SECTION1_ATTACKS = ("loss", "lira", "lira_offline")
+DEFAULT_MEMORY_BUDGET = 2 * 2**30
+
+
+class AuditKeys(NamedTuple):
+    """Independent subkeys of the audit's key, one per use (never reused)."""
+
+    train: jax.Array  # fresh-data training sets and fits
+    nonmember: jax.Array  # fresh non-members of the LOSS attack
+    population: jax.Array  # theta* and the large fresh samples
+    test: jax.Array  # the common test set
+    lira: jax.Array  # the embedded-target design
+    bootstrap: jax.Array  # paired comparisons
+    pool: jax.Array  # the pool design
+    quantize: jax.Array  # stochastic quantizers
+
+
+class AuditPlan(NamedTuple):
+    """Everything the later stages need to know, checked: sizes, options, chunks and keys."""
+
+    quantizers: dict[str, _quantizers.Quantizer]
+    n: int
+    replicates: int
+    attacks: tuple[str, ...]
+    indicator: IndicatorOptions
+    population_size: int
+    test_size: int
+    lira_replicates: int
+    lira_targets: int
+    n_boot: int
+    chunk_size: int
+    memory_budget: int
+    replicate_bytes: int
+    fit_kwargs: dict[str, Any]
+    keys: AuditKeys
+    key: jax.Array
+
+    def chunks(self, total: int | None = None) -> list[tuple[int, int]]:
+        """``[(start, stop), ...]`` covering ``total`` replicates (default: the fresh-data replicates)."""
+        total = self.replicates if total is None else total
+        return [(s, min(s + self.chunk_size, total)) for s in range(0, total, self.chunk_size)]
+
+
+def resolve_quantizers(quantizers) -> dict[str, _quantizers.Quantizer]:
+    """Normalise ``quantizers`` (preset names, Quantizer objects, or a dict name -> either) to a dict."""
+    if isinstance(quantizers, (str, _quantizers.Quantizer)):
+        quantizers = [quantizers]
+    if isinstance(quantizers, Mapping):
+        items = list(quantizers.items())
+    elif isinstance(quantizers, Sequence):
+        items = []
+        for q in quantizers:
+            if not isinstance(q, (str, _quantizers.Quantizer)):
+                raise ValueError(f"quantizers must hold preset names or Quantizer objects, got {q!r}")
+            items.append((q if isinstance(q, str) else q.name, q))
+    else:
+        raise ValueError(
+            f"quantizers must be a preset name, a Quantizer, a sequence of them or a dict, got {type(quantizers)}"
+        )
+    if not items:
+        raise ValueError("quantizers must name at least one quantizer")
+    out: dict[str, _quantizers.Quantizer] = {}
+    for name, q in items:
+        q = _quantizers.get(q) if isinstance(q, str) else q
+        if not isinstance(q, _quantizers.Quantizer):
+            raise ValueError(f"quantizers[{name!r}] must be a preset name or a Quantizer, got {q!r}")
+        if name in out:
+            raise ValueError(f"quantizers names must be unique, {name!r} appears twice")
+        out[str(name)] = q
+    return out
+
+
+def _attacks(attacks) -> tuple[str, ...]:
+    attacks = (attacks,) if isinstance(attacks, str) else tuple(attacks)
+    for a in attacks:
+        if a not in ATTACKS:
+            raise ValueError(f"attacks must be among {ATTACKS}, got {a!r}")
+    return attacks
+
+
+def _chunk_size(problem: Problem, n: int, replicates: int, chunk_size, memory_budget) -> tuple[int, int, int]:
+    """``(chunk_size, memory_budget, bytes per replicate)``; refuses a budget that cannot hold one replicate."""
+    budget_given = memory_budget is not None
+    memory_budget = positive_int("memory_budget", memory_budget if budget_given else DEFAULT_MEMORY_BUDGET)
+    x_spec = jax.eval_shape(lambda k: problem.sample(k, n), jax.random.key(0))[0]
+    dx = int(np.prod(x_spec.shape[1:]))
+    p = ravel_pytree(problem.init(jax.random.key(0)))[0].size
+    per = _memory.replicate_bytes(n=n, p=p, dx=dx)
+    if per > memory_budget and (budget_given or chunk_size is None):
+        raise ValueError(
+            f"memory_budget={memory_budget} bytes ({memory_budget / _memory.MIB:.3g} MiB) cannot hold one replicate, "
+            f"which needs about {per / _memory.MIB:.3g} MiB at n={n} with {p} parameters; raise memory_budget or "
+            "lower n"
+        )
+    if chunk_size is None:
+        chunk_size = max(1, min(replicates, memory_budget // per))
+    return positive_int("chunk_size", chunk_size), memory_budget, per
+
+
+def plan(
+    key: jax.Array,
+    problem: Problem,
+    quantizers,
+    *,
+    n: int,
+    replicates: int,
+    attacks,
+    indicator: IndicatorOptions,
+    chunk_size: int | None,
+    memory_budget: int | None,
+    population_size: int | None,
+    test_size: int,
+    lira_replicates: int | None,
+    lira_targets: int | None,
+    tol: float,
+    max_steps: int | None,
+    n_boot: int,
+) -> AuditPlan:
+    """Check every argument of :func:`qmis_jax.audit` (a ValueError names the first bad one) and plan the work."""
+    if not isinstance(problem, Problem):
+        raise ValueError(f"problem must be a qmis_jax.problems.Problem, got {type(problem).__name__}")
+    qs = resolve_quantizers(quantizers)
+    n = positive_int("n", n)
+    replicates = positive_int("replicates", replicates)
+    attacks = _attacks(attacks)
+    if population_size is None:
+        population_size = max(20 * n, 20_000)
+    population_size = positive_int("population_size", population_size)
+    test_size = positive_int("test_size", test_size)
+    lira_replicates = positive_int(
+        "lira_replicates", replicates if lira_replicates is None else lira_replicates, minimum=4
+    )
+    k_targets = positive_int("lira_targets", max(1, n // 10) if lira_targets is None else lira_targets)
+    if k_targets >= n:
+        raise ValueError(f"lira_targets must be smaller than n={n}, got lira_targets={k_targets}")
+    n_boot = positive_int("n_boot", n_boot)
+    chunk_size, memory_budget, per = _chunk_size(problem, n, replicates, chunk_size, memory_budget)
+    return AuditPlan(
+        quantizers=qs,
+        n=n,
+        replicates=replicates,
+        attacks=attacks,
+        indicator=indicator,
+        population_size=population_size,
+        test_size=test_size,
+        lira_replicates=lira_replicates,
+        lira_targets=k_targets,
+        n_boot=n_boot,
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        replicate_bytes=per,
+        fit_kwargs=dict(tol=tol, max_steps=max_steps, chunk_size=chunk_size, memory_budget=memory_budget),
+        keys=AuditKeys(*jax.random.split(key, 8)),
+        key=key,
+    )

@@ -1,0 +1,94 @@
+"""The audit's compiled programs, one per (quantizer, problem, options) and cached: chunks, sizes of n that repeat,
+and the two attack designs reuse them instead of compiling again."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qmis_jax import quantizers as _quantizers
+from qmis_jax import stats
+from qmis_jax.problems import utility
+from qmis_jax.stats.options import IndicatorOptions
+
+
+@functools.lru_cache(maxsize=256)
+def release_program(q, problem, opts: IndicatorOptions):
+    """jit(vmap) of the release on one shared pool with per-replicate membership weights (the pool design)."""
+
+    def one(params, x, y, w, key):
+        if opts.ptq == "rtn":
+            return stats.ptq_rtn(q, params, key=key, skip=opts.skip)
+        release, _ = stats.ptq_loss(
+            q,
+            problem.loss,
+            params,
+            x,
+            y,
+            key=key,
+            skip=opts.skip,
+            weights=w,
+            max_sweeps=opts.max_sweeps,
+            design=problem.design,
+            margin_loss=problem.margin_loss,
+            penalty=problem.penalty,
+        )
+        return release
+
+    return jax.jit(jax.vmap(one, in_axes=(0, None, None, 0, 0)))
+
+
+@functools.lru_cache(maxsize=256)
+def single_program(q, problem, opts: IndicatorOptions):
+    """jit(vmap) over replicates of the single-model audit, each release's codes compared to ``pop_codes``
+    (one program per quantizer, shared by the fresh-data statistics and the embedded-target LiRA chunks)."""
+
+    def one(params, x, y, key, pop_codes):
+        single = stats.single_model_indicator(q, problem, params, x, y, key=key, **opts.estimator_kwargs())
+        codes = _quantizers.tree_codes(q, single.release, params, skip=opts.skip)
+        same = functools.reduce(
+            jnp.logical_and,
+            jax.tree_util.tree_leaves(jax.tree.map(lambda a, b: jnp.all(a == b), codes, pop_codes)),
+        )
+        return single, same
+
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, None)))
+
+
+@functools.lru_cache(maxsize=64)
+def loss_program(problem, shared: bool = False):
+    """jit(vmap) of per-example losses of stacked params on per-replicate (or shared) data."""
+    data_axis = None if shared else 0
+    return jax.jit(jax.vmap(problem.batch_loss, in_axes=(0, data_axis, data_axis)))
+
+
+@functools.lru_cache(maxsize=64)
+def utility_program(problem):
+    """jit(vmap) of the utility metrics of stacked params on one shared test set."""
+    return jax.jit(jax.vmap(lambda p, x, y: utility(problem, p, x, y), in_axes=(0, None, None)))
+
+
+def per_quantizer(fn: Callable[[int, str, Any], Any], qs: Mapping[str, Any]) -> list[Any]:
+    """``[fn(j, name, q) for j, (name, q) in enumerate(qs.items())]``, run on a few threads.
+
+    Each quantizer has its own compiled programs; compiling them is single-threaded and dominates small audits, so
+    overlapping the quantizers' compilations (and runs) uses the cores XLA leaves idle. The results do not depend on
+    the number of threads (each call is a pure function of its own keys)."""
+    items = list(enumerate(qs.items()))
+    workers = min(len(items), os.cpu_count() or 1, 8)
+    if workers <= 1:
+        return [fn(j, name, q) for j, (name, q) in items]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda item: fn(item[0], *item[1]), items))
+
+
+def replicate_keys(key: jax.Array, idx: np.ndarray) -> jax.Array:
+    """``fold_in(key, i)`` for every replicate number ``i`` in ``idx``."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(idx, jnp.uint32))

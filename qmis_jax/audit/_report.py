@@ -1,0 +1,210 @@
+"""Stage 6 of the audit: one entry per quantizer, the paired comparisons and the ranking, the report itself."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import platform
+from typing import Any
+
+import jax
+import numpy as np
+
+from qmis_jax import _memory, stats
+from qmis_jax._version import __version__
+from qmis_jax.problems import Problem
+from qmis_jax.store import config_hash
+
+from ._plan import SECTION1_ATTACKS, AuditPlan
+from ._population import Population
+from ._statistics import ReplicateStats
+from ._train import Trained
+from .tables import report_table
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditReport:
+    """The result of :func:`qmis_jax.audit` or :func:`qmis_jax.audit_model`: a JSON-serialisable dictionary in the
+    report schema of design.md.
+
+    Use ``report.to_dict()`` for the full dictionary, ``report.ranking`` for the order (most secure first),
+    ``report["int4"]`` for one quantizer's entry and ``print(report)`` for a table.
+    """
+
+    data: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as a JSON-serialisable dictionary (a deep copy)."""
+        return copy.deepcopy(self.data)
+
+    @property
+    def ranking(self) -> list[str]:
+        return list(self.data["ranking"])
+
+    @property
+    def quantizers(self) -> dict[str, dict[str, Any]]:
+        return self.data["quantizers"]
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        return self.data["quantizers"][name]
+
+    def __str__(self) -> str:
+        return "\n".join(report_table(self.data))
+
+
+def environment() -> dict[str, Any]:
+    """Versions and devices, recorded in every report."""
+    devices = jax.local_devices()
+    return {
+        "qmis_jax": __version__,
+        "jax": jax.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "platform": devices[0].platform,
+        "x64": bool(jax.config.jax_enable_x64),
+    }
+
+
+def summary(values) -> dict[str, float]:
+    """Mean, median and the 5% / 95% quantiles of the finite values (NaN when there are none)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return dict.fromkeys(("mean", "median", "q05", "q95"), float("nan"))
+    q05, q95 = np.quantile(v, [0.05, 0.95])
+    return {"mean": float(np.mean(v)), "median": float(np.median(v)), "q05": float(q05), "q95": float(q95)}
+
+
+def finite_or_none(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _entry(plan: AuditPlan, name: str, pop: stats.PopulationAudit, per_rep: ReplicateStats, attacks) -> dict:
+    q = plan.quantizers[name]
+    flips = per_rep.of(name, "flip").astype(float)
+    # Held-out advantages (rule chosen on one half, evaluated on the other) are unbiased for a fixed rule, so
+    # 1 - advantage estimates an upper bound on the MIS; the interval's lower end gives a 95% upper bound.
+    section1 = [attacks[a] for a in SECTION1_ATTACKS if a in attacks]
+    continuous = stats.no_exponential_security(q, plan.indicator.ptq)
+    return {
+        "description": repr(q),
+        "continuous": continuous,
+        "r_population": float(pop.r),
+        "r_single": summary(per_rep.of(name, "r_hat")),
+        "r_single_interval_mean": [
+            float(np.nanmean(per_rep.of(name, "r_lo"))),
+            float(np.nanmean(per_rep.of(name, "r_hi"))),
+        ],
+        "mis_asymptotic": finite_or_none(pop.mis_asymptotic),
+        "mis_asymptotic_method": plan.indicator.method,
+        "mis_asymptotic_applicable": bool(pop.applicable),
+        "flip_rate": float(flips.mean()),
+        "flip_rate_se": float(flips.std(ddof=1) / math.sqrt(flips.size)) if flips.size > 1 else float("nan"),
+        "flip_rate_predicted": 1.0 if continuous else float(pop.flip_rate_predicted),
+        "competitors": int(np.sum(np.asarray(pop.valid))),
+        "rates_capped": int(np.sum(np.asarray(pop.capped))),
+        "attacks": attacks,
+        "mis_empirical_upper": (1.0 - max(a["advantage_heldout"] for a in section1)) if section1 else None,
+        "mis_empirical_upper_95": (1.0 - max(a["advantage_heldout_ci"][0] for a in section1)) if section1 else None,
+        "utility": per_rep.utility(name),
+        "single_audits_not_ok": int(np.sum(~per_rep.of(name, "ok").astype(bool))),
+    }
+
+
+def rank(key, entries: dict[str, dict], r_hats: dict[str, np.ndarray], *, n_boot: int) -> tuple[list[str], list]:
+    """Most secure first by the mean single-model indicator, ties broken by the attacks' MIS upper bound, with the
+    paired bootstrap interval of each neighbouring pair (replicates where every single audit is finite)."""
+    if len(r_hats) < 2:
+        return list(r_hats), []
+    rows = np.all([np.isfinite(v) for v in r_hats.values()], axis=0)
+    if rows.sum() < 2:
+        raise ValueError(
+            f"only {rows.sum()} of {rows.size} replicates have a finite single-model indicator for every "
+            "quantizer; see the report's diagnostics (non-finite parameters, singular Hessians)"
+        )
+    r_hats = {name: v[rows] for name, v in r_hats.items()}
+    ranking, table = stats.rank_quantizers(key, r_hats, n_boot=n_boot)
+    mean_r = {name: float(np.mean(v)) for name, v in r_hats.items()}
+    upper = {name: entries[name]["mis_empirical_upper"] or 0.0 for name in r_hats}
+    ranking = sorted(ranking, key=lambda nm: (-mean_r[nm], -upper[nm]))
+    intervals = [
+        {
+            "better": a,
+            "worse": b,
+            "r_single_mean_difference": table[a][b].estimate,
+            "interval": [table[a][b].lo, table[a][b].hi],
+        }
+        for a, b in zip(ranking[:-1], ranking[1:])
+    ]
+    return ranking, intervals
+
+
+def _config(plan: AuditPlan, problem: Problem) -> dict[str, Any]:
+    opts = plan.indicator
+    return {
+        "n": plan.n,
+        "replicates": plan.replicates,
+        "ptq": opts.ptq,
+        "method": opts.method,
+        "attacks": list(plan.attacks),
+        "problem": problem.info(),
+        "quantizers": {nm: repr(q) for nm, q in plan.quantizers.items()},
+        "population_size": plan.population_size,
+        "test_size": plan.test_size,
+        "lira_replicates": plan.lira_replicates,
+        "lira_targets": plan.lira_targets,
+        "tol": plan.fit_kwargs["tol"],
+        "max_steps": plan.fit_kwargs["max_steps"],
+        "max_sweeps": opts.max_sweeps,
+        "z": opts.z,
+        "key": np.asarray(jax.random.key_data(plan.key)).tolist(),
+    }
+
+
+def _diagnostics(plan: AuditPlan, trained: Trained) -> dict[str, Any]:
+    return {
+        "replicates_not_converged": int(np.sum(~trained.converged)),
+        "max_grad_norm": float(np.max(trained.grad_norm)),
+        "nonfinite_parameters": int(np.sum(~np.isfinite(trained.theta_all).all(axis=1))),
+        "chunk_size": plan.chunk_size,
+        "memory_budget_mib": _memory.mib(plan.memory_budget),
+        "replicate_estimate_mib": _memory.mib(plan.replicate_bytes),
+        "peak_rss_mib": _memory.mib(_memory.peak_rss_bytes()),
+        "device_peak_mib": _memory.mib(_memory.device_peak_bytes()),
+    }
+
+
+def report_stage(
+    plan: AuditPlan, problem: Problem, trained: Trained, pop: Population, per_rep: ReplicateStats, attacks
+) -> AuditReport:
+    """Assemble the report: entries, ranking with paired intervals, configuration, diagnostics, environment."""
+    entries = {name: _entry(plan, name, pop.audits[name], per_rep, attacks[name]) for name in plan.quantizers}
+    r_hats = {name: per_rep.of(name, "r_hat") for name in plan.quantizers}
+    ranking, intervals = rank(plan.keys.bootstrap, entries, r_hats, n_boot=plan.n_boot)
+    config = _config(plan, problem)
+    trained_utility = per_rep.utility("trained")
+    data = {
+        "version": __version__,
+        "kind": "audit",
+        "n": plan.n,
+        "replicates": plan.replicates,
+        "problem": problem.info(),
+        "config_hash": config_hash(config),
+        "ptq": plan.indicator.ptq,
+        "method": plan.indicator.method,
+        "theta_star": pop.source,
+        "quantizers": entries,
+        "ranking": ranking,
+        "ranking_by": "mean single-model indicator r_hat over replicates (paired bootstrap intervals), ties broken "
+        "by the empirical MIS upper bound of the attacks",
+        "ranking_intervals": intervals,
+        "trained_utility": trained_utility,
+        "diagnostics": _diagnostics(plan, trained),
+        "environment": environment(),
+        "config": config,
+    }
+    return AuditReport(data)

@@ -1,0 +1,76 @@
+"""Stage 4 of the audit: per replicate and quantizer, the release, its single-model indicator, whether it left the
+population release (the Monte Carlo flip), the LOSS attack's scores and the utility (section 6)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from qmis_jax import stats, train
+from qmis_jax.problems import Problem
+from qmis_jax.store import Store
+
+from ._plan import AuditPlan
+from ._population import Population
+from ._programs import loss_program, per_quantizer, replicate_keys, single_program, utility_program
+from ._train import Trained
+
+
+class ReplicateStats(NamedTuple):
+    """Per-replicate arrays ``(R,)`` keyed ``"{quantizer}.{field}"`` (fields ``r_hat``, ``r_lo``, ``r_hi``, ``ok``,
+    ``flip``, ``member_loss``, ``nonmember_loss``, ``utility.{metric}``) and ``"trained.utility.{metric}"``."""
+
+    arrays: dict[str, np.ndarray]
+
+    def of(self, name: str, field: str) -> np.ndarray:
+        return self.arrays[f"{name}.{field}"]
+
+    def utility(self, name: str) -> dict[str, float]:
+        prefix = f"{name}.utility."
+        return {k[len(prefix) :]: float(np.mean(v)) for k, v in self.arrays.items() if k.startswith(prefix)}
+
+
+def _chunk_statistics(plan: AuditPlan, problem: Problem, params, idx: np.ndarray, pop: Population) -> dict:
+    x, y = train.replicate_data(plan.keys.train, problem, n=plan.n, index=idx)
+    xo, yo = train.replicate_data(plan.keys.nonmember, problem, n=plan.n, index=idx)
+    opts = plan.indicator
+
+    def one(j, name, q):
+        keys = replicate_keys(jax.random.fold_in(plan.keys.quantize, j + 1), idx)
+        single, same = single_program(q, problem, opts)(params, x, y, keys, pop.audits[name].codes)
+        flipped = jax.numpy.ones_like(same) if stats.no_exponential_security(q, opts.ptq) else ~same
+        part = {
+            f"{name}.r_hat": single.r_hat,
+            f"{name}.r_lo": single.r_interval[:, 0],
+            f"{name}.r_hi": single.r_interval[:, 1],
+            f"{name}.ok": single.ok,
+            f"{name}.flip": flipped,
+            f"{name}.member_loss": loss_program(problem)(single.release, x, y),
+            f"{name}.nonmember_loss": loss_program(problem)(single.release, xo, yo),
+        }
+        for metric, values in utility_program(problem)(single.release, pop.x_test, pop.y_test).items():
+            part[f"{name}.utility.{metric}"] = values
+        return part
+
+    out = {k: v for part in per_quantizer(one, plan.quantizers) for k, v in part.items()}
+    for metric, values in utility_program(problem)(params, pop.x_test, pop.y_test).items():
+        out[f"trained.utility.{metric}"] = values
+    return out
+
+
+def statistics_stage(
+    plan: AuditPlan, problem: Problem, trained: Trained, pop: Population, store: Store, progress
+) -> ReplicateStats:
+    """The per-replicate statistics of every quantizer, chunk by chunk through the store."""
+    parts = []
+    for c, (start, stop) in enumerate(plan.chunks()):
+        idx = np.arange(start, stop)
+
+        def compute(idx=idx, c=c):
+            return _chunk_statistics(plan, problem, trained.params(c), idx, pop)
+
+        parts.append(store.get_or_compute(f"stats-{c}", compute))
+        progress("statistics", c + 1)
+    return ReplicateStats({k: np.concatenate([u[k] for u in parts]) for k in parts[0]})
