@@ -9,9 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from rdkit import Chem, rdBase
-from rdkit.Chem import AllChem, Descriptors, rdMolDescriptors
-from rdkit.Chem import rdFingerprintGenerator as fg
+
+pytest.importorskip("rdkit", reason="the molecular extra (rdkit, datamol) is not installed")
+
+from rdkit import Chem, rdBase  # noqa: E402
+from rdkit.Chem import AllChem, Descriptors, rdMolDescriptors  # noqa: E402
+from rdkit.Chem import rdFingerprintGenerator as fg  # noqa: E402
 
 from qmis_jax import molecular as mol
 from qmis_jax.problems._base import Problem, utility

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -29,11 +30,17 @@ from ._statistics import ReplicateStats
 LIRA_ATTACKS = ("lira", "lira_offline")
 
 
-def _lira_train_data(key, problem, targets_x, targets_y, membership_row, i, n, k):
-    """Replicate ``i`` of the embedded-target design: its ``k`` in-targets followed by ``n - k`` fresh points."""
-    order = jnp.argsort(~membership_row, stable=True)[:k]
-    xf, yf = problem.sample(jax.random.fold_in(key, i), n - k)
-    return jnp.concatenate([targets_x[order], xf]), jnp.concatenate([targets_y[order], yf])
+@functools.lru_cache(maxsize=64)
+def _lira_data_program(problem, n: int, k: int):
+    """jit(vmap) of the embedded-target training sets: replicate ``i``'s ``k`` in-targets, then ``n - k`` fresh
+    points ``problem.sample(fold_in(key, i), n - k)`` (compiled once per problem and sizes)."""
+
+    def one(key, targets_x, targets_y, membership_row, i):
+        order = jnp.argsort(~membership_row, stable=True)[:k]
+        xf, yf = problem.sample(jax.random.fold_in(key, i), n - k)
+        return jnp.concatenate([targets_x[order], xf]), jnp.concatenate([targets_y[order], yf])
+
+    return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0, 0)))
 
 
 def embedded_target_scores(
@@ -47,13 +54,13 @@ def embedded_target_scores(
     k_targets, k_member, k_fresh, k_fit = jax.random.split(plan.keys.lira, 4)
     tx, ty = problem.sample(k_targets, 2 * k)
     membership = np.asarray(stats.embedded_target_membership(k_member, replicates=plan.lira_replicates, targets=2 * k))
-    make = jax.jit(jax.vmap(lambda row, i: _lira_train_data(k_fresh, problem, tx, ty, row, i, n, k)))
+    make = _lira_data_program(problem, n, k)
     scores: dict[str, list[np.ndarray]] = {name: [] for name in plan.quantizers}
     for c, (start, stop) in enumerate(plan.chunks(plan.lira_replicates)):
 
         def chunk(start=start, stop=stop):
             idx = np.arange(start, stop)
-            x, y = make(jnp.asarray(membership[start:stop]), jnp.asarray(idx, jnp.uint32))
+            x, y = make(k_fresh, tx, ty, jnp.asarray(membership[start:stop]), jnp.asarray(idx, jnp.uint32))
             # on one device, like the fresh-data chunks' parameters, so the compiled programs are shared
             fit = train.fit_data(k_fit, problem, x, y, start=start, **plan.fit_kwargs)
             params = jax.device_put(fit.params, x.sharding)

@@ -35,6 +35,8 @@ class ReplicateStats(NamedTuple):
 def _chunk_statistics(plan: AuditPlan, problem: Problem, params, idx: np.ndarray, pop: Population) -> dict:
     x, y = train.replicate_data(plan.keys.train, problem, n=plan.n, index=idx)
     xo, yo = train.replicate_data(plan.keys.nonmember, problem, n=plan.n, index=idx)
+    # committed to the data's device, like the embedded-target chunks' parameters: one compiled program for both
+    params = jax.device_put(params, x.sharding)
     opts = plan.indicator
 
     def one(j, name, q):
