@@ -96,6 +96,12 @@ def _common(p: argparse.ArgumentParser, *, default_out: str) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
+def _sizes(parser: argparse.ArgumentParser, *, n_help: str, replicates_help: str) -> None:
+    """The ``--n`` and ``--replicates`` options of a study."""
+    parser.add_argument("--n", type=_int_list("--n"), default=None, help=n_help)
+    parser.add_argument("--replicates", type=_positive_int("--replicates"), default=None, help=replicates_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qmis",
@@ -113,17 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         "on Gaussian-mixture data, for one or several training-set sizes n.",
     )
     _common(s, default_out="results/synthetic")
-    s.add_argument(
-        "--n",
-        type=_int_list("--n"),
-        default=None,
-        help="training-set size, or a comma-separated list for a sweep (default 1000,2000,4000; quick: 400,800)",
-    )
-    s.add_argument(
-        "--replicates",
-        type=_positive_int("--replicates"),
-        default=None,
-        help="shadow models per (model, n), and as many again for LiRA (default 256; quick: 64)",
+    _sizes(
+        s,
+        n_help="training-set size, or a comma-separated list for a sweep (default 1000,2000,4000; quick: 400,800)",
+        replicates_help="shadow models per (model, n), and as many again for LiRA (default 256; quick: 64)",
     )
     s.add_argument(
         "--models",
@@ -158,17 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--task", choices=("regression", "classification"), default=None, help="task (default: the data set's own)"
     )
-    m.add_argument(
-        "--replicates",
-        type=_positive_int("--replicates"),
-        default=None,
-        help="LiRA shadow models (default 256; quick: 32)",
-    )
-    m.add_argument(
-        "--n",
-        type=_int_list("--n"),
-        default=None,
-        help="training-set size drawn from the training pool (default: the whole pool)",
+    _sizes(
+        m,
+        n_help="training-set size drawn at random from the training split (default: the whole split)",
+        replicates_help="LiRA shadow models (default 256; quick: 32)",
     )
     m.add_argument("--quick", action="store_true", help="small sizes that finish in about a minute")
 

@@ -67,6 +67,15 @@ def run_synthetic(args: argparse.Namespace) -> str:
     )
 
 
+def _single_n(values) -> int | None:
+    """The molecular study's one training-set size (``--n`` takes one value there)."""
+    if values is None:
+        return None
+    if len(values) != 1:
+        raise ValueError(f"--n takes one training-set size for the molecular study, got {len(values)}")
+    return values[0]
+
+
 def run_molecular(args: argparse.Namespace) -> str:
     """The molecular study (``qmis molecular``) from parsed arguments; returns the output directory."""
     from qmis_jax.studies import molecular
@@ -79,6 +88,7 @@ def run_molecular(args: argparse.Namespace) -> str:
         featurizers=args.featurizers,
         heads=args.heads,
         task=args.task,
+        n=_single_n(args.n),
     )
 
 

@@ -39,6 +39,7 @@ class MolecularConfig:
     featurizers: tuple[str, ...] = FEATURIZERS
     heads: tuple[str, ...] = HEADS
     task: str | None = None
+    n: int | None = None
     quantizers: tuple[str, ...] | None = None
     replicates: int = 256
     seed: int = 0
@@ -67,6 +68,8 @@ def validate(cfg: MolecularConfig) -> MolecularConfig:
             raise KeyError(f"--heads: unknown head {h!r}; valid: {', '.join(HEADS)}")
     if cfg.replicates < 4:
         raise ValueError(f"--replicates must be at least 4, got {cfg.replicates}")
+    if cfg.n is not None and cfg.n < 8:
+        raise ValueError(f"--n must be at least 8 molecules, got {cfg.n}")
     names = cfg.quantizers or Q.names()
     resolve_quantizers(list(names))
     return dataclasses.replace(cfg, quantizers=tuple(names))
@@ -173,7 +176,7 @@ def run(cfg: MolecularConfig, out: str, *, resume: bool = False, progress: bool 
         bar.set_description(tag)
 
         def compute(feat=feat, head=head, tag=tag, i=i):
-            data = mol.prepare(cfg.dataset, feat, task=task)
+            data = _subsample(mol.prepare(cfg.dataset, feat, task=task), cfg.n, cfg.seed)
             problem = mol.molecular_problem(data, head=head)
             point = molecular_point(
                 jax.random.fold_in(key, i),
@@ -193,6 +196,17 @@ def run(cfg: MolecularConfig, out: str, *, resume: bool = False, progress: bool 
         bar.update(1)
     bar.close()
     return write_outputs(out, cfg, config, results)
+
+
+def _subsample(data, n: int | None, seed: int):
+    """The first ``n`` points of a seeded permutation of the training split (all of it when ``n`` is None)."""
+    size = int(data.x_train.shape[0])
+    if n is None:
+        return data
+    if n > size:
+        raise ValueError(f"--n must be at most the training split's {size} molecules, got --n {n}")
+    keep = np.sort(np.random.default_rng(seed).permutation(size)[:n])
+    return data._replace(x_train=data.x_train[keep], y_train=data.y_train[keep])
 
 
 def write_outputs(out, cfg, config, results) -> dict[str, Any]:
