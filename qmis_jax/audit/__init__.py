@@ -64,6 +64,7 @@ def audit(
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     population_size: int | None = None,
+    star_size: int | None = None,
     test_size: int = 10_000,
     lira_replicates: int | None = None,
     lira_targets: int | None = None,
@@ -95,6 +96,8 @@ def audit(
       memory_budget: bytes a chunk may use (default 2 GiB); refused when one replicate alone needs more (rough
         estimate). The report's ``diagnostics`` record it with the chunk size and the peak memory.
       population_size: size of the large fresh sample for the population quantities (default ``max(20 n, 20000)``).
+      star_size: size of the fresh sample ``theta*`` is fitted on where the problem has no closed form (default
+        ``max(100 n, 20000)``, theory.md section 6).
       test_size: size of the common test set for utility.
       lira_replicates: replicates of the LiRA designs (default ``replicates``), half shadows, half attacked.
       lira_targets: ``k``: ``2k`` targets, each replicate trains on ``k`` of them plus ``n - k`` fresh points
@@ -123,6 +126,7 @@ def audit(
         chunk_size=chunk_size,
         memory_budget=memory_budget,
         population_size=population_size,
+        star_size=star_size,
         test_size=test_size,
         lira_replicates=lira_replicates,
         lira_targets=lira_targets,
@@ -133,7 +137,7 @@ def audit(
     store = MemoryStore() if store is None else store
     progress = progress or (lambda stage, done: None)
     trained = train_replicates(the_plan, problem, store, progress)
-    pop = population_stage(the_plan, problem, trained, progress)
+    pop = population_stage(the_plan, problem, progress)
     per_rep = statistics_stage(the_plan, problem, trained, pop, store, progress)
     attack_results = attack_stage(the_plan, problem, pop, per_rep, store, progress)
     return report_stage(the_plan, problem, trained, pop, per_rep, attack_results)

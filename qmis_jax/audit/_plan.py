@@ -31,6 +31,7 @@ class AuditKeys(NamedTuple):
     bootstrap: jax.Array  # paired comparisons
     pool: jax.Array  # the pool design
     quantize: jax.Array  # stochastic quantizers
+    swap: jax.Array  # the fresh points of the swap coupling
 
 
 class AuditPlan(NamedTuple):
@@ -42,6 +43,7 @@ class AuditPlan(NamedTuple):
     attacks: tuple[str, ...]
     indicator: IndicatorOptions
     population_size: int
+    star_size: int
     test_size: int
     lira_replicates: int
     lira_targets: int
@@ -127,6 +129,7 @@ def plan(
     chunk_size: int | None,
     memory_budget: int | None,
     population_size: int | None,
+    star_size: int | None,
     test_size: int,
     lira_replicates: int | None,
     lira_targets: int | None,
@@ -144,6 +147,7 @@ def plan(
     if population_size is None:
         population_size = max(20 * n, 20_000)
     population_size = positive_int("population_size", population_size)
+    star_size = positive_int("star_size", max(100 * n, 20_000) if star_size is None else star_size, minimum=2)
     test_size = positive_int("test_size", test_size)
     lira_replicates = positive_int(
         "lira_replicates", replicates if lira_replicates is None else lira_replicates, minimum=4
@@ -160,6 +164,7 @@ def plan(
         attacks=attacks,
         indicator=indicator,
         population_size=population_size,
+        star_size=star_size,
         test_size=test_size,
         lira_replicates=lira_replicates,
         lira_targets=k_targets,
@@ -168,6 +173,7 @@ def plan(
         memory_budget=memory_budget,
         replicate_bytes=per,
         fit_kwargs=dict(tol=tol, max_steps=max_steps, chunk_size=chunk_size, memory_budget=memory_budget),
-        keys=AuditKeys(*jax.random.split(key, 8)),
+        # fold_in(key, 1445) is a derivation that split(key, 8) never makes: the other keys stay as they were
+        keys=AuditKeys(*jax.random.split(key, 8), swap=jax.random.fold_in(key, 1445)),
         key=key,
     )

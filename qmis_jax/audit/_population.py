@@ -5,14 +5,12 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
-from qmis_jax import stats
+from qmis_jax import stats, train
 from qmis_jax.problems import Problem
 
 from ._plan import AuditPlan
 from ._programs import per_quantizer
-from ._train import Trained
 
 
 class Population(NamedTuple):
@@ -26,15 +24,27 @@ class Population(NamedTuple):
     y_test: jax.Array
 
 
-def population_stage(plan: AuditPlan, problem: Problem, trained: Trained, progress) -> Population:
-    """``theta*`` in closed form where the problem has one (else the replicate mean), the population release of
-    every quantizer on a large fresh sample, its rates and asymptotic MIS for training sets of size ``n``."""
+def estimate_theta_star(plan: AuditPlan, problem: Problem) -> tuple[Any, str]:
+    """``theta*`` in closed form where the problem has one, else the ERM of one large fresh sample of
+    ``plan.star_size`` points (theory.md section 6: the replicate mean's error, of order ``Sigma / (n R)``, would
+    enter ``r`` at order ``1 / (n R)``). The fit starts where every replicate starts (their shared
+    initialisation), so a non-convex model stays in the replicates' basin (section 8)."""
     k_pop = plan.keys.population
     if problem.population is not None:
-        theta_star, source = problem.population(k_pop), "closed form"
-    else:
-        theta_star = trained.unravel(jnp.asarray(trained.theta_all.mean(axis=0)))
-        source = f"mean of {plan.replicates} replicates"
+        return problem.population(k_pop), "closed form"
+    x, y = problem.sample(jax.random.fold_in(k_pop, 2), plan.star_size)
+    k_init = jax.random.split(plan.keys.train)[0]  # the replicates' shared initialisation (train.fit_fresh)
+    fit = train.fit_data(
+        plan.keys.train, problem, x[None], y[None], init_params=jax.jit(problem.init)(k_init), **plan.fit_kwargs
+    )
+    return jax.tree.map(lambda a: a[0], fit.params), f"fit on {plan.star_size} fresh points"
+
+
+def population_stage(plan: AuditPlan, problem: Problem, progress) -> Population:
+    """``theta*`` (:func:`estimate_theta_star`), the population release of every quantizer on a large fresh
+    sample, its rates and asymptotic MIS for training sets of size ``n``."""
+    k_pop = plan.keys.population
+    theta_star, source = estimate_theta_star(plan, problem)
     x_big, y_big = problem.sample(jax.random.fold_in(k_pop, 1), plan.population_size)
     x_test, y_test = problem.sample(plan.keys.test, plan.test_size)
     opts = plan.indicator

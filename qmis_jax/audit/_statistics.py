@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from qmis_jax import stats, train
@@ -20,7 +21,8 @@ from ._train import Trained
 
 class ReplicateStats(NamedTuple):
     """Per-replicate arrays ``(R,)`` keyed ``"{quantizer}.{field}"`` (fields ``r_hat``, ``r_lo``, ``r_hi``, ``ok``,
-    ``flip``, ``member_loss``, ``nonmember_loss``, ``utility.{metric}``) and ``"trained.utility.{metric}"``."""
+    ``flip``, ``swap_changed``, ``member_loss``, ``nonmember_loss``, ``utility.{metric}``) and
+    ``"trained.utility.{metric}"``."""
 
     arrays: dict[str, np.ndarray]
 
@@ -32,18 +34,38 @@ class ReplicateStats(NamedTuple):
         return {k[len(prefix) :]: float(np.mean(v)) for k, v in self.arrays.items() if k.startswith(prefix)}
 
 
+def swapped_fit(plan: AuditPlan, problem: Problem, x, y, idx: np.ndarray):
+    """The swap coupling of theory.md section 10: replicate ``i`` trained again on its data set with its first point
+    replaced by a fresh one (``problem.sample(fold_in(k_swap, i), 1)``), from the same shared initialisation.
+    Returns the data ``(x', y')`` and the parameters, committed to the data's device."""
+    fresh_x, fresh_y = train.replicate_data(plan.keys.swap, problem, n=1, index=idx)
+    xs, ys = x.at[:, 0].set(fresh_x[:, 0]), y.at[:, 0].set(fresh_y[:, 0])
+    fit = train.fit_data(plan.keys.train, problem, xs, ys, start=int(idx[0]), **plan.fit_kwargs)
+    return xs, ys, jax.device_put(fit.params, xs.sharding)
+
+
+def _releases_differ(a, b) -> jax.Array:
+    """Per replicate: whether any published number of release ``a`` differs from release ``b``."""
+    leaves = jax.tree_util.tree_leaves(jax.tree.map(lambda u, v: jnp.any((u != v).reshape(u.shape[0], -1), 1), a, b))
+    return jnp.any(jnp.stack(leaves), axis=0)
+
+
 def _chunk_statistics(plan: AuditPlan, problem: Problem, params, idx: np.ndarray, pop: Population) -> dict:
     x, y = train.replicate_data(plan.keys.train, problem, n=plan.n, index=idx)
     xo, yo = train.replicate_data(plan.keys.nonmember, problem, n=plan.n, index=idx)
     # committed to the data's device, like the embedded-target chunks' parameters: one compiled program for both
     params = jax.device_put(params, x.sharding)
+    xs, ys, params_s = swapped_fit(plan, problem, x, y, idx)
     opts = plan.indicator
 
     def one(j, name, q):
         keys = replicate_keys(jax.random.fold_in(plan.keys.quantize, j + 1), idx)
-        single, same = single_program(q, problem, opts)(params, x, y, keys, pop.audits[name].codes)
-        flipped = jax.numpy.ones_like(same) if stats.no_exponential_security(q, opts.ptq) else ~same
+        program = single_program(q, problem, opts)
+        single, same = program(params, x, y, keys, pop.audits[name].codes)
+        swapped, _ = program(params_s, xs, ys, keys, pop.audits[name].codes)
+        flipped = jnp.ones_like(same) if stats.no_exponential_security(q, opts.ptq) else ~same
         part = {
+            f"{name}.swap_changed": _releases_differ(single.release, swapped.release),
             f"{name}.r_hat": single.r_hat,
             f"{name}.r_lo": single.r_interval[:, 0],
             f"{name}.r_hi": single.r_interval[:, 1],
