@@ -17,12 +17,13 @@ def positive_int(name: str, value: Any, *, minimum: int = 1, allow_none: bool = 
     >>> positive_int("n", 0)
     Traceback (most recent call last):
     ...
-    ValueError: n must be an integer >= 1, got n=0
+    ValueError: n must be a positive integer, got 0
     """
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
     return int(value)
 
 

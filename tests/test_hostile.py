@@ -42,23 +42,28 @@ def molecular():
 
 # (row, call, exception, message pattern)
 API_ERRORS = [
-    ("audit n=0", lambda: small_audit(n=0), ValueError, r"n must be an integer >= 1, got n=0"),
-    ("audit n=2.5", lambda: small_audit(n=2.5), ValueError, r"n must be an integer >= 1, got n=2.5"),
+    ("audit n=0", lambda: small_audit(n=0), ValueError, r"n must be a positive integer, got 0"),
+    ("audit n=2.5", lambda: small_audit(n=2.5), ValueError, r"n must be a positive integer, got 2.5"),
     ("audit replicates<0", lambda: small_audit(replicates=-3), ValueError, r"replicates must be .* got replicates=-3"),
     ("audit chunk_size=0", lambda: small_audit(chunk_size=0), ValueError, r"chunk_size must be .* got chunk_size=0"),
     (
         "audit population_size=0",
         lambda: small_audit(population_size=0),
         ValueError,
-        r"population_size must be an integer >= 1, got population_size=0",
+        r"population_size must be a positive integer, got 0",
     ),
     (
         "audit lira_replicates=0",
         lambda: small_audit(lira_replicates=0),
         ValueError,
-        r"lira_replicates must be an integer >= 4, got lira_replicates=0",
+        r"lira_replicates must be an integer >= 4, got 0",
     ),
-    ("audit lira_targets=0", lambda: small_audit(lira_targets=0), ValueError, r"lira_targets must be .* got lira"),
+    (
+        "audit lira_targets=0",
+        lambda: small_audit(lira_targets=0),
+        ValueError,
+        r"lira_targets must be a positive integer, got 0",
+    ),
     ("audit lira_targets>=n", lambda: small_audit(lira_targets=50), ValueError, r"lira_targets must be smaller"),
     (
         "audit memory_budget below one replicate",

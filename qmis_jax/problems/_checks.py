@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import math
 
+from qmis_jax._checks import positive_int
 
-def positive_int(name: str, value) -> int:
-    """``value`` as an int >= 1, else ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+__all__ = ["finite", "positive_int"]
 
 
 def finite(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:

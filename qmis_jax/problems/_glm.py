@@ -27,3 +27,16 @@ def intercept_design(x: Array) -> Array:
 def linear_margin(params, x: Array) -> Array:
     """Margin ``eta = b + x @ w`` for ``x`` of shape ``(..., dim)``."""
     return params["b"][0] + x @ params["w"][:, 0]
+
+
+def penalised_loss(margin_loss, margin, *, l2: float, penalised):
+    """One example's loss ``margin_loss(margin(params, x_i), y_i) + l2 / 2 * sum of squares of penalised(params)``
+    (the ridge term only when ``l2 > 0``; ``penalised(params)`` lists the penalised leaves)."""
+
+    def loss(params, x_i: Array, y_i: Array) -> Array:
+        out = margin_loss(margin(params, x_i), y_i)
+        if l2 > 0:
+            out = out + 0.5 * l2 * sum(jnp.sum(w**2) for w in penalised(params))
+        return out
+
+    return loss

@@ -8,7 +8,7 @@ import numpy as np
 
 from ._base import Problem
 from ._checks import finite, positive_int
-from ._glm import intercept_design, linear_init, linear_margin
+from ._glm import intercept_design, linear_init, linear_margin, penalised_loss
 
 Array = jax.Array
 
@@ -59,11 +59,7 @@ def linear_regression(*, dim: int, noise: float = 1.0, l2: float = 0.0, seed: in
         eps = jax.random.normal(k_e, (n,), x.dtype)
         return x, b_star + x @ jnp.asarray(w_star, x.dtype) + noise * eps
 
-    def loss(params, x_i: Array, y_i: Array) -> Array:
-        out = _squared_margin_loss(linear_margin(params, x_i), y_i)
-        if l2 > 0:
-            out = out + 0.5 * l2 * jnp.sum(params["w"] ** 2)
-        return out
+    loss = penalised_loss(_squared_margin_loss, linear_margin, l2=l2, penalised=lambda p: [p["w"]])
 
     def predict(params, x: Array) -> Array:
         return linear_margin(params, x)

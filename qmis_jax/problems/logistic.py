@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from ._base import Problem
 from ._checks import finite, positive_int
-from ._glm import intercept_design, linear_init, linear_margin
+from ._glm import intercept_design, linear_init, linear_margin, penalised_loss
 from ._mixture import logistic_margin_loss, mixture_centres, mixture_sampler
 
 Array = jax.Array
@@ -66,11 +66,7 @@ def logistic_mixture(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     centres = mixture_centres(dim=dim, k_modes=k_modes, separation=separation, scale=scale, seed=seed)
 
-    def loss(params, x_i: Array, y_i: Array) -> Array:
-        out = logistic_margin_loss(linear_margin(params, x_i), y_i)
-        if l2 > 0:
-            out = out + 0.5 * l2 * jnp.sum(params["w"] ** 2)
-        return out
+    loss = penalised_loss(logistic_margin_loss, linear_margin, l2=l2, penalised=lambda p: [p["w"]])
 
     def predict(params, x: Array) -> Array:
         return jax.nn.sigmoid(linear_margin(params, x))

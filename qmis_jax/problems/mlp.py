@@ -8,6 +8,7 @@ from flax import nnx
 
 from ._base import Problem
 from ._checks import finite, positive_int
+from ._glm import penalised_loss
 from ._mixture import logistic_margin_loss, mixture_centres, mixture_sampler
 from ._nnx import pure_module
 
@@ -81,11 +82,9 @@ def mlp_mixture(
     def init(key: Array):
         return pure_module(MLP(dim, hidden, activation=activation, rngs=nnx.Rngs(params=key)))[1]
 
-    def loss(params, x_i: Array, y_i: Array) -> Array:
-        out = logistic_margin_loss(apply(params, x_i), y_i)
-        if l2 > 0:
-            out = out + 0.5 * l2 * (jnp.sum(params["hidden"]["kernel"] ** 2) + jnp.sum(params["out"]["kernel"] ** 2))
-        return out
+    loss = penalised_loss(
+        logistic_margin_loss, apply, l2=l2, penalised=lambda p: [p["hidden"]["kernel"], p["out"]["kernel"]]
+    )
 
     def predict(params, x: Array) -> Array:
         return jax.nn.sigmoid(apply(params, x))

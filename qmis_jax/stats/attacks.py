@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qmis_jax._checks import positive_int
+
 __all__ = [
     "LiraFallbacks",
     "LiraFit",
@@ -99,13 +101,6 @@ def score_from_loss(loss, task: str) -> Array:
     return -l_safe - jnp.log(-jnp.expm1(-l_safe))
 
 
-def _check_positive_int(value, name: str, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
-    return int(value)
-
-
-@functools.partial(jax.jit, static_argnames=("rows", "size"))
 def _halves_chunk(key: Array, start: Array, rows: int, size: int) -> Array:
     def row(i):
         # ranks of i.i.d. 32-bit random words: a uniform random permutation (ties, of probability ~size^2 / 2^33,
@@ -146,8 +141,8 @@ def embedded_target_membership(key: Array, *, replicates: int, targets: int) -> 
     >>> m.sum(axis=1).tolist()
     [2, 2, 2]
     """
-    replicates = _check_positive_int(replicates, "replicates")
-    targets = _check_positive_int(targets, "targets", minimum=2)
+    replicates = positive_int("replicates", replicates)
+    targets = positive_int("targets", targets, minimum=2)
     if targets % 2:
         raise ValueError(f"targets must be even (each replicate takes half), got targets={targets}")
     return _balanced_halves(key, replicates, targets)
@@ -170,8 +165,8 @@ def pool_membership(key: Array, *, replicates: int, pool: int) -> Array:
     Returns:
       ``(R, pool)`` bool array, ``True`` where the pool point is in the replicate's training set.
     """
-    replicates = _check_positive_int(replicates, "replicates")
-    pool = _check_positive_int(pool, "pool", minimum=2)
+    replicates = positive_int("replicates", replicates)
+    pool = positive_int("pool", pool, minimum=2)
     if pool % 2:
         raise ValueError(f"pool must be even (each replicate takes half), got pool={pool}")
     return _balanced_halves(key, replicates, pool)
@@ -190,8 +185,8 @@ def shadow_mask(replicates: int, *, shadows: int) -> Array:
     Returns:
       ``(R,)`` bool array.
     """
-    replicates = _check_positive_int(replicates, "replicates", minimum=2)
-    shadows = _check_positive_int(shadows, "shadows")
+    replicates = positive_int("replicates", replicates, minimum=2)
+    shadows = positive_int("shadows", shadows)
     if shadows >= replicates:
         raise ValueError(f"shadows must be < replicates={replicates}, got shadows={shadows}")
     return jnp.arange(replicates) < shadows

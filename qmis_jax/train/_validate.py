@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from qmis_jax._checks import check_data, check_fits_model, check_key
+from qmis_jax._checks import positive_int as check_positive_int
 from qmis_jax.problems._base import Problem
 
 __all__ = [
@@ -23,14 +24,6 @@ __all__ = [
 def check_problem(problem) -> None:
     if not isinstance(problem, Problem):
         raise ValueError(f"problem must be a qmis_jax.problems.Problem, got {type(problem).__name__}")
-
-
-def check_positive_int(name: str, value, *, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def check_tol(tol) -> float:
