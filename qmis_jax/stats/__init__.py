@@ -19,6 +19,19 @@ from .attacks import (
     shadow_mask,
 )
 from .bootstrap import PairedDiff, paired_bootstrap, rank_quantizers
+from .bracket import (
+    REGIME_THRESHOLD,
+    HeldoutAdvantage,
+    MisBracket,
+    SwapBound,
+    asymptotic_regime,
+    bracket_levels,
+    heldout_advantage,
+    heldout_advantage_embedded,
+    mean_lower_limit,
+    mis_bracket,
+    swap_bound,
+)
 from .estimate import (
     PTQ_METHODS,
     PopulationAudit,
@@ -42,7 +55,7 @@ from .margins import (
     rtn_differences,
     rtn_margins,
 )
-from .metrics import AttackMetrics, attack_metrics, clopper_pearson, roc_curve
+from .metrics import AttackMetrics, attack_metrics, attack_metrics_embedded, clopper_pearson, roc_curve
 from .mis import MIS_METHODS, MisApprox, mis_asymptotic
 from .ptq import ptq_loss, ptq_rtn
 from .rates import CramerRate, cramer_rate, gaussian_rate, indicator
@@ -56,9 +69,21 @@ from .sandwich import (
 )
 
 __all__ = [
+    "swap_bound",
+    "mis_bracket",
+    "mean_lower_limit",
+    "heldout_advantage_embedded",
+    "heldout_advantage",
+    "bracket_levels",
+    "attack_metrics_embedded",
+    "asymptotic_regime",
+    "SwapBound",
+    "MisBracket",
+    "HeldoutAdvantage",
     "LOSS_DIFFERENCE_METHODS",
     "MIS_METHODS",
     "PTQ_METHODS",
+    "REGIME_THRESHOLD",
     "AttackMetrics",
     "CramerRate",
     "LiraFallbacks",
