@@ -110,8 +110,9 @@ def union_probability(
     through the same copula). The union probability ``P = P(any k: Y_k < t_k)`` is estimated by importance sampling
     over the union (Owen, Maximov & Chertkov 2019): draw ``k`` with probability ``p_k / sum p``, then ``Y`` from its
     law given ``Y_k < t_k``, and use ``P = (sum_k p_k) E[1 / N(Y)]`` with ``N(Y) >= 1`` the number of events that
-    happen. The estimate is kept in ``[max_k p_k, sum_k p_k]``, where ``P`` lies, and its relative Monte Carlo error is at most
-    ``sqrt((1 - 1/L) / samples)``-ish (1/N lies in ``[1/L, 1]``): about 1.5% at the default 4096 samples. Events
+    happen. ``1 / N`` lies in ``[1/L, 1]``, so the standard error is at most ``sum_k p_k / (2 sqrt(samples))``
+    (a fraction of ``P`` at most ``L / (2 sqrt(samples))``, and much less in practice); the estimate is kept in
+    ``[max_k p_k, sum_k p_k]``, where ``P`` lies. Events
     that are the same event (correlation 1) count once; exclusive ones (one coordinate down and up) add up.
 
     Only the ``top`` competitors with the largest ``p_k`` enter the correlated computation; the others are added by
