@@ -84,3 +84,58 @@ def test_mis_asymptotic_flip_fields():
     assert math.isnan(float(cont.sqrt_n_c_min)) and not asymptotic_regime(float(cont.sqrt_n_c_min))
     cr = mis_asymptotic(n, delta, sigma, valid, method="cramer", D=D + delta[:, None])
     assert 0.0 <= float(cr.flip_probability) <= float(cr.flip_union_bound) + 1e-6
+
+
+@pytest.mark.slow
+def test_logistic_flip_rate_matches_the_joint_gaussian_prediction():
+    """Multi-parameter logistic regression on a fixed grid (5 parameters, 10 correlated competitors per PTQ): the
+    Monte Carlo flip rate over fresh replicates against the predicted P(any competitor event), within 4 SE.
+
+    Loss PTQ: population release chosen on one fresh sample, gaps and correlations estimated on another of 100 n
+    points (theory.md section 6). RTN: margins at the replicate mean (the centre of theta_hat at this n, which
+    carries the O(1/n) bias of the logistic MLE), sandwich and correlations on the same 100 n points."""
+    from jax.flatten_util import ravel_pytree
+
+    import qmis_jax as qj
+    from qmis_jax import stats, train
+
+    dim, step, n, reps = 4, 0.5, 3000, 1000
+    prob = qj.problems.logistic_mixture(dim=dim, seed=0)
+    q = qj.quantizers.uniform(step=step)
+    key = jax.random.key(1)
+    xa, ya = prob.sample(jax.random.fold_in(key, 1), 200_000)
+    xb, yb = prob.sample(jax.random.fold_in(key, 2), 100 * n)
+    fit = train.fit_data(jax.random.fold_in(key, 3), prob, xa[None], ya[None])
+    theta_star = jax.tree.map(lambda a: a[0], fit.params)
+    k_rep = jax.random.fold_in(key, 4)
+    res = train.fit_fresh(k_rep, prob, n=n, replicates=reps)
+    x, y = train.replicate_data(k_rep, prob, n=n, index=np.arange(reps))
+
+    def flat(tree):
+        return np.asarray(jax.vmap(lambda p: ravel_pytree(p)[0])(tree))
+
+    for ptq in ("loss", "rtn"):
+        if ptq == "loss":
+            release = stats.population_indicator(q, prob, theta_star, xa, ya, n=n, ptq="loss").release
+            moves = stats.competitors(q, release, theta_star)
+            D = stats.loss_differences(prob.loss, release, moves, xb, yb)
+            delta, sigma = stats.gap_stats(D, moves.valid)
+            valid = moves.valid
+        else:
+            centre = jax.tree.map(lambda a: jnp.mean(a, axis=0), res.params)
+            pop = stats.population_indicator(q, prob, centre, xb, yb, n=n, ptq="rtn")
+            release, delta, sigma, valid = pop.release, pop.delta, pop.sigma, pop.valid
+            D, _ = stats.rtn_differences(q, prob.loss, centre, xb, yb)
+        predicted = mis_asymptotic(n, delta, sigma, valid, D=D)
+        single = stats.single_model_indicator_batched(q, prob, res.params, x, y, ptq=ptq)
+        flips = np.any(flat(single.release) != np.asarray(ravel_pytree(release)[0])[None], axis=1)
+        rate = flips.mean()
+        se = math.sqrt(max(rate * (1 - rate), 1.0 / reps) / reps)
+        assert int(np.sum(np.asarray(valid))) >= 8
+        assert abs(rate - float(predicted.flip_probability)) < 4 * se, (
+            ptq,
+            rate,
+            se,
+            float(predicted.flip_probability),
+        )
+        assert float(predicted.flip_probability) <= float(predicted.flip_union_bound) + 1e-6

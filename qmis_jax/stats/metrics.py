@@ -190,8 +190,9 @@ class AttackMetrics(NamedTuple):
         replicate structure is given): the rule is chosen on a random half of the member and non-member scores and
         evaluated on the rest; pairs of one replicate share its release, so this one is descriptive only.
       advantage_heldout_ci: ``(lo, hi)`` two-sided interval at ``level`` for the held-out rule's advantage, clipped
-        to ``[0, 1]`` (an interval for ``max(0, TPR - FPR)``, which lower-bounds ``Delta``). By replicate: one-sided limits at ``1 - (1 - level) / 2`` each from the per-replicate values
-        (better of Hoeffding and empirical Bernstein, :func:`~qmis_jax.stats.bracket.mean_lower_limit`). By pair:
+        to ``[0, 1]`` (an interval for ``max(0, TPR - FPR)``, which lower-bounds ``Delta``). By replicate: one-sided
+        limits at ``1 - (1 - level) / 2`` each from the per-replicate values (better of Hoeffding and empirical
+        Bernstein, :func:`~qmis_jax.stats.bracket.mean_lower_limit`). By pair:
         Bonferroni-combined Clopper-Pearson intervals over the evaluation pairs (too narrow when pairs share
         releases).
       advantage_bound: one-sided lower confidence limit at ``bound_level`` on the held-out rule's advantage, clipped
