@@ -299,3 +299,38 @@ def test_asymptotic_regime_on_exact_gaussian_mean_cases():
     assert seen_false >= 3 and seen_true >= 3
     assert asymptotic_regime(float("nan")) is False and asymptotic_regime(float("inf")) is True
     np.testing.assert_array_equal(asymptotic_regime(np.array([0.5, 2.5, np.nan])), [False, True, False])
+
+
+def test_lira_by_replicate_on_the_full_precision_gaussian_mean():
+    """Embedded-target design (theory.md section 7) on the full-precision mean, d = 50, n = 50: LiRA's pooled
+    in-sample advantage is the one of the pair-based wrapper, and its held-out advantage (rule chosen on other
+    replicates AND other targets) does not beat the exact Delta beyond 4 SE, with a positive lower limit."""
+    from qmis_jax.stats.attacks import embedded_target_membership, fit_lira, lira, lira_scores, shadow_mask
+    from qmis_jax.stats.metrics import lira_metrics_by_replicate
+
+    n, d, reps, targets = 50, 50, 512, 10
+    k_t, k_m, k_f = jax.random.split(jax.random.key(21), 3)
+    pts = jax.random.normal(k_t, (targets, d))
+    membership = embedded_target_membership(k_m, replicates=reps, targets=targets)
+
+    def release(k, mem):
+        fresh = jax.random.normal(k, (n - targets // 2, d))
+        inside = jnp.sum(jnp.where(mem[:, None], pts, 0.0), axis=0)
+        return (inside + jnp.sum(fresh, axis=0)) / n
+
+    rel = jax.vmap(release)(jax.random.split(k_f, reps), membership)
+    scores = -jnp.sum((rel[:, None, :] - pts[None, :, :]) ** 2, axis=-1)  # higher = closer = more likely a member
+    shadow = shadow_mask(reps, shadows=reps // 2)
+    res, fallbacks = lira_metrics_by_replicate(scores, membership, shadow=shadow, key=3, bound_level=0.975)
+    pooled = attack_metrics(*lira(scores, membership, shadow=shadow), key=3)
+    assert res.advantage == pytest.approx(pooled.advantage) and res.auc == pytest.approx(pooled.auc)
+    assert res.heldout_design == "replicate+target" and 0 < res.heldout_replicates <= reps // 4 + 1
+    assert fallbacks.targets == targets
+    sh = np.asarray(shadow)
+    lr = np.asarray(lira_scores(scores, fit_lira(scores, membership, shadow=shadow)))[~sh]
+    ho = heldout_advantage_embedded(3, lr, np.asarray(membership)[~sh], level=0.975)
+    assert res.advantage_heldout == pytest.approx(ho.mean)
+    delta, delta_se = gaussian_mean_fp_delta(n, d, num_samples=200_000, seed=5)
+    se = np.std(ho.values, ddof=1) / math.sqrt(ho.values.size)
+    assert res.advantage_heldout < delta + 4 * (se + delta_se)
+    assert 0.0 < res.advantage_bound <= res.advantage_heldout

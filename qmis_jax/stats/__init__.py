@@ -55,7 +55,14 @@ from .margins import (
     rtn_differences,
     rtn_margins,
 )
-from .metrics import AttackMetrics, attack_metrics, attack_metrics_embedded, clopper_pearson, roc_curve
+from .metrics import (
+    AttackMetrics,
+    attack_metrics,
+    attack_metrics_embedded,
+    clopper_pearson,
+    lira_metrics_by_replicate,
+    roc_curve,
+)
 from .mis import MIS_METHODS, MisApprox, mis_asymptotic
 from .ptq import ptq_loss, ptq_rtn
 from .rates import CramerRate, cramer_rate, gaussian_rate, indicator
@@ -110,6 +117,7 @@ __all__ = [
     "indicator",
     "lira",
     "lira_fallbacks",
+    "lira_metrics_by_replicate",
     "lira_pool",
     "lira_scores",
     "loss_attack",

@@ -20,7 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats as _sps
 
-__all__ = ["AttackMetrics", "attack_metrics", "attack_metrics_embedded", "clopper_pearson", "roc_curve"]
+__all__ = [
+    "AttackMetrics",
+    "attack_metrics",
+    "attack_metrics_embedded",
+    "clopper_pearson",
+    "lira_metrics_by_replicate",
+    "roc_curve",
+]
 
 
 def _check_level(level: float) -> float:
@@ -464,3 +471,46 @@ def attack_metrics_embedded(
     )
     design = "replicate+target" if split_targets else "replicate"
     return _by_replicate(ins, ho, key, design, level, bound_level, again)
+
+
+def lira_metrics_by_replicate(
+    scores,
+    membership,
+    *,
+    shadow,
+    online: bool = True,
+    fix_variance: bool = False,
+    level: float = 0.95,
+    key=None,
+    max_roc_points: int = 200,
+    bound_level: float | None = None,
+) -> tuple[AttackMetrics, Any]:
+    """LiRA in the embedded-target design with held-out metrics by replicate and target (theory.md s. 7 and 10).
+
+    The per-target fits use the shadow replicates (:func:`~qmis_jax.stats.attacks.lira`, which also validates the
+    design and counts the fallbacks); the likelihood ratios of the evaluation (non-shadow) replicates form a
+    ``(R_eval, T)`` matrix, and :func:`attack_metrics_embedded` chooses the rule on half of those replicates and half
+    of the targets and evaluates it on each other replicate's other targets.
+
+    Args:
+      scores: ``(R, T)`` statistic of each replicate's release on each target
+        (:func:`~qmis_jax.stats.attacks.score_from_loss`).
+      membership: ``(R, T)`` bool. shadow: ``(R,)`` bool, the replicates the fits use.
+      online: likelihood ratio of in- and out-fits, or the offline test. fix_variance: one variance per side.
+      level, key, max_roc_points, bound_level: as in :func:`attack_metrics_embedded`.
+
+    Returns:
+      ``(metrics, fallbacks)``: :class:`AttackMetrics` and the fit's
+      :class:`~qmis_jax.stats.attacks.LiraFallbacks`.
+    """
+    from .attacks import fit_lira, lira, lira_scores
+
+    checked = lira(scores, membership, shadow=shadow, online=online, fix_variance=fix_variance)
+    sh = np.asarray(shadow, bool)
+    mem = np.asarray(membership, bool)
+    fit = fit_lira(jnp.asarray(scores), jnp.asarray(mem), shadow=jnp.asarray(sh), fix_variance=fix_variance)
+    lr = np.asarray(lira_scores(jnp.asarray(scores), fit, online=online))
+    metrics = attack_metrics_embedded(
+        lr[~sh], mem[~sh], level=level, key=key, max_roc_points=max_roc_points, bound_level=bound_level
+    )
+    return metrics, checked.fallbacks
