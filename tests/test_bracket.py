@@ -13,6 +13,7 @@ from statsmodels.stats.proportion import proportion_confint
 from qmis_jax.stats.bracket import (
     asymptotic_regime,
     bracket_levels,
+    bracket_report,
     heldout_advantage,
     heldout_advantage_embedded,
     mean_lower_limit,
@@ -334,3 +335,14 @@ def test_lira_by_replicate_on_the_full_precision_gaussian_mean():
     se = np.std(ho.values, ddof=1) / math.sqrt(ho.values.size)
     assert res.advantage_heldout < delta + 4 * (se + delta_se)
     assert 0.0 < res.advantage_bound <= res.advantage_heldout
+
+
+def test_bracket_report_entries():
+    changed = np.zeros(400, bool)
+    changed[:3] = True
+    out = bracket_report(changed, {"loss": 0.01, "lira": 0.002}, level=0.95)
+    u = proportion_confint(3, 400, alpha=0.05, method="beta")[1]  # one-sided 97.5% = two-sided 95% upper end
+    assert out["mis_bracket"] == pytest.approx([1 - u, 0.99])
+    assert out["mis_empirical_upper"] == out["mis_bracket"][1]
+    assert out["attack_level"] == pytest.approx(1 - 0.025 / 2) and out["swap"]["changes"] == 3
+    assert bracket_report(changed, None, continuous=True)["mis_bracket"] == [0.0, 1.0]

@@ -32,6 +32,7 @@ __all__ = [
     "SwapBound",
     "asymptotic_regime",
     "bracket_levels",
+    "bracket_report",
     "heldout_advantage",
     "heldout_advantage_embedded",
     "mean_lower_limit",
@@ -388,6 +389,37 @@ def mis_bracket(swap_upper, heldout_lower_limits=(), *, continuous: bool = False
     lower = 0.0 if continuous else max(0.0, 1.0 - u)
     upper = min(1.0, 1.0 - max(0.0, a))
     return MisBracket(lower=round(lower, 15), upper=round(upper, 15), swap_upper=u, attack_lower=a, level=level)
+
+
+def bracket_report(changed, attack_bounds=None, *, continuous: bool = False, level: float = 0.95) -> dict[str, Any]:
+    """A quantizer's bracket entries for a report, in one call (theory.md section 10).
+
+    Runs :func:`swap_bound` at the swap end's level and :func:`mis_bracket` with the attacks' lower limits. The
+    lower limits must have been computed at ``bracket_levels(J, level=level)[1]`` with ``J = len(attack_bounds)``
+    (``attack_metrics(..., bound_level=...)``'s ``advantage_bound``, or ``HeldoutAdvantage.lower``).
+
+    Args:
+      changed: ``(R,)`` bools, ``R_i != R_i'`` under the swap (every published number compared).
+      attack_bounds: mapping attack name -> lower limit (or a sequence of them) over the section-1 attacks; ``None``
+        or empty: no attack, upper end 1.
+      continuous: the release is continuous (lower end 0).
+      level: joint level.
+
+    Returns:
+      ``{"mis_bracket": [lower, upper], "mis_empirical_upper": upper, "mis_bracket_level": level,
+      "swap": SwapBound.to_dict(), "attack_level": the per-attack level}``.
+    """
+    values = list((attack_bounds or {}).values()) if isinstance(attack_bounds, dict) else list(attack_bounds or [])
+    swap_level, attack_level = bracket_levels(max(1, len(values)), level=level)
+    swap = swap_bound(changed, level=swap_level)
+    b = mis_bracket(swap.upper, values, continuous=continuous, level=level)
+    return {
+        "mis_bracket": b.to_list(),
+        "mis_empirical_upper": float(b.upper),
+        "mis_bracket_level": float(level),
+        "swap": swap.to_dict(),
+        "attack_level": float(attack_level),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------
