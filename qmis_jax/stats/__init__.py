@@ -20,6 +20,20 @@ from .attacks import (
     shadow_mask,
 )
 from .bootstrap import PairedDiff, paired_bootstrap, rank_quantizers
+from .bracket import (
+    REGIME_THRESHOLD,
+    HeldoutAdvantage,
+    MisBracket,
+    SwapBound,
+    asymptotic_regime,
+    bracket_levels,
+    bracket_report,
+    heldout_advantage,
+    heldout_advantage_embedded,
+    mean_lower_limit,
+    mis_bracket,
+    swap_bound,
+)
 from .estimate import (
     PTQ_METHODS,
     PopulationAudit,
@@ -44,7 +58,14 @@ from .margins import (
     rtn_differences,
     rtn_margins,
 )
-from .metrics import AttackMetrics, attack_metrics, clopper_pearson, roc_curve
+from .metrics import (
+    AttackMetrics,
+    attack_metrics,
+    attack_metrics_embedded,
+    clopper_pearson,
+    lira_metrics_by_replicate,
+    roc_curve,
+)
 from .mis import MIS_METHODS, MisApprox, mis_asymptotic
 from .options import IndicatorOptions
 from .ptq import ptq_loss, ptq_rtn
@@ -59,9 +80,22 @@ from .sandwich import (
 )
 
 __all__ = [
+    "swap_bound",
+    "mis_bracket",
+    "mean_lower_limit",
+    "heldout_advantage_embedded",
+    "heldout_advantage",
+    "bracket_levels",
+    "bracket_report",
+    "attack_metrics_embedded",
+    "asymptotic_regime",
+    "SwapBound",
+    "MisBracket",
+    "HeldoutAdvantage",
     "LOSS_DIFFERENCE_METHODS",
     "MIS_METHODS",
     "PTQ_METHODS",
+    "REGIME_THRESHOLD",
     "AttackMetrics",
     "CramerRate",
     "IndicatorOptions",
@@ -90,6 +124,7 @@ __all__ = [
     "lira",
     "lira_fallbacks",
     "lira_metrics",
+    "lira_metrics_by_replicate",
     "lira_pool",
     "lira_scores",
     "loss_attack",

@@ -6,7 +6,9 @@ are post-processing steps on at most a few million numbers, not the batched core
 
 The advantage of an attack is ``max_t |TPR(t) - FPR(t)|`` over thresholds (theory.md section 7). By section 1, a
 section-1 attack's advantage lower-bounds ``Delta`` and ``1 - advantage`` upper-bounds the MIS, but only through an
-interval that is honest about how the threshold was chosen; see :func:`attack_metrics`.
+interval that is honest about how the threshold was chosen, and about which pairs share a release: pairs from one
+replicate share its release, so the held-out advantage that bounds anything is split by replicate (theory.md
+sections 7 and 10; :func:`attack_metrics` with ``by_replicate=True``, :func:`attack_metrics_embedded`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats as _sps
 
-__all__ = ["AttackMetrics", "attack_metrics", "clopper_pearson", "roc_curve"]
+__all__ = [
+    "AttackMetrics",
+    "attack_metrics",
+    "attack_metrics_embedded",
+    "clopper_pearson",
+    "lira_metrics_by_replicate",
+    "roc_curve",
+]
 
 
 def _check_level(level: float) -> float:
@@ -180,12 +189,22 @@ class AttackMetrics(NamedTuple):
       advantage_ci: ``(lo, hi)`` at the chosen threshold: Clopper-Pearson intervals on TPR and FPR, each at level
         ``1 - (1 - level) / 2`` (Bonferroni), combined as ``[max(0, tpr_lo - fpr_hi), tpr_hi - fpr_lo]``. The
         threshold was selected on the same scores, so this interval inherits the selection's optimism.
-      advantage_heldout: the threshold and direction are chosen on a random half of the members and of the
-        non-members; this is ``TPR - FPR`` of that fixed rule on the other halves (unbiased for the rule's true
-        advantage; may be negative by chance).
-      advantage_heldout_ci: the same Bonferroni-combined Clopper-Pearson interval on the evaluation halves; it is
-        exact for a rule fixed in advance, so its lower end is a valid lower confidence bound on ``Delta`` (for a
-        section-1 game) and ``1 - lo`` an upper bound on the MIS. Use this one for "bounds" statements.
+      advantage_heldout: the held-out advantage, in ``[-1, 1]``: unbiased for the held-out rule's ``TPR - FPR``, so
+        it may be negative by chance (clip at 0 for a statement about ``Delta``). By replicate (``heldout_design`` is
+        ``"replicate"`` or ``"replicate+target"``): the rule (threshold and direction) is chosen on half of the
+        replicates (and, embedded-target design, half of the targets) and this is the mean of ``TPR_i - FPR_i`` over
+        the other replicates (:func:`~qmis_jax.stats.bracket.heldout_advantage`). By pair (``"pair"``, when no
+        replicate structure is given): the rule is chosen on a random half of the member and non-member scores and
+        evaluated on the rest; pairs of one replicate share its release, so this one is descriptive only.
+      advantage_heldout_ci: ``(lo, hi)`` two-sided interval at ``level`` for the held-out rule's advantage, clipped
+        to ``[0, 1]`` (an interval for ``max(0, TPR - FPR)``, which lower-bounds ``Delta``). By replicate: one-sided
+        limits at ``1 - (1 - level) / 2`` each from the per-replicate values (better of Hoeffding and empirical
+        Bernstein, :func:`~qmis_jax.stats.bracket.mean_lower_limit`). By pair:
+        Bonferroni-combined Clopper-Pearson intervals over the evaluation pairs (too narrow when pairs share
+        releases).
+      advantage_bound: one-sided lower confidence limit at ``bound_level`` on the held-out rule's advantage, clipped
+        to ``[0, 1]``: with a by-replicate design and a section-1 attack, a lower bound on ``Delta`` and the input
+        of :func:`~qmis_jax.stats.bracket.mis_bracket` (pass ``bound_level = bracket_levels(J)[1]``).
       auc: area under the ROC curve, the Mann-Whitney statistic ``P(S_m > S_n) + P(S_m = S_n) / 2``.
       tpr_at_1pct_fpr: largest TPR among thresholds with FPR <= 1% (rule "member iff score >= t").
       tpr_at_01pct_fpr: the same at FPR <= 0.1%.
@@ -197,12 +216,16 @@ class AttackMetrics(NamedTuple):
       n_members: number of member scores.
       n_nonmembers: number of non-member scores.
       level: confidence level of the intervals.
+      bound_level: one-sided level of ``advantage_bound``.
+      heldout_design: ``"replicate"``, ``"replicate+target"`` or ``"pair"``.
+      heldout_replicates: number of evaluation replicates (0 for ``"pair"``).
     """
 
     advantage: float
     advantage_ci: tuple[float, float]
     advantage_heldout: float
     advantage_heldout_ci: tuple[float, float]
+    advantage_bound: float
     auc: float
     tpr_at_1pct_fpr: float
     tpr_at_01pct_fpr: float
@@ -214,6 +237,9 @@ class AttackMetrics(NamedTuple):
     n_members: int
     n_nonmembers: int
     level: float
+    bound_level: float = 0.95
+    heldout_design: str = "pair"
+    heldout_replicates: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict: floats, ints and lists (infinite thresholds become ``None``)."""
@@ -237,7 +263,68 @@ class AttackMetrics(NamedTuple):
             "n_members": int(self.n_members),
             "n_nonmembers": int(self.n_nonmembers),
             "level": float(self.level),
+            "advantage_bound": float(self.advantage_bound),
+            "bound_level": float(self.bound_level),
+            "heldout_design": str(self.heldout_design),
+            "heldout_replicates": int(self.heldout_replicates),
         }
+
+
+def _clip01(x: float) -> float:
+    return float(min(max(x, 0.0), 1.0))
+
+
+def _in_sample(m: np.ndarray, nm: np.ndarray, level: float, max_roc_points: int) -> dict[str, Any]:
+    """In-sample (descriptive) metrics of the pooled scores: advantage with its interval, AUC, TPRs, ROC."""
+    n_m, n_n = m.size, nm.size
+    thr, tp, fp = _roc_counts(m, nm)
+    tpr, fpr = tp / n_m, fp / n_n
+    diff = tpr - fpr
+    i = int(np.argmax(np.abs(diff)))
+    direction = -1 if diff[i] < 0 else 1
+    k_m, k_n = (int(tp[i]), int(fp[i])) if direction > 0 else (n_m - int(tp[i]), n_n - int(fp[i]))
+    # AUC: Mann-Whitney U with average ranks for ties.
+    ranks = _sps.rankdata(np.concatenate([m, nm]))
+    return {
+        "advantage": _clip01(abs(diff[i])),
+        "advantage_ci": _advantage_interval(k_m, n_m, k_n, n_n, level),
+        "auc": float((ranks[:n_m].sum() - n_m * (n_m + 1) / 2.0) / (n_m * n_n)),
+        "tpr_at_1pct_fpr": _tpr_at_fpr(fpr, tpr, 0.01),
+        "tpr_at_01pct_fpr": _tpr_at_fpr(fpr, tpr, 0.001),
+        "roc": _downsample(fpr, tpr, n_n, int(max_roc_points)),
+        "threshold": float(thr[i]),
+        "direction": direction,
+        "n_members": n_m,
+        "n_nonmembers": n_n,
+    }
+
+
+def _check_common(level, bound_level, max_roc_points) -> tuple[float, float]:
+    level = _check_level(level)
+    bound_level = level if bound_level is None else _check_level(bound_level)
+    if int(max_roc_points) < 2:
+        raise ValueError(f"max_roc_points must be >= 2, got max_roc_points={max_roc_points!r}")
+    return level, bound_level
+
+
+def _by_replicate(ins: dict, ho, key, design: str, level: float, bound_level: float, again) -> AttackMetrics:
+    """AttackMetrics from the in-sample part and a by-replicate held-out result (``again`` recomputes it at a level,
+    with the same key, hence the same split and rule)."""
+    side = 1.0 - (1.0 - level) / 2.0
+    two = ho if ho.level == side else again(side)
+    bound = ho if ho.level == bound_level else again(bound_level)
+    return AttackMetrics(
+        advantage_heldout=float(min(max(ho.mean, -1.0), 1.0)),
+        advantage_heldout_ci=(_clip01(two.lower), _clip01(two.upper)),
+        advantage_bound=_clip01(bound.lower),
+        heldout_threshold=ho.threshold,
+        heldout_direction=ho.direction,
+        level=level,
+        bound_level=bound_level,
+        heldout_design=design,
+        heldout_replicates=int(ho.eval_replicates.size),
+        **ins,
+    )
 
 
 def attack_metrics(
@@ -247,22 +334,33 @@ def attack_metrics(
     level: float = 0.95,
     key=None,
     max_roc_points: int = 200,
+    by_replicate: bool = False,
+    bound_level: float | None = None,
 ) -> AttackMetrics:
-    """Advantage with intervals, AUC, low-FPR TPRs and the ROC of one attack (theory.md section 7).
+    """Advantage with intervals, AUC, low-FPR TPRs and the ROC of one attack (theory.md sections 7 and 10).
 
     Advantage ``= max_t |TPR(t) - FPR(t)|`` where ``TPR(t)`` (``FPR(t)``) is the fraction of member (non-member)
     scores ``>= t``; the absolute value lets the attack flip its rule (the game is symmetric, section 1). For a
-    section-1 game every fixed rule's advantage is at most ``Delta``; the in-sample maximum over ``t`` is biased
-    upwards by the selection, by ``O(1/sqrt(n))``. The held-out version removes that bias: choose ``t`` and the
-    direction on a random half, evaluate on the other half.
+    section-1 game every fixed rule's advantage is at most ``Delta``; the in-sample maximum over ``t``
+    (``advantage``, descriptive) is biased upwards by the selection, by ``O(1/sqrt(n))``. The held-out version
+    removes that bias: choose ``t`` and the direction on one half, evaluate on the other.
+
+    With ``by_replicate=True`` (the fresh-data design: row ``i`` holds replicate ``i``'s members and fresh
+    non-members) the halves are halves of the replicates and the interval comes from the independent per-replicate
+    ``TPR_i - FPR_i`` (:func:`~qmis_jax.stats.bracket.heldout_advantage`): this is the one that bounds ``Delta``.
+    Otherwise the scores are pooled pairs and the split is by pair, which is descriptive only (pairs of one replicate
+    share its release; section 7). For the embedded-target design use :func:`attack_metrics_embedded`.
 
     Args:
-      member_scores: scores of member (candidate, release) pairs, any shape, flattened; e.g. ``(R, n)`` pooled
-        over replicates.
-      nonmember_scores: scores of non-member pairs, any shape, flattened.
+      member_scores: scores of member (candidate, release) pairs: ``(R, m)`` with ``by_replicate``, else any shape
+        (flattened).
+      nonmember_scores: scores of non-member pairs: ``(R, m')`` with ``by_replicate``, else any shape.
       level: confidence level of the intervals.
       key: JAX PRNG key (or int seed) for the held-out split; ``None`` uses a fixed key (reproducible).
       max_roc_points: at most this many ROC points are kept in ``roc``.
+      by_replicate: split by replicate (rows).
+      bound_level: one-sided level of ``advantage_bound`` (default ``level``); for the bracket of section 10 with
+        ``J`` attacks, ``bracket_levels(J)[1]``.
 
     Returns:
       :class:`AttackMetrics`.
@@ -271,9 +369,25 @@ def attack_metrics(
     >>> round(m.advantage, 4), round(m.auc, 4)
     (0.6667, 0.7778)
     """
-    level = _check_level(level)
-    if int(max_roc_points) < 2:
-        raise ValueError(f"max_roc_points must be >= 2, got max_roc_points={max_roc_points!r}")
+    level, bound_level = _check_common(level, bound_level, max_roc_points)
+    if by_replicate:
+        from .bracket import heldout_advantage
+
+        mm = np.asarray(member_scores, dtype=np.float64)
+        nn = np.asarray(nonmember_scores, dtype=np.float64)
+        if mm.ndim != 2 or nn.ndim != 2:
+            raise ValueError(
+                f"by_replicate needs member_scores (R, m) and nonmember_scores (R, m'), got shapes {mm.shape} and "
+                f"{nn.shape}"
+            )
+
+        def again(lv):
+            return heldout_advantage(key, mm, nn, level=lv)
+
+        ho = again(bound_level)
+        ins = _in_sample(_as_scores(mm, "member_scores"), _as_scores(nn, "nonmember_scores"), level, max_roc_points)
+        return _by_replicate(ins, ho, key, "replicate", level, bound_level, again)
+
     m = _as_scores(member_scores, "member_scores")
     nm = _as_scores(nonmember_scores, "nonmember_scores")
     if m.size < 2 or nm.size < 2:
@@ -281,23 +395,11 @@ def attack_metrics(
             f"need at least 2 member and 2 non-member scores for the held-out split, got "
             f"{m.size} members and {nm.size} non-members"
         )
-    n_m, n_n = m.size, nm.size
+    ins = _in_sample(m, nm, level, max_roc_points)
 
-    thr, tp, fp = _roc_counts(m, nm)
-    tpr, fpr = tp / n_m, fp / n_n
-    diff = tpr - fpr
-    i = int(np.argmax(np.abs(diff)))
-    direction = -1 if diff[i] < 0 else 1
-    advantage = float(abs(diff[i]))
-    k_m, k_n = (int(tp[i]), int(fp[i])) if direction > 0 else (n_m - int(tp[i]), n_n - int(fp[i]))
-    ci = _advantage_interval(k_m, n_m, k_n, n_n, level)
-
-    # AUC: Mann-Whitney U with average ranks for ties.
-    ranks = _sps.rankdata(np.concatenate([m, nm]))
-    auc = float((ranks[:n_m].sum() - n_m * (n_m + 1) / 2.0) / (n_m * n_n))
-
-    # Held-out: choose the rule on one half of each class, evaluate on the other half.
+    # Held-out by pair: choose the rule on one half of each class, evaluate on the other half (descriptive).
     rng = _numpy_rng(key)
+    n_m, n_n = m.size, nm.size
     pm = rng.permutation(n_m)
     pn = rng.permutation(n_n)
     sel_m, ev_m = m[pm[: n_m // 2]], m[pm[n_m // 2 :]]
@@ -306,22 +408,109 @@ def attack_metrics(
     h_m, h_n = _rule_counts(ev_m, ev_n, t_sel, d_sel)
     adv_ho = h_m / ev_m.size - h_n / ev_n.size
     ci_ho = _advantage_interval(h_m, ev_m.size, h_n, ev_n.size, level)
-
-    roc = _downsample(fpr, tpr, n_n, int(max_roc_points))
+    bound = _advantage_interval(h_m, ev_m.size, h_n, ev_n.size, 1.0 - 2.0 * (1.0 - bound_level))[0]
     return AttackMetrics(
-        advantage=advantage,
-        advantage_ci=ci,
         advantage_heldout=float(adv_ho),
-        advantage_heldout_ci=ci_ho,
-        auc=auc,
-        tpr_at_1pct_fpr=_tpr_at_fpr(fpr, tpr, 0.01),
-        tpr_at_01pct_fpr=_tpr_at_fpr(fpr, tpr, 0.001),
-        roc=roc,
-        threshold=float(thr[i]),
-        direction=direction,
+        advantage_heldout_ci=(_clip01(ci_ho[0]), _clip01(ci_ho[1])),
+        advantage_bound=_clip01(bound),
         heldout_threshold=t_sel,
         heldout_direction=d_sel,
-        n_members=n_m,
-        n_nonmembers=n_n,
         level=level,
+        bound_level=bound_level,
+        heldout_design="pair",
+        heldout_replicates=0,
+        **ins,
     )
+
+
+def attack_metrics_embedded(
+    scores,
+    membership,
+    *,
+    level: float = 0.95,
+    key=None,
+    max_roc_points: int = 200,
+    bound_level: float | None = None,
+    split_targets: bool = True,
+) -> AttackMetrics:
+    """:func:`attack_metrics` for the embedded-target design (LiRA; theory.md sections 7 and 10).
+
+    The in-sample (descriptive) metrics pool every pair, members ``scores[membership]`` against non-members
+    ``scores[~membership]``. The held-out advantage and its interval are by replicate and by target
+    (:func:`~qmis_jax.stats.bracket.heldout_advantage_embedded`): the rule is chosen on half of the replicates and
+    half of the targets, and each other replicate gets its ``TPR_i - FPR_i`` over the other targets.
+
+    Args:
+      scores: ``(R, T)`` attack scores of the evaluated replicates (for LiRA, the likelihood ratios of the
+        non-shadow replicates: ``lira_scores(scores, fit)[~shadow]``).
+      membership: ``(R, T)`` bool, the matching membership rows.
+      level: confidence level of the intervals. key: PRNG key for the splits.
+      max_roc_points: ROC points kept.
+      bound_level: one-sided level of ``advantage_bound`` (default ``level``).
+      split_targets: split the targets too (default; needed for the bound with per-target scores).
+
+    Returns:
+      :class:`AttackMetrics` with ``heldout_design="replicate+target"`` (``"replicate"`` without
+      ``split_targets``).
+    """
+    from .bracket import heldout_advantage_embedded
+
+    level, bound_level = _check_common(level, bound_level, max_roc_points)
+    s = np.asarray(scores, dtype=np.float64)
+    mem = np.asarray(membership)
+    if s.ndim != 2 or mem.shape != s.shape:
+        raise ValueError(f"scores and membership must share a shape (R, T), got {s.shape} and {mem.shape}")
+    mem = mem.astype(bool)
+
+    def again(lv):
+        return heldout_advantage_embedded(key, s, mem, level=lv, split_targets=split_targets)
+
+    ho = again(bound_level)
+    ins = _in_sample(
+        _as_scores(s[mem], "member scores"), _as_scores(s[~mem], "non-member scores"), level, max_roc_points
+    )
+    design = "replicate+target" if split_targets else "replicate"
+    return _by_replicate(ins, ho, key, design, level, bound_level, again)
+
+
+def lira_metrics_by_replicate(
+    scores,
+    membership,
+    *,
+    shadow,
+    online: bool = True,
+    fix_variance: bool = False,
+    level: float = 0.95,
+    key=None,
+    max_roc_points: int = 200,
+    bound_level: float | None = None,
+) -> tuple[AttackMetrics, Any]:
+    """LiRA in the embedded-target design with held-out metrics by replicate and target (theory.md s. 7 and 10).
+
+    The per-target fits use the shadow replicates (:func:`~qmis_jax.stats.attacks.lira`, which also validates the
+    design and counts the fallbacks); the likelihood ratios of the evaluation (non-shadow) replicates form a
+    ``(R_eval, T)`` matrix, and :func:`attack_metrics_embedded` chooses the rule on half of those replicates and half
+    of the targets and evaluates it on each other replicate's other targets.
+
+    Args:
+      scores: ``(R, T)`` statistic of each replicate's release on each target
+        (:func:`~qmis_jax.stats.attacks.score_from_loss`).
+      membership: ``(R, T)`` bool. shadow: ``(R,)`` bool, the replicates the fits use.
+      online: likelihood ratio of in- and out-fits, or the offline test. fix_variance: one variance per side.
+      level, key, max_roc_points, bound_level: as in :func:`attack_metrics_embedded`.
+
+    Returns:
+      ``(metrics, fallbacks)``: :class:`AttackMetrics` and the fit's
+      :class:`~qmis_jax.stats.attacks.LiraFallbacks`.
+    """
+    from .attacks import fit_lira, lira, lira_scores
+
+    checked = lira(scores, membership, shadow=shadow, online=online, fix_variance=fix_variance)
+    sh = np.asarray(shadow, bool)
+    mem = np.asarray(membership, bool)
+    fit = fit_lira(jnp.asarray(scores), jnp.asarray(mem), shadow=jnp.asarray(sh), fix_variance=fix_variance)
+    lr = np.asarray(lira_scores(jnp.asarray(scores), fit, online=online))
+    metrics = attack_metrics_embedded(
+        lr[~sh], mem[~sh], level=level, key=key, max_roc_points=max_roc_points, bound_level=bound_level
+    )
+    return metrics, checked.fallbacks
