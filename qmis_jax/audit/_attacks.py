@@ -22,7 +22,7 @@ from qmis_jax.problems import Problem
 from qmis_jax.stats.options import IndicatorOptions
 from qmis_jax.store import Store
 
-from ._plan import AuditPlan
+from ._plan import SECTION1_ATTACKS, AuditPlan
 from ._population import Population
 from ._programs import loss_program, per_quantizer, release_program, replicate_keys, single_program
 from ._statistics import ReplicateStats
@@ -121,11 +121,14 @@ def attack_stage(
 ) -> dict[str, dict[str, Any]]:
     """``{quantizer: {attack: metrics}}`` for the attacks the plan asks for."""
     results: dict[str, dict[str, Any]] = {name: {} for name in plan.quantizers}
+    # each section-1 attack's one-sided bound at its Bonferroni share of the bracket's level (theory.md section 10)
+    bound_level = stats.bracket_levels(max(1, len([a for a in plan.attacks if a in SECTION1_ATTACKS])))[1]
     if "loss" in plan.attacks:
         for name in plan.quantizers:
             m, nm = stats.loss_attack(per_rep.of(name, "member_loss"), per_rep.of(name, "nonmember_loss"))
             key = jax.random.fold_in(plan.keys.nonmember, 7)
-            results[name]["loss"] = stats.attack_metrics(m, nm, key=key).to_dict()
+            metrics = stats.attack_metrics(m, nm, key=key, by_replicate=True, bound_level=bound_level)
+            results[name]["loss"] = metrics.to_dict()
     lira = [a for a in plan.attacks if a in LIRA_ATTACKS]
     if lira:
         scores, membership = embedded_target_scores(plan, problem, pop, store, progress)
@@ -138,6 +141,7 @@ def attack_stage(
                     shadow=shadow,
                     online=attack == "lira",
                     key=jax.random.fold_in(plan.keys.lira, 7),
+                    bound_level=bound_level,
                 )
     if "lira_pool" in plan.attacks:
         scores, membership = pool_design_scores(

@@ -501,12 +501,17 @@ def lira_pool(scores, membership, *, shadow, online: bool = True, fix_variance: 
 FIX_VARIANCE_BELOW = 64
 
 
-def lira_metrics(scores, membership, *, shadow, key: Array, online: bool = True, pool: bool = False) -> dict:
-    """LiRA on one quantizer's scores (embedded-target design, or the pool design with ``pool=True``) -> the
-    :func:`~qmis_jax.stats.attack_metrics` dictionary, with the fallback counts of the fit.
+def lira_metrics(
+    scores, membership, *, shadow, key: Array, online: bool = True, pool: bool = False, bound_level=None
+) -> dict:
+    """LiRA on one quantizer's scores -> the :func:`~qmis_jax.stats.attack_metrics` dictionary, with the fallback
+    counts of the fit.
 
-    Below ``FIX_VARIANCE_BELOW`` shadow replicates every target shares one variance per side (Carlini et al. 2022
-    do the same with few shadow models: per-target variances from a handful of scores hurt the test).
+    Embedded-target design (section-1 game): the held-out advantage and its one-sided bound are by replicate and
+    target (:func:`~qmis_jax.stats.lira_metrics_by_replicate`). Pool design (``pool=True``, a different game): the
+    held-out split is by pair and every figure is descriptive (theory.md section 7). Below ``FIX_VARIANCE_BELOW``
+    shadow replicates every target shares one variance per side (Carlini et al. 2022 do the same with few shadow
+    models: per-target variances from a handful of scores hurt the test).
 
     Args:
       scores: ``(R, T)`` statistics of every replicate's release on the targets (higher = member).
@@ -514,13 +519,20 @@ def lira_metrics(scores, membership, *, shadow, key: Array, online: bool = True,
       shadow: ``(R,)`` bool, the replicates the Gaussians are fitted on (the others are attacked).
       key: PRNG key of the metrics' held-out split.
       online: fit both sides (online LiRA) or only the non-member side (offline).
-      pool: the pool design (a different game, theory.md section 7).
+      pool: the pool design.
+      bound_level: one-sided level of ``advantage_bound`` (theory.md section 10: ``bracket_levels(J)[1]``).
     """
-    from .metrics import attack_metrics
+    from .metrics import attack_metrics, lira_metrics_by_replicate
 
     fix = int(np.sum(np.asarray(shadow))) < FIX_VARIANCE_BELOW
-    result = (lira_pool if pool else lira)(scores, membership, shadow=shadow, online=online, fix_variance=fix)
-    out = attack_metrics(*result, key=key).to_dict()
-    out["fallbacks"] = result.fallbacks.to_dict()
+    if pool:
+        result = lira_pool(scores, membership, shadow=shadow, online=online, fix_variance=fix)
+        metrics, fallbacks = attack_metrics(*result, key=key, bound_level=bound_level), result.fallbacks
+    else:
+        metrics, fallbacks = lira_metrics_by_replicate(
+            scores, membership, shadow=shadow, online=online, fix_variance=fix, key=key, bound_level=bound_level
+        )
+    out = metrics.to_dict()
+    out["fallbacks"] = fallbacks.to_dict()
     out["fixed_variance"] = fix
     return out
