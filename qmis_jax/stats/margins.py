@@ -10,7 +10,10 @@ a continuous release).
   ``sigma_k^2 = Var D_k``; the release moves to ``theta_k`` only if ``mean_i D_k(Z_i) < 0``.
 - Round-to-nearest (section 3(b)): coordinate ``j`` changes level when ``theta_hat_j`` crosses a threshold ``t``;
   margins ``g(theta) = theta_j - t_lower(theta)`` and ``t_upper(theta) - theta_j`` with the delta method for
-  thresholds that depend on ``theta`` (absmax scale, quantile): ``s^2 = grad g^T Sigma grad g``.
+  thresholds that depend on ``theta`` (a float32 scale, the sparse-ternary order statistics):
+  ``s^2 = grad g^T Sigma grad g``.
+- Scale events (section 9): with a discrete scale format the scale code is one more coordinate of the release;
+  :func:`scale_margins` gives its events (they follow the ``2p`` element events in :func:`rtn_margins`).
 
 Invalid competitors get NaN statistics; consumers mask them with ``valid``.
 """
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from qmis_jax.quantizers import get as get_quantizer
-from qmis_jax.quantizers import tree_thresholds
+from qmis_jax.quantizers import tree_scale_margins, tree_thresholds
 
 from .ptq import adjacent_levels, check_glm
 from .sandwich import check_chunk, check_data, default_chunk, hashable_skip, hessian_diag, normalized_weights
@@ -42,6 +45,8 @@ __all__ = [
     "loss_differences",
     "rtn_differences",
     "rtn_margins",
+    "scale_differences",
+    "scale_margins",
 ]
 
 LOSS_DIFFERENCE_METHODS = ("exact", "taylor")
@@ -235,12 +240,24 @@ def _gap_stats(D, valid, weights):
     return jnp.where(valid, delta, nan), jnp.where(valid, jnp.sqrt(var), nan)
 
 
-def _margin_fn(q, unravel, skip):
+EVENTS = ("all", "scale")
+
+
+def _margin_fn(q, unravel, skip, events="all"):
+    """``g(theta)``: the element margins (``events="all"``: ``2p`` of them, lower then upper per coordinate)
+    followed by the scale events' margins of a discrete scale format (theory.md section 9)."""
+
     def g(theta):
-        t_lo, t_up = tree_thresholds(q, unravel(theta), skip=skip)
-        t_lo = ravel_pytree(t_lo)[0].astype(theta.dtype)
-        t_up = ravel_pytree(t_up)[0].astype(theta.dtype)
-        return jnp.stack([theta - t_lo, t_up - theta], axis=-1).reshape(-1)
+        params = unravel(theta)
+        parts = []
+        if events == "all":
+            t_lo, t_up = tree_thresholds(q, params, skip=skip)
+            t_lo = ravel_pytree(t_lo)[0].astype(theta.dtype)
+            t_up = ravel_pytree(t_up)[0].astype(theta.dtype)
+            parts.append(jnp.stack([theta - t_lo, t_up - theta], axis=-1).reshape(-1))
+        if q.discrete_scale:
+            parts.append(tree_scale_margins(q, params, skip=skip).astype(theta.dtype))
+        return jnp.concatenate(parts) if parts else jnp.zeros((0,), theta.dtype)
 
     return g
 
@@ -283,7 +300,8 @@ def rtn_margins(
       chunk_size: Jacobian rows computed at once (default: one at a time, in a ``lax.map``).
 
     Returns:
-      ``(m, s, valid)``, each ``(K,)``, ``K = 2p``; ``valid`` False where no threshold exists; ``m``, ``s`` NaN
+      ``(m, s, valid)``, each ``(K,)``: ``K = 2p`` element events, then (discrete scale formats) the scale
+      events of :func:`scale_margins`; ``valid`` False where no threshold exists; ``m``, ``s`` NaN
       there.
 
     >>> import jax.numpy as jnp
@@ -292,21 +310,63 @@ def rtn_margins(
     >>> [round(v, 6) for v in m.tolist()], s.tolist()  # thresholds -0.5 and 0.5; s = sqrt(Sigma_00)
     ([0.8, 0.2], [2.0, 2.0])
     """
+    return _margins(q, params, cov, skip=skip, chunk_size=chunk_size, events="all")
+
+
+def scale_margins(
+    q,
+    params: PyTree,
+    cov: Array,
+    *,
+    skip=None,
+    chunk_size: int | None = None,
+) -> tuple[Array, Array, Array]:
+    """Margins and spreads of the scale code's events of a discrete scale format (theory.md section 9).
+
+    Absmax scales: per coordinate ``j`` the rising event ``b_up - |theta_j|`` (sd ``sqrt(Sigma_jj)``) and the
+    block argmax's falling event ``|theta_argmax| - b_lo``; absmean-type statistics: ``stat - b_lo`` and
+    ``b_hi - stat`` per block with ``s^2 = grad stat^T Sigma grad stat`` (delta method). The same events enter
+    both PTQs: given the scale code, element thresholds and loss-PTQ competitors are those of a fixed codebook.
+    Quantizers without a discrete scale have no such events (``K = 0``).
+
+    Args:
+      q: the quantizer (or a preset name).
+      params: ``theta_hat`` (or ``theta*``).
+      cov: ``(p, p)`` asymptotic covariance ``Sigma`` (not divided by ``n``), or its ``(p,)`` diagonal.
+      skip: leaves kept in full precision (no scale).
+      chunk_size: Jacobian rows computed at once.
+
+    Returns:
+      ``(m, s, valid)``, each ``(K,)``; ``valid`` False where an event does not exist (``m``, ``s`` NaN there).
+
+    >>> import jax.numpy as jnp
+    >>> m, s, valid = scale_margins("sign@e8m0", {"w": jnp.array([1.2])}, jnp.array([[0.25]]))
+    >>> [round(v, 4) for v in m.tolist()], s.tolist()  # 2^round(log2 1.2) = 1: boundaries 2^-0.5 and 2^0.5
+    ([0.4929, 0.2142], [0.5, 0.5])
+    """
+    return _margins(q, params, cov, skip=skip, chunk_size=chunk_size, events="scale")
+
+
+def _margins(q, params, cov, *, skip, chunk_size, events):
     check_chunk(chunk_size)
     p = int(ravel_pytree(params)[0].shape[0])
     if jnp.shape(cov) not in ((p, p), (p,)):
         raise ValueError(f"cov must have shape ({p}, {p}) or ({p},), got cov.shape={jnp.shape(cov)}")
-    return _rtn_margins(get_quantizer(q), params, jnp.asarray(cov), skip=hashable_skip(skip), chunk_size=chunk_size)
+    q = get_quantizer(q)
+    return _rtn_margins(q, params, jnp.asarray(cov), skip=hashable_skip(skip), chunk_size=chunk_size, events=events)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("skip", "chunk_size"))
-def _rtn_margins(q, params, cov, *, skip, chunk_size):
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("skip", "chunk_size", "events"))
+def _rtn_margins(q, params, cov, *, skip, chunk_size, events="all"):
     theta, unravel = ravel_pytree(params)
     dtype = jnp.result_type(theta, jnp.float32)
     theta = theta.astype(dtype)
     cov = cov.astype(dtype)
-    g = _margin_fn(q, unravel, skip)
+    g = _margin_fn(q, unravel, skip, events)
     value, row, k = _margin_jacobian_rows(g, theta, chunk_size)
+    if k == 0:
+        empty = jnp.zeros((0,), dtype)
+        return empty, empty, jnp.zeros((0,), bool)
 
     def s2(i):
         r = row(i)
@@ -349,15 +409,46 @@ def rtn_differences(
     Returns:
       ``(D, valid)``: ``(K, m)`` contributions (rows of invalid events are 0) and ``(K,)`` bool.
     """
+    return _differences(q, loss_fn, params, x, y, skip=skip, weights=weights, chunk_size=chunk_size, events="all")
+
+
+def scale_differences(
+    q,
+    loss_fn: Callable[[PyTree, Array, Array], Array],
+    params: PyTree,
+    x: Array,
+    y: Array,
+    *,
+    skip=None,
+    weights: Array | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Array, Array]:
+    """:func:`rtn_differences` for the scale events of :func:`scale_margins` only (Cramer rates of scale codes).
+
+    Returns:
+      ``(D, valid)``: ``(K, m)`` linearised contributions and ``(K,)`` bool.
+    """
+    return _differences(q, loss_fn, params, x, y, skip=skip, weights=weights, chunk_size=chunk_size, events="scale")
+
+
+def _differences(q, loss_fn, params, x, y, *, skip, weights, chunk_size, events):
     check_chunk(chunk_size)
     check_data(x, y, weights)
     return _rtn_differences(
-        get_quantizer(q), loss_fn, params, x, y, weights, skip=hashable_skip(skip), chunk_size=chunk_size
+        get_quantizer(q),
+        loss_fn,
+        params,
+        x,
+        y,
+        weights,
+        skip=hashable_skip(skip),
+        chunk_size=chunk_size,
+        events=events,
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("skip", "chunk_size"))
-def _rtn_differences(q, loss_fn, params, x, y, weights, *, skip, chunk_size):
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("skip", "chunk_size", "events"))
+def _rtn_differences(q, loss_fn, params, x, y, weights, *, skip, chunk_size, events="all"):
     m_ex = x.shape[0]
     theta, unravel = ravel_pytree(params)
     dtype = jnp.result_type(theta, jnp.float32)
@@ -371,8 +462,10 @@ def _rtn_differences(q, loss_fn, params, x, y, weights, *, skip, chunk_size):
     hess = jax.hessian(lambda th: jnp.sum(w * jax.vmap(f, in_axes=(None, 0, 0))(th, x, y)))(theta)
     hess = 0.5 * (hess + hess.T)
     a = jnp.linalg.solve(hess, grads.T)  # (p, m): H^-1 grad l(z_i)
-    g = _margin_fn(q, unravel, skip)
+    g = _margin_fn(q, unravel, skip, events)
     value, row, k = _margin_jacobian_rows(g, theta, chunk_size)
+    if k == 0:
+        return jnp.zeros((0, m_ex), dtype), jnp.zeros((0,), bool)
 
     def one(i):
         r = row(i)
