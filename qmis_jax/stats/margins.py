@@ -31,7 +31,7 @@ from jax.flatten_util import ravel_pytree
 from qmis_jax.quantizers import get as get_quantizer
 from qmis_jax.quantizers import tree_scale_margins, tree_thresholds
 
-from .ptq import adjacent_levels, check_glm
+from .ptq import adjacent_levels, check_glm, is_sparse_ternary, sparse_moves
 from .sandwich import check_chunk, check_data, default_chunk, hashable_skip, hessian_diag, normalized_weights
 
 Array = jax.Array
@@ -59,18 +59,23 @@ class Moves(NamedTuple):
       index: ``(K,)`` int, the coordinate moved (``ravel_pytree`` order).
       step: ``(K,)`` the change of that coordinate, ``level - current value`` (0 where invalid).
       valid: ``(K,)`` bool, the adjacent level exists.
+      index2, step2: ``(K,)`` a second coordinate and its change, for the swaps of sparse ternary (theory.md
+        section 9); None for single-coordinate moves.
     """
 
     index: Array
     step: Array
     valid: Array
+    index2: Array | None = None
+    step2: Array | None = None
 
 
 def competitors(q, release: PyTree, params: PyTree, *, skip=None) -> Moves:
     """Single-coordinate moves of ``release`` to its adjacent codebook levels (theory.md section 3(a)).
 
     The codebook is the one ``params`` defines (scales / quantiles held fixed, section 8), read with
-    :func:`qmis_jax.quantizers.tree_neighbors`.
+    :func:`qmis_jax.quantizers.tree_neighbors`. Sparse ternary instead has the sign flips and support swaps of
+    section 9 (:func:`qmis_jax.stats.ptq.sparse_moves`), with ``index2`` / ``step2`` set.
 
     Args:
       q: the quantizer (or a preset name).
@@ -92,6 +97,9 @@ def competitors(q, release: PyTree, params: PyTree, *, skip=None) -> Moves:
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("skip",))
 def _competitors(q, release, params, *, skip):
+    if is_sparse_ternary(q):  # flips and swaps: the nonzero count never changes (theory.md section 9)
+        index, step, index2, step2, valid = sparse_moves(q, ravel_pytree(release)[0], params, skip)
+        return Moves(index=index, step=step, valid=valid, index2=index2, step2=step2)
     theta, lo, up, has_lo, has_up = adjacent_levels(q, release, params, skip)
     step = jnp.stack([lo - theta, up - theta], axis=-1).reshape(-1)
     valid = jnp.stack([has_lo, has_up], axis=-1).reshape(-1)
@@ -145,7 +153,7 @@ def loss_differences(
     check_chunk(chunk_size)
     check_data(x, y)
     p = int(ravel_pytree(release)[0].shape[0])
-    if jnp.shape(moves.index) != jnp.shape(moves.step) or jnp.shape(moves.valid) != jnp.shape(moves.index):
+    if any(a is not None and jnp.shape(a) != jnp.shape(moves.index) for a in moves):
         raise ValueError(f"moves fields must share one shape (K,), got {[jnp.shape(a) for a in moves]}")
     if method == "taylor":
         if hess_diag is None:
@@ -172,11 +180,17 @@ def _loss_differences(loss_fn, release, moves, x, y, hess_diag, penalty, *, desi
     m = x.shape[0]
     theta, unravel = ravel_pytree(release)
     index, step = moves.index, jnp.where(moves.valid, moves.step, 0.0).astype(theta.dtype)
+    pairs = moves.index2 is not None
+    index2 = moves.index2 if pairs else index
+    step2 = jnp.where(moves.valid, moves.step2, 0.0).astype(theta.dtype) if pairs else jnp.zeros_like(step)
     k = index.shape[0]
     if method == "taylor":
         g = jax.vmap(jax.grad(lambda th, xi, yi: loss_fn(unravel(th), xi, yi)), in_axes=(None, 0, 0))(theta, x, y)
         h = jnp.asarray(hess_diag, theta.dtype)
-        return g[:, index].T * step[:, None] + (0.5 * h[index] * step**2)[:, None]
+        d = g[:, index].T * step[:, None] + (0.5 * h[index] * step**2)[:, None]
+        if pairs:
+            d = d + g[:, index2].T * step2[:, None] + (0.5 * h[index2] * step2**2)[:, None]
+        return d
     chunk = chunk_size if chunk_size is not None else default_chunk(k, m)
     if design is not None:
         xd = design(x)
@@ -185,10 +199,11 @@ def _loss_differences(loss_fn, release, moves, x, y, hess_diag, penalty, *, desi
         cols = xd.T
 
         def one(args):
-            j, e = args
-            d = margin_loss(eta + e * cols[j], y) - base
+            j, e, j2, e2 = args
+            d = margin_loss(eta + e * cols[j] + e2 * cols[j2], y) - base
             if penalty is not None:
-                d = d + 0.5 * penalty[j] * e * (2 * theta[j] + e)
+                mid = theta.at[j].add(e)
+                d = d + 0.5 * penalty[j] * e * (2 * theta[j] + e) + 0.5 * penalty[j2] * e2 * (2 * mid[j2] + e2)
             return d
 
     else:
@@ -196,10 +211,10 @@ def _loss_differences(loss_fn, release, moves, x, y, hess_diag, penalty, *, desi
         base = batch(release, x, y)
 
         def one(args):
-            j, e = args
-            return batch(unravel(theta.at[j].add(e)), x, y) - base
+            j, e, j2, e2 = args
+            return batch(unravel(theta.at[j].add(e).at[j2].add(e2)), x, y) - base
 
-    return jax.lax.map(one, (index, step), batch_size=chunk)
+    return jax.lax.map(one, (index, step, index2, step2), batch_size=chunk)
 
 
 def gap_stats(D: Array, valid: Array, *, weights: Array | None = None) -> tuple[Array, Array]:
