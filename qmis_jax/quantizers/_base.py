@@ -297,9 +297,13 @@ class Quantizer:
     def codes(self, v: Array, w: Array) -> Array:
         """Integer index of each codebook point ``v`` in the codebook of ``w``; equal codes = the same release.
 
-        Scale fluctuations are ignored: two releases of one quantizer are "the same" iff their codes are equal
-        (used for Monte Carlo flip rates, theory.md section 6). Continuous releases are coded by the bit pattern of
-        their float32 value (so any change of value is a change of code).
+        Two releases of one quantizer are "the same" iff their codes are equal (Monte Carlo flip rates, theory.md
+        sections 6 and 9). With a discrete scale format (``bf16``, ``f16``, ``e8m0``) the scale code is part of
+        the release: the code is ``element * 2^S + scale_code`` (``S = 8`` for E8M0, whose exponent is offset by
+        127; ``S = 16`` for the bf16 / f16 bit pattern), so a change of scale alone is a change of code;
+        ``code >> S`` is the element code (see :func:`~qmis_jax.quantizers.published`). With a float32 scale only
+        the element codes are compared (such a release is continuous anyway, section 9). Continuous releases are
+        coded by the bit pattern of their float32 value (so any change of value is a change of code).
 
         Args:
           v: points of ``w``'s codebook, same shape as ``w``.

@@ -119,13 +119,20 @@ def sparse_moves(q, release_flat: Array, params: PyTree, skip) -> tuple[Array, A
     theta = release_flat.astype(alpha.dtype)
     p = theta.shape[0]
     kept = theta != 0
-    same = (ids[:, None] == ids[None, :]) & movable[None, :]
-    inf = jnp.asarray(jnp.inf, alpha.dtype)
-    i_in = jnp.argmax(jnp.where(same & ~kept[None, :], mag[None, :], -inf), axis=1)
-    has_in = jnp.any(same & ~kept[None, :], axis=1)
-    j_out = jnp.argmin(jnp.where(same & kept[None, :], mag[None, :], inf), axis=1)
-    has_out = jnp.any(same & kept[None, :], axis=1)
+    leaves = len(_flatten(params, skip)[0])
     arange = jnp.arange(p, dtype=jnp.int32)
+
+    def leaf_arg(mask, score):
+        """Per coordinate: the first index of its leaf where ``mask`` holds with the largest ``score`` (O(p))."""
+        neg = jnp.asarray(-jnp.inf, score.dtype)
+        best = jax.ops.segment_max(jnp.where(mask, score, neg), ids, num_segments=leaves)
+        hit = mask & (score == best[ids])
+        first = jax.ops.segment_min(jnp.where(hit, arange, p), ids, num_segments=leaves)
+        has = jax.ops.segment_max(mask.astype(jnp.int32), ids, num_segments=leaves) > 0
+        return jnp.minimum(first[ids], p - 1), has[ids]
+
+    i_in, has_in = leaf_arg(movable & ~kept, mag)  # the dropped entry with the largest |theta_hat|
+    j_out, has_out = leaf_arg(movable & kept, -mag)  # the kept entry with the smallest |theta_hat|
     # move 2j
     step_a = jnp.where(kept, -2.0 * theta, sign_hat * alpha)
     index2_a = jnp.where(kept, arange, j_out.astype(jnp.int32))
