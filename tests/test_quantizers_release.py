@@ -165,3 +165,29 @@ def test_scale_margins_closed_forms():
     np.testing.assert_allclose(g, np.sign(np.asarray(w)) / 3, rtol=1e-6)
     # no events for float32 scales or fixed grids
     assert Q.get("int4").scale_margins(w).shape == (0,) and Q.uniform(step=1.0).scale_margins(w).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["int4_channel@e8m0", "int4_g32@e8m0", "int4_stochastic@e8m0", "int8@f16", "ternary_s33@bf16", "fp8_e4m3@e8m0"],
+)
+def test_ladder_machinery_with_rounded_scales(name):
+    from _helpers import run_all
+
+    q = Q.get(name)
+    out = run_all(name)
+    value, lower, upper, codes = out["value"], out["lower"], out["upper"], out["codes"]
+    assert np.all(lower <= value) and np.all(value <= upper)
+    nearest = run_all(name.replace("_stochastic", "")) if q.stochastic else out
+    assert np.all((nearest["t_lo"] < W) & (W < nearest["t_hi"]))
+    if not q.stochastic:
+        has_lo, has_hi = lower < value, upper > value
+        np.testing.assert_array_equal(out["codes_lower"][has_lo], codes[has_lo] - 1)
+        np.testing.assert_array_equal(out["codes_upper"][has_hi], codes[has_hi] + 1)
+    # the thresholds do not move with the weights given the scale code: no gradient through a rounded scale
+    finite_sum = lambda t: jnp.sum(jnp.where(jnp.isfinite(t), t, 0))
+    g = jax.grad(lambda w: finite_sum(q.thresholds(w)[1]))(jnp.asarray(W))
+    if q.family != "ternary":  # (sparse ternary's support thresholds are order statistics of the weights)
+        assert np.count_nonzero(np.asarray(g)) == 0
+    m = np.asarray(q.scale_margins(jnp.asarray(W)))
+    assert m.size and np.all(m[np.isfinite(m)] > 0)

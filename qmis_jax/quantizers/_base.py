@@ -9,6 +9,13 @@ how an index is decoded to a value, how a value or a weight is encoded to an ind
 ``levels``, ``neighbors``, ``codes`` and ``thresholds`` are written once here. Continuous releases (fp32, pruning)
 have no ladder: no adjacent levels and no thresholds.
 
+A family with a data-dependent scale (absmax: ``uniform(bits=...)``, ``fp8``, ``fp4``; absmean-type: ``sign``,
+``ternary``) publishes it in a ``scale_format`` (theory.md section 9): ``"f32"`` (a continuous release), ``"bf16"`` /
+``"f16"`` (the scale rounded to nearest, as a cast) or ``"e8m0"`` (a power of two: the OCP Microscaling shared
+exponent ``2^(floor(log2 amax) - floor(log2 qmax))`` for absmax, ``2^round(log2 stat)`` for absmean-type
+statistics). A rounded scale carries no gradient, so thresholds are fixed numbers given its code; the code itself
+has its own events (``scale_margins``) and is packed into ``codes``.
+
 Internally everything is computed in ``promote_types(w.dtype, float32)`` (float32 for bfloat16/float16 inputs,
 float64 for float64 inputs) and cast back to ``w.dtype``.
 """
