@@ -35,6 +35,8 @@ def one(q, w, key, c):
     points = jnp.stack([value, lower, upper])
     n_lo, n_hi = jax.vmap(q.neighbors, in_axes=(0, None))(points, w)
     codes = jax.vmap(q.codes, in_axes=(0, None))(points, w)
+    if q.discrete_scale:  # element codes: unpack the scale code from the low bits (tested apart)
+        codes = jnp.right_shift(codes, Q.SCALE_CODE_BITS[q.scale_format])
     return {
         "q": out,
         "grad": vjp(c.astype(out.dtype))[0],

@@ -58,17 +58,52 @@ def ref_sign(w):
     return alpha * k, alpha, k
 
 
+def ref_kept(a: np.ndarray, sparsity: float) -> np.ndarray:
+    """The k = round((1 - s) N) largest entries of `a` (halves up, ties broken by position), as a mask."""
+    k = math.floor(round((1 - sparsity) * a.size, 9) + 0.5)
+    keep = np.zeros(a.size, bool)
+    keep[np.argsort(-a.ravel(), kind="stable")[:k]] = True
+    return keep.reshape(a.shape)
+
+
 def ref_ternary(w, sparsity=None):
+    """(value, scale, code, thresholds info): absmean g, or the exact top-k support of theory.md section 9."""
     a = np.abs(w)
     if sparsity is None:
         g = np.mean(a)
         k = np.clip(np.round(w / g), -1, 1) if g > 0 else np.zeros_like(w)
         return g * k, g, k, g / 2
-    tau = np.quantile(a.ravel(), sparsity)
-    keep = a > tau
+    keep = ref_kept(a, sparsity)
     alpha = a[keep].mean() if keep.any() else 0.0
-    k = np.where(keep, np.sign(w), 0)
-    return alpha * k, alpha, k, tau
+    k = np.where(keep, np.where(w >= 0, 1, -1), 0)
+    max_dropped = a[~keep].max() if (~keep).any() else 0.0
+    min_kept = a[keep].min() if keep.any() else np.inf
+    return alpha * k, alpha, k, (max_dropped, min_kept)
+
+
+def ref_mx(w: np.ndarray, element: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OCP Microscaling, written from the spec with explicit loops: blocks of 32 along axis 0 of the (rows,
+    channels) view, shared scale X = 2^(floor(log2 amax) - floor(log2 qmax)), elements w / X rounded to the element
+    format (int8: round half to even, clip to +-127; FP4 E2M1 via ml_dtypes after saturating at +-6).
+
+    Returns (value, per-entry scale X, per-entry element value w_q / X)."""
+    qmax = 127.0 if element == "int8" else 6.0
+    mat = w.reshape(-1, w.shape[-1]) if w.ndim >= 2 else w.reshape(-1, 1)
+    value = np.zeros(mat.shape, np.float64)
+    scale = np.zeros(mat.shape, np.float64)
+    for col in range(mat.shape[1]):
+        for start in range(0, mat.shape[0], 32):
+            block = mat[start : start + 32, col].astype(np.float64)
+            amax = np.abs(block).max()
+            x = 2.0 ** (math.floor(math.log2(amax)) - math.floor(math.log2(qmax))) if amax > 0 else 2.0**-127
+            y = block / x
+            if element == "int8":
+                e = np.clip(np.round(y), -qmax, qmax)
+            else:
+                e = np.clip(y, -qmax, qmax).astype(ml_dtypes.float4_e2m1fn).astype(np.float64)
+            value[start : start + 32, col] = e * x
+            scale[start : start + 32, col] = x
+    return value.reshape(w.shape).astype(w.dtype), scale.reshape(w.shape), (value / scale).reshape(w.shape)
 
 
 def ref_prune(w, sparsity):
@@ -107,6 +142,9 @@ def reference(name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     if name == "fp8_e4m3":
         value, _, code = ref_fp8(w)
         return value, code
+    if name in ("mxint8", "mxfp4"):
+        value, _, _ = ref_mx(w, "int8" if name == "mxint8" else "fp4")
+        return value, None  # codes pack the scale code (see test_quantizers_release)
     raise AssertionError(name)
 
 
@@ -244,9 +282,11 @@ def test_number_of_distinct_levels():
 def test_sparsity_fractions():
     w = normal(3, (1000,))
     zeros = lambda name: float(np.mean(np.asarray(Q.get(name)(w)) == 0))
-    # linear-interpolated quantile at s (N - 1): floor(s (N - 1)) + 1 entries satisfy |w| <= tau
-    assert zeros("ternary_s90") == (math.floor(0.9 * 999) + 1) / 1000
-    assert zeros("ternary_s33") == (math.floor(0.33 * 999) + 1) / 1000
+    # exactly k = round((1 - s) N) nonzeros (theory.md section 9)
+    assert zeros("ternary_s90") == 0.9 and zeros("ternary_s33") == 0.33
+    for n, s, k in ((16, 0.9, 2), (16, 0.33, 11), (10, 0.25, 8), (3, 0.5, 2), (1, 0.33, 1), (1, 0.9, 0)):
+        got = int(np.count_nonzero(np.asarray(Q.ternary(sparsity=s)(jnp.asarray(w[:n])))))
+        assert got == k, (n, s, got)
     assert zeros("prune50") == 0.5 and zeros("prune90") == 0.9
     # absmean ternary zeroes |w| < g/2, g = mean|w| ~ sqrt(2/pi) for N(0, 1): P = 2 Phi(g/2) - 1 = 0.3108;
     # binomial standard error sqrt(p (1 - p) / N), 4 of them
@@ -268,7 +308,7 @@ def test_scale_formulas():
     np.testing.assert_allclose(np.abs(run_all("ternary")["q"]).max(), a.mean(), rtol=1e-6)
     t = run_all("ternary_s33")["q"]
     np.testing.assert_allclose(np.abs(t).max(), a[t != 0].mean(), rtol=1e-6)
-    assert a[t != 0].min() > np.quantile(a, 0.33) >= a[t == 0].max()
+    assert a[t != 0].min() > a[t == 0].max() and np.count_nonzero(t) == round(0.67 * W.size)
     np.testing.assert_allclose(np.abs(run_all("fp8_e4m3")["q"]).max(), a.max(), rtol=1e-6)
 
 
@@ -313,8 +353,14 @@ def test_jit_and_vmap_agree(name):
 
 @pytest.mark.parametrize("name", Q.names())
 def test_straight_through_gradient_identity(name):
-    # every preset's clip range is the whole tensor: the straight-through gradient is the cotangent itself
-    np.testing.assert_array_equal(run_all(name)["grad"], C)
+    # every preset's clip range is the whole tensor: the straight-through gradient is the cotangent itself; the
+    # MX presets saturate the entries beyond qmax X of their E8M0 block scale X, whose gradient is then zero
+    inside = np.ones(W.shape, bool)
+    if name in ("mxint8", "mxfp4"):
+        _, scale, _ = ref_mx(W, "int8" if name == "mxint8" else "fp4")
+        inside = np.abs(W) <= (127 if name == "mxint8" else 6) * scale
+        assert not inside.all() or name == "mxint8"
+    np.testing.assert_array_equal(run_all(name)["grad"], np.where(inside, C, 0))
 
 
 def test_straight_through_forward_mode():
@@ -461,9 +507,11 @@ def test_thresholds_closed_forms(name):
     value, lower, upper = nearest["value"], nearest["lower"], nearest["upper"]
     assert np.all((t_lo < W) & (W < t_hi))
     if name.startswith("ternary_s"):
-        tau = np.quantile(np.abs(W), int(name[-2:]) / 100)
-        expect_lo = np.where(value > 0, tau, np.where(value == 0, -tau, -np.inf))
-        expect_hi = np.where(value < 0, -tau, np.where(value == 0, tau, np.inf))
+        # support thresholds (theory.md section 9): a kept entry leaves when it falls below the largest dropped
+        # magnitude, a dropped one enters when it rises above the smallest kept magnitude
+        _, _, _, (max_dropped, min_kept) = ref_ternary(W, int(name[-2:]) / 100)
+        expect_lo = np.where(value > 0, max_dropped, np.where(value == 0, -min_kept, -np.inf))
+        expect_hi = np.where(value < 0, -max_dropped, np.where(value == 0, min_kept, np.inf))
     else:
         expect_lo = np.where(lower < value, 0.5 * (lower + value), -np.inf)
         expect_hi = np.where(upper > value, 0.5 * (upper + value), np.inf)
@@ -604,11 +652,15 @@ def test_scalar_and_empty_inputs():
         assert q.codes(jnp.zeros((0,)), jnp.zeros((0,))).shape == (0,)
         s = q(jnp.float32(-1.75), key=KEY)
         assert s.shape == () and s.dtype == jnp.float32
-        if name not in ("sign", "ternary_s33", "ternary_s90"):
-            assert float(s) == -1.75, name  # a single coordinate is its own absmax / mean / kept magnitude
-    # a lone coordinate at the 33% quantile of itself is zeroed; sign keeps its magnitude
-    assert float(Q.get("ternary_s33")(jnp.float32(-1.75))) == 0.0
+        if name in ("mxint8", "mxfp4"):  # E8M0: a power of two times an element value
+            assert float(s) == (-1.75 if name == "mxint8" else -1.5), name  # X = 1/4: 7 saturates at 6
+        elif name not in ("ternary_s90",):
+            assert float(s) == -1.75, name  # a float32 scale publishes a lone coordinate exactly (continuous)
+    # round((1 - s) 1) kept entries: ternary_s33 keeps its lone coordinate, ternary_s90 keeps none
+    assert float(Q.get("ternary_s33")(jnp.float32(-1.75))) == -1.75
+    assert float(Q.get("ternary_s90")(jnp.float32(-1.75))) == 0.0
     assert float(Q.get("sign")(jnp.float32(-1.75))) == -1.75
+    assert float(Q.get("sign@e8m0")(jnp.float32(-1.75))) == -2.0
 
 
 # ------------------------------------------------------------------------------------------------------------

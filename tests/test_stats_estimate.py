@@ -115,12 +115,13 @@ def test_logistic_single_audits():
     for q, ptq, method in [
         (grid, "loss", "gaussian"),
         (grid, "loss", "cramer"),
-        (ternary(), "rtn", "gaussian"),
-        (ternary(), "rtn", "cramer"),
+        (ternary(scale_format="e8m0"), "rtn", "gaussian"),
+        (ternary(scale_format="e8m0"), "rtn", "cramer"),
     ]:
         out = single_model_indicator(q, LOGISTIC, params, x, y, ptq=ptq, method=method)
         assert bool(out.ok), (q.name, ptq, method)
-        assert 0.0 < float(out.r_hat) < np.log(400) and out.valid.shape == (10,)
+        # 2p element events, then two scale events per leaf for the E8M0 absmean scale (theory.md section 9)
+        assert 0.0 < float(out.r_hat) < np.log(400) and out.valid.shape == (14 if q.discrete_scale else 10,)
         results[ptq, method] = float(out.r_hat)
     # Gaussian and Cramer rates agree to leading order for the same events
     assert results["loss", "cramer"] == pytest.approx(results["loss", "gaussian"], rel=0.5)
@@ -134,10 +135,16 @@ def test_logistic_single_audits():
 
 def test_population_audit_fields_and_validation():
     params, x, y = _logistic_fit(7)
-    q = uniform(bits=4)
+    # a float32 absmax scale is published: the release is continuous (theory.md section 9), r = 0, the codes'
+    # own rate kept apart
+    f32 = population_indicator(uniform(bits=4), LOGISTIC, params, x, y, n=200, method="cramer")
+    assert f32.continuous and float(f32.r) == 0.0 and float(f32.r_codes) > 0 and np.isnan(float(f32.mis_asymptotic))
+    q = uniform(bits=4, scale_format="e8m0")
     pop = population_indicator(q, LOGISTIC, params, x, y, n=200, method="cramer")
     assert isinstance(pop, PopulationAudit) and pop.ptq == "loss" and pop.method == "cramer" and pop.n == 200
-    assert pop.codes["w"].dtype == jnp.int32 and pop.p.shape == pop.f.shape == (10,)
+    assert not pop.continuous and float(pop.r) == float(pop.r_codes)
+    # 2p = 10 element competitors, then per coordinate a rising and (argmax only) a falling scale event
+    assert pop.codes["w"].dtype == jnp.int32 and pop.p.shape == pop.f.shape == (20,)
     assert float(pop.flip_rate_predicted) == pytest.approx(float(jnp.sum(pop.p)))
     assert 0.0 <= float(pop.mis_asymptotic) <= 1.0
     with pytest.raises(ValueError, match=r"\('loss', 'rtn'\)"):

@@ -2,15 +2,26 @@
 
 Every quantizer is a frozen, hashable :class:`Quantizer` (usable as a static ``jax.jit`` argument). Calling it
 quantizes a tensor; ``levels``, ``neighbors``, ``codes`` and ``thresholds`` expose the codebook needed by the
-indicator of theory.md sections 3-6. Presets are listed by :func:`names` and built by :func:`get`.
+indicator of theory.md sections 3-6. Presets are listed by :func:`names` and built by :func:`get` (``NAME@FORMAT``
+publishes the scale in ``f32``, ``bf16``, ``f16`` or ``e8m0``); :func:`release_info`, :func:`is_continuous` and
+:func:`published` describe what a release publishes (section 9).
 """
 
-from qmis_jax.quantizers._base import ContinuousQuantizer, LadderQuantizer, Quantizer
+from qmis_jax.quantizers._base import SCALE_CODE_BITS, SCALE_FORMATS, ContinuousQuantizer, LadderQuantizer, Quantizer
 from qmis_jax.quantizers.binary import Sign, sign
 from qmis_jax.quantizers.fp8 import FP8, fp8
 from qmis_jax.quantizers.identity import Identity, identity
+from qmis_jax.quantizers.mx import FP4, fp4
 from qmis_jax.quantizers.prune import Prune, prune
 from qmis_jax.quantizers.registry import get, names
+from qmis_jax.quantizers.release import (
+    Published,
+    is_continuous,
+    published,
+    release_info,
+    tree_scale_codes,
+    tree_scale_margins,
+)
 from qmis_jax.quantizers.ternary import Ternary, ternary
 from qmis_jax.quantizers.tree import (
     quantize_tree,
@@ -22,27 +33,37 @@ from qmis_jax.quantizers.tree import (
 from qmis_jax.quantizers.uniform import Uniform, size_adaptive, uniform
 
 __all__ = [
+    "FP4",
     "FP8",
+    "SCALE_CODE_BITS",
+    "SCALE_FORMATS",
     "ContinuousQuantizer",
     "Identity",
     "LadderQuantizer",
     "Prune",
+    "Published",
     "Quantizer",
     "Sign",
     "Ternary",
     "Uniform",
+    "fp4",
     "fp8",
     "get",
     "identity",
+    "is_continuous",
     "names",
     "prune",
+    "published",
     "quantize_tree",
+    "release_info",
     "sign",
     "size_adaptive",
     "ternary",
     "tree_codes",
     "tree_levels",
     "tree_neighbors",
+    "tree_scale_codes",
+    "tree_scale_margins",
     "tree_thresholds",
     "uniform",
 ]

@@ -9,6 +9,13 @@ how an index is decoded to a value, how a value or a weight is encoded to an ind
 ``levels``, ``neighbors``, ``codes`` and ``thresholds`` are written once here. Continuous releases (fp32, pruning)
 have no ladder: no adjacent levels and no thresholds.
 
+A family with a data-dependent scale (absmax: ``uniform(bits=...)``, ``fp8``, ``fp4``; absmean-type: ``sign``,
+``ternary``) publishes it in a ``scale_format`` (theory.md section 9): ``"f32"`` (a continuous release), ``"bf16"`` /
+``"f16"`` (the scale rounded to nearest, as a cast) or ``"e8m0"`` (a power of two: the OCP Microscaling shared
+exponent ``2^(floor(log2 amax) - floor(log2 qmax))`` for absmax, ``2^round(log2 stat)`` for absmean-type
+statistics). A rounded scale carries no gradient, so thresholds are fixed numbers given its code; the code itself
+has its own events (``scale_margins``) and is packed into ``codes``.
+
 Internally everything is computed in ``promote_types(w.dtype, float32)`` (float32 for bfloat16/float16 inputs,
 float64 for float64 inputs) and cast back to ``w.dtype``.
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -71,6 +79,102 @@ def safe_positive(scale: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Scale formats (theory.md section 9): how a data-dependent scale is published
+# ----------------------------------------------------------------------------------------------------------------
+
+SCALE_FORMATS = ("f32", "bf16", "f16", "e8m0")
+SCALE_RULES = ("absmax", "absmean")
+_FORMAT_DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16}
+E8M0_MIN_EXPONENT = -127
+E8M0_MAX_EXPONENT = 127
+# codes of a release with a discrete scale pack the scale code in their low bits (see Quantizer.codes)
+SCALE_CODE_BITS = {"e8m0": 8, "bf16": 16, "f16": 16}
+
+
+def check_scale_format(scale_format: Any) -> str:
+    """``scale_format`` when it is one of :data:`SCALE_FORMATS`, else ``ValueError`` naming it."""
+    if not isinstance(scale_format, str) or scale_format not in SCALE_FORMATS:
+        raise ValueError(f"`scale_format` must be one of {SCALE_FORMATS}, got {scale_format!r}")
+    return scale_format
+
+
+def _floor_log2(x: Array) -> Array:
+    """``floor(log2 x)`` exactly for ``x > 0`` (from the binary exponent, no rounding of a logarithm)."""
+    _, ex = jnp.frexp(x)
+    return ex.astype(jnp.int32) - 1
+
+
+def scale_exponent(stat: Array, *, rule: str, qmax: float | None = None) -> Array:
+    """The E8M0 exponent (int32) of a scale statistic (theory.md section 9).
+
+    ``rule="absmax"`` (``stat`` the clip value ``c max|w|`` of a block): the OCP Microscaling shared exponent
+    ``floor(log2 stat) - floor(log2 qmax)``. ``rule="absmean"`` (``stat`` a mean magnitude): ``round(log2 stat)``.
+    A zero statistic (an all-zero block) gets the smallest exponent; exponents are clipped to E8M0's range.
+    """
+    positive = stat > 0
+    safe = jnp.where(positive, stat, jnp.ones_like(stat))
+    if rule == "absmax":
+        e = _floor_log2(safe) - int(math.floor(math.log2(qmax)))
+    else:
+        e = jnp.round(jnp.log2(safe)).astype(jnp.int32)
+    e = jnp.where(positive, e, E8M0_MIN_EXPONENT)
+    return jnp.clip(e, E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT)
+
+
+def publish_scale(stat: Array, fmt: str, *, rule: str, qmax: float | None = None) -> Array:
+    """The published scale of a statistic in format ``fmt`` (theory.md section 9), in ``stat``'s dtype.
+
+    ``f32``: ``stat / qmax`` (absmax) or ``stat`` (absmean), with its true gradient: a continuous function of the
+    weights. ``bf16`` / ``f16``: that value rounded to the format (round to nearest even, as a cast). ``e8m0``:
+    ``2^scale_exponent(stat)``. Discrete formats are piecewise constant in the weights: no gradient flows through
+    them, so thresholds given the scale code are fixed numbers.
+    """
+    raw = stat / qmax if rule == "absmax" else stat
+    if fmt == "f32":
+        return raw
+    if fmt in _FORMAT_DTYPES:
+        return lax.stop_gradient(raw.astype(_FORMAT_DTYPES[fmt]).astype(stat.dtype))
+    e = scale_exponent(lax.stop_gradient(stat), rule=rule, qmax=qmax)
+    return jnp.ldexp(jnp.ones_like(stat), e)
+
+
+def scale_code(stat: Array, fmt: str, *, rule: str, qmax: float | None = None) -> Array:
+    """Integer code of the published scale: the E8M0 exponent, or the bit pattern of the bf16 / f16 / f32 value."""
+    if fmt == "e8m0":
+        return scale_exponent(stat, rule=rule, qmax=qmax)
+    value = publish_scale(lax.stop_gradient(stat), fmt, rule=rule, qmax=qmax)
+    if fmt in _FORMAT_DTYPES:
+        bits = lax.bitcast_convert_type(value.astype(_FORMAT_DTYPES[fmt]), jnp.uint16)
+        return bits.astype(jnp.int32)
+    return lax.bitcast_convert_type(value.astype(jnp.float32), jnp.int32)
+
+
+def scale_bounds(stat: Array, fmt: str, *, rule: str, qmax: float | None = None) -> tuple[Array, Array]:
+    """``(lo, hi)``: the interval of the statistic over which the published scale code stays the same.
+
+    E8M0 absmax: ``[2^e, 2^(e + 1))`` with ``e = floor(log2 stat)``; E8M0 absmean: ``[2^(k - 1/2), 2^(k + 1/2))``
+    with ``k = round(log2 stat)``; bf16 / f16: the midpoints between the rounded scale and its neighbours in the
+    format (times ``qmax`` for absmax). Computed without gradient (the boundaries of section 9 are fixed numbers).
+    """
+    stat = lax.stop_gradient(stat)
+    one = jnp.ones_like(stat)
+    if fmt == "e8m0":
+        if rule == "absmax":
+            e = _floor_log2(jnp.where(stat > 0, stat, one))
+            return jnp.ldexp(one, e), jnp.ldexp(one, e + 1)
+        k = jnp.round(jnp.log2(jnp.where(stat > 0, stat, one)))
+        return jnp.exp2(k - 0.5), jnp.exp2(k + 0.5)
+    dt = _FORMAT_DTYPES[fmt]
+    value = publish_scale(stat, fmt, rule=rule, qmax=qmax).astype(dt)
+    bits = lax.bitcast_convert_type(value, jnp.uint16)
+    up = lax.bitcast_convert_type(bits + jnp.uint16(1), dt).astype(stat.dtype)
+    down = lax.bitcast_convert_type(jnp.maximum(bits, jnp.uint16(1)) - jnp.uint16(1), dt).astype(stat.dtype)
+    v = value.astype(stat.dtype)
+    factor = qmax if rule == "absmax" else 1.0
+    return factor * 0.5 * (v + down), factor * 0.5 * (v + up)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The record
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -115,6 +219,22 @@ class Quantizer:
     def family(self) -> str:
         """The family of the quantizer (``"uniform"``, ``"sign"``, ``"ternary"``, ``"prune"``...)."""
         return type(self).__name__.lower()
+
+    @property
+    def scale_rule(self) -> str | None:
+        """How the published scale is computed from the weights: ``"absmax"``, ``"absmean"`` or None (no scale)."""
+        return None
+
+    @property
+    def scaled(self) -> bool:
+        """Whether the release publishes a data-dependent scale (theory.md section 9)."""
+        return self.scale_rule is not None
+
+    @property
+    def discrete_scale(self) -> bool:
+        """Whether the release publishes a scale on a fixed grid (``bf16``, ``f16``, ``e8m0``): it then has scale
+        codes and scale events (theory.md section 9). False without a scale and for float32 scales."""
+        return self.scaled and getattr(self, "scale_format", "f32") != "f32"
 
     def info(self) -> dict[str, Any]:
         """JSON-serialisable description for reports: name, family, flags and the configuration fields."""
@@ -184,9 +304,13 @@ class Quantizer:
     def codes(self, v: Array, w: Array) -> Array:
         """Integer index of each codebook point ``v`` in the codebook of ``w``; equal codes = the same release.
 
-        Scale fluctuations are ignored: two releases of one quantizer are "the same" iff their codes are equal
-        (used for Monte Carlo flip rates, theory.md section 6). Continuous releases are coded by the bit pattern of
-        their float32 value (so any change of value is a change of code).
+        Two releases of one quantizer are "the same" iff their codes are equal (Monte Carlo flip rates, theory.md
+        sections 6 and 9). With a discrete scale format (``bf16``, ``f16``, ``e8m0``) the scale code is part of
+        the release: the code is ``element * 2^S + scale_code`` (``S = 8`` for E8M0, whose exponent is offset by
+        127; ``S = 16`` for the bf16 / f16 bit pattern), so a change of scale alone is a change of code;
+        ``code >> S`` is the element code (see :func:`~qmis_jax.quantizers.published`). With a float32 scale only
+        the element codes are compared (such a release is continuous anyway, section 9). Continuous releases are
+        coded by the bit pattern of their float32 value (so any change of value is a change of code).
 
         Args:
           v: points of ``w``'s codebook, same shape as ``w``.
@@ -199,6 +323,55 @@ class Quantizer:
         if w.size == 0:
             return jnp.zeros(w.shape, jnp.int32)
         return _codes(self, v, w)
+
+    def scales(self, w: Array) -> Array:
+        """The published scales of ``w``'s release, one per block (tensor, channel, group), in its format.
+
+        Args:
+          w: float array of any shape.
+
+        Returns:
+          A float array of the block scales (shape ``()`` for one per tensor, ``(1, ..., C)`` per channel,
+          ``(G, C)`` per group); ``(0,)`` when the quantizer publishes no scale.
+        """
+        w = check_float_array(w, "w")
+        if not self.scaled or w.size == 0:
+            return jnp.zeros((0,), jnp.result_type(w.dtype, jnp.float32))
+        return _scales(self, w)
+
+    def scale_codes(self, w: Array) -> Array:
+        """Integer codes of the published scales (theory.md section 9): the E8M0 exponent, or the bit pattern of
+        the bf16 / f16 / f32 scale; one per block, as :meth:`scales`; ``(0,)`` without a scale.
+
+        >>> import jax.numpy as jnp
+        >>> from qmis_jax.quantizers import get
+        >>> get("int4@e8m0").scale_codes(jnp.array([0.5, -1.3, 0.2, 0.9])).tolist()  # floor(log2 1.3) - 2
+        -2
+        """
+        w = check_float_array(w, "w")
+        if not self.scaled or w.size == 0:
+            return jnp.zeros((0,), jnp.int32)
+        return _scale_codes(self, w)
+
+    def scale_margins(self, w: Array) -> Array:
+        """Decision margins of the scale code's events, differentiable in ``w`` (theory.md section 9).
+
+        Only for discrete scale formats (else ``(0,)``). Absmax: per coordinate ``j`` the rising event
+        ``b_up - |w_j|`` and, for a block's largest ``|w_j|`` only, the falling event ``|w_j| - b_lo`` (``+inf``
+        elsewhere), interleaved (``2 size`` entries). Absmean-type statistics: per block ``stat(w) - b_lo`` and
+        ``b_hi - stat(w)`` (``2 * blocks`` entries). The boundaries are fixed numbers (no gradient), so the delta
+        method ``s^2 = grad g^T Sigma grad g`` applies to the statistic alone.
+
+        Args:
+          w: float array of any shape.
+
+        Returns:
+          A flat float array of margins (``+inf`` where an event does not exist).
+        """
+        w = check_float_array(w, "w")
+        if not self.discrete_scale or w.size == 0:
+            return jnp.zeros((0,), jnp.result_type(w.dtype, jnp.float32))
+        return _scale_margins(self, w)
 
     def thresholds(self, w: Array) -> tuple[Array, Array]:
         """Round-to-nearest decision thresholds ``(t_lower, t_upper)`` per coordinate, with the true gradient.
@@ -255,6 +428,15 @@ class Quantizer:
     def _thresholds(self, w: Array) -> tuple[Array, Array]:  # pragma: no cover
         raise NotImplementedError
 
+    def _scales(self, w: Array) -> Array:  # pragma: no cover - scaled families only
+        raise NotImplementedError
+
+    def _scale_codes(self, w: Array) -> Array:  # pragma: no cover - scaled families only
+        raise NotImplementedError
+
+    def _scale_margins(self, w: Array) -> Array:  # pragma: no cover - scaled families only
+        raise NotImplementedError
+
 
 # Compiled entry points of the public methods (validation happens before, in plain Python). One compilation per
 # (quantizer, shape, dtype): quantizers are hashable static arguments. Inside a caller's jit they are inlined.
@@ -283,6 +465,21 @@ def _neighbors(q: Quantizer, v: Array, w: Array) -> tuple[Array, Array]:
 def _codes(q: Quantizer, v: Array, w: Array) -> Array:
     cd = compute_dtype(w.dtype)
     return q._codes(v.astype(cd), w.astype(cd))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _scales(q: Quantizer, w: Array) -> Array:
+    return q._scales(w.astype(compute_dtype(w.dtype)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _scale_codes(q: Quantizer, w: Array) -> Array:
+    return q._scale_codes(w.astype(compute_dtype(w.dtype)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _scale_margins(q: Quantizer, w: Array) -> Array:
+    return q._scale_margins(w.astype(compute_dtype(w.dtype)))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -335,6 +532,58 @@ class LadderQuantizer(Quantizer):
     def _code(self, i: Array) -> Array:
         return i.astype(jnp.int32)
 
+    # -- scales (families with a data-dependent scale set ``scale_rule`` and implement ``_scale_stat``) --------
+
+    @property
+    def qmax(self) -> float | None:
+        """Largest element magnitude of an absmax family (the ``qmax`` of the E8M0 rule); None otherwise."""
+        return None
+
+    def _scale_stat(self, w: Array) -> Array:  # pragma: no cover - scaled families only
+        """The statistic the scale is computed from, one per block (absmax: the clip value ``c max|w|``;
+        absmean: the mean magnitude), with its true gradient."""
+        raise NotImplementedError
+
+    def _expand(self, blocks: Array, w: Array) -> Array:
+        """Broadcast a per-block array to ``w.shape`` (default: plain broadcasting)."""
+        return jnp.broadcast_to(blocks, w.shape)
+
+    def _scale(self, w: Array) -> Array:
+        """The published scale per coordinate (broadcastable to ``w``), in ``self.scale_format``."""
+        stat = self._scale_stat(w)
+        return self._expand(publish_scale(stat, self.scale_format, rule=self.scale_rule, qmax=self.qmax), w)
+
+    def _scales(self, w: Array) -> Array:
+        return publish_scale(self._scale_stat(w), self.scale_format, rule=self.scale_rule, qmax=self.qmax)
+
+    def _scale_codes(self, w: Array) -> Array:
+        return scale_code(self._scale_stat(w), self.scale_format, rule=self.scale_rule, qmax=self.qmax)
+
+    def _scale_margins(self, w: Array) -> Array:
+        stat = self._scale_stat(w)
+        lo, hi = scale_bounds(stat, self.scale_format, rule=self.scale_rule, qmax=self.qmax)
+        inf = jnp.asarray(jnp.inf, w.dtype)
+        if self.scale_rule == "absmean":  # a zero statistic (nothing kept, an all-zero leaf) has no event
+            live = lax.stop_gradient(stat) > 0
+            return jnp.stack([jnp.where(live, stat - lo, inf), jnp.where(live, hi - stat, inf)], axis=-1).reshape(-1)
+        ratio = getattr(self, "clip_ratio", 1.0)
+        a = ratio * jnp.abs(w)
+        stat_e = lax.stop_gradient(self._expand(stat, w))
+        live = stat_e > 0
+        rising = jnp.where(live, (self._expand(hi, w) - a) / ratio, inf)
+        falling = jnp.where(live & (a >= stat_e), (a - self._expand(lo, w)) / ratio, inf)
+        return jnp.stack([rising, falling], axis=-1).reshape(-1)
+
+    def _pack(self, code: Array, w: Array) -> Array:
+        """Codes of a release with a discrete scale: the element code times ``2^S`` plus the (non-negative) scale
+        code, so equal packed codes mean an equal element code and an equal scale."""
+        if not self.discrete_scale:
+            return code
+        sc = lax.stop_gradient(self._scale_codes(w))
+        if self.scale_format == "e8m0":
+            sc = sc - E8M0_MIN_EXPONENT
+        return code * (1 << SCALE_CODE_BITS[self.scale_format]) + self._expand(sc, w)
+
     # -- shared machinery --------------------------------------------------------------------------------------
 
     def _around(self, cb: tuple[Array, ...], i: Array) -> tuple[Array, Array, Array]:
@@ -361,7 +610,7 @@ class LadderQuantizer(Quantizer):
 
     def _codes(self, v: Array, w: Array) -> Array:
         cb = lax.stop_gradient(self._codebook(w))
-        return jnp.broadcast_to(self._code(self._nearest(cb, v)), w.shape)
+        return self._pack(jnp.broadcast_to(self._code(self._nearest(cb, v)), w.shape), w)
 
     def _thresholds(self, w: Array) -> tuple[Array, Array]:
         cb = self._codebook(w)

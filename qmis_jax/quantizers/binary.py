@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qmis_jax.quantizers._base import LadderQuantizer
+from qmis_jax.quantizers._base import LadderQuantizer, check_scale_format
 
 Array = jax.Array
 
@@ -20,14 +20,30 @@ class Sign(LadderQuantizer):
     for ``+alpha``, above for ``-alpha`` (theory.md section 3(b)); it does not depend on the data, so its gradient
     is zero. Straight-through rule: identity everywhere (the clip range is the whole tensor, as in BitNet;
     ``alpha`` rescales every weight, so a fixed window such as ``|w| <= 1`` would have no meaning).
+
+    Attributes:
+      scale_format: how ``alpha`` is published (theory.md section 9, absmean rule): ``"f32"`` (continuous),
+        ``"bf16"`` / ``"f16"`` (rounded to the format) or ``"e8m0"`` (``2^round(log2 mean|w|)``).
     """
+
+    scale_format: str = "f32"
+
+    def __post_init__(self) -> None:
+        check_scale_format(self.scale_format)
 
     @property
     def family(self) -> str:
         return "sign"
 
+    @property
+    def scale_rule(self) -> str | None:
+        return "absmean"
+
+    def _scale_stat(self, w: Array) -> Array:
+        return jnp.mean(jnp.abs(w))
+
     def _codebook(self, w: Array) -> tuple[Array, ...]:
-        return (jnp.mean(jnp.abs(w)),)
+        return (self._scale(w),)
 
     def _index_range(self, cb: tuple[Array, ...]) -> tuple[float, float]:
         return 0.0, 1.0
@@ -42,14 +58,16 @@ class Sign(LadderQuantizer):
         return (2 * i - 1).astype(jnp.int32)
 
 
-def sign(*, name: str = "sign") -> Sign:
+def sign(*, scale_format: str = "f32", name: str | None = None) -> Sign:
     """The 1-bit quantizer ``alpha * sign(w)``, ``alpha = mean|w|``, ``sign(0) = +1``.
 
     Thresholds: 0 below a ``+alpha`` coordinate, 0 above a ``-alpha`` one, infinite on the other side (theory.md
-    section 3(b)). Idempotent up to the rounding of ``alpha``. Straight-through: identity everywhere.
+    section 3(b)). Idempotent up to the rounding of ``alpha``. Straight-through: identity everywhere. The scale
+    follows the absmean rule of section 9: ``e8m0`` publishes ``alpha = 2^round(log2 mean|w|)``.
 
     Args:
-      name: report name.
+      scale_format: ``"f32"`` (default, continuous), ``"bf16"``, ``"f16"`` or ``"e8m0"``.
+      name: report name (default ``"sign"``, with ``@{scale_format}`` when not ``"f32"``).
 
     Returns:
       A :class:`Sign` quantizer.
@@ -57,5 +75,10 @@ def sign(*, name: str = "sign") -> Sign:
     >>> import jax.numpy as jnp
     >>> sign()(jnp.array([-1.0, 0.0, 2.0])).tolist()
     [-1.0, 1.0, 1.0]
+    >>> sign(scale_format="e8m0")(jnp.array([-1.0, 0.0, 2.0])).tolist()  # 2^round(log2 1)
+    [-1.0, 1.0, 1.0]
     """
-    return Sign(name=name)
+    check_scale_format(scale_format)
+    if name is None:
+        name = "sign" if scale_format == "f32" else f"sign@{scale_format}"
+    return Sign(name=name, scale_format=scale_format)

@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qmis_jax.quantizers._base import LadderQuantizer, safe_positive
+from qmis_jax.quantizers._base import LadderQuantizer, check_scale_format, safe_positive
 
 Array = jax.Array
 
@@ -46,15 +46,39 @@ def _decode_magnitude(c: Array) -> Array:
 class FP8(LadderQuantizer):
     """FP8 E4M3 emulation with a per-tensor absmax scale ``s = max|w| / 448``; build it with :func:`fp8`.
 
-    Straight-through rule: identity everywhere (after absmax scaling nothing exceeds 448, nothing is clipped).
+    Straight-through rule: identity everywhere (after absmax scaling nothing exceeds 448, nothing is clipped;
+    with a rounded scale the largest entries saturate at ``448 s``).
+
+    The scale ``max|w| / 448`` is a float32 function of the data unless ``scale_format`` rounds it: the default
+    release is continuous (theory.md section 9). ``scale_format="e8m0"`` uses the absmax rule of section 9,
+    ``s = 2^(floor(log2 max|w|) - 8)`` (``floor(log2 448) = 8``), the elements saturating at 448.
+
+    Attributes:
+      scale_format: ``"f32"`` (default), ``"bf16"``, ``"f16"`` or ``"e8m0"``.
     """
+
+    scale_format: str = "f32"
+
+    def __post_init__(self) -> None:
+        check_scale_format(self.scale_format)
 
     @property
     def family(self) -> str:
         return "fp8_e4m3"
 
+    @property
+    def scale_rule(self) -> str | None:
+        return "absmax"
+
+    @property
+    def qmax(self) -> float:
+        return E4M3_MAX
+
+    def _scale_stat(self, w: Array) -> Array:
+        return jnp.max(jnp.abs(w))
+
     def _codebook(self, w: Array) -> tuple[Array, ...]:
-        scale = jnp.max(jnp.abs(w)) / E4M3_MAX
+        scale = self._scale(w)
         return scale, safe_positive(scale)
 
     def _index_range(self, cb: tuple[Array, ...]) -> tuple[float, float]:
@@ -68,7 +92,7 @@ class FP8(LadderQuantizer):
         return cb[0] * (jnp.sign(i) * _decode_magnitude(jnp.abs(i)))
 
 
-def fp8(*, name: str = "fp8_e4m3") -> FP8:
+def fp8(*, scale_format: str = "f32", name: str | None = None) -> FP8:
     """8-bit float E4M3 emulation: ``q = s * e4m3(w / s)``, ``s = max|w| / 448``, round to nearest even.
 
     Levels and neighbors are adjacent E4M3 values (times ``s``); thresholds are midpoints between adjacent values
@@ -76,7 +100,9 @@ def fp8(*, name: str = "fp8_e4m3") -> FP8:
     identity everywhere.
 
     Args:
-      name: report name.
+      scale_format: ``"f32"`` (default, continuous), ``"bf16"``, ``"f16"`` or ``"e8m0"`` (absmax rule of
+        theory.md section 9).
+      name: report name (default ``"fp8_e4m3"``, with ``@{scale_format}`` when not ``"f32"``).
 
     Returns:
       An :class:`FP8` quantizer.
@@ -85,4 +111,7 @@ def fp8(*, name: str = "fp8_e4m3") -> FP8:
     >>> fp8()(jnp.array([448.0, 1.0, 1.06, 17.0, -0.002])).tolist()
     [448.0, 1.0, 1.0, 16.0, -0.001953125]
     """
-    return FP8(name=name)
+    check_scale_format(scale_format)
+    if name is None:
+        name = "fp8_e4m3" if scale_format == "f32" else f"fp8_e4m3@{scale_format}"
+    return FP8(name=name, scale_format=scale_format)

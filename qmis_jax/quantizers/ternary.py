@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from qmis_jax.quantizers._base import LadderQuantizer, check_sparsity, percent_label, safe_positive
+from qmis_jax.quantizers._base import (
+    LadderQuantizer,
+    check_scale_format,
+    check_sparsity,
+    percent_label,
+    safe_positive,
+)
 
 Array = jax.Array
+
+
+def kept_count(sparsity: float, size: int) -> int:
+    """``k = round((1 - s) size)`` (halves rounded up): the nonzero count of a sparse ternary leaf of ``size``."""
+    return int(math.floor(round((1.0 - sparsity) * size, 9) + 0.5))
+
+
+def _kept_mask(a: Array, k: int) -> Array:
+    """True at the ``k`` largest entries of ``a`` (ties broken by position: the earlier entry is kept)."""
+    flat = a.ravel()
+    order = jnp.argsort(-flat, stable=True)
+    rank = jnp.zeros(flat.size, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
+    return (rank < k).reshape(a.shape)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -17,40 +38,57 @@ class Ternary(LadderQuantizer):
     """Ternary quantizer with codebook ``{-a, 0, +a}``; build it with :func:`ternary`.
 
     ``sparsity=None`` (absmean, BitNet b1.58): ``g = mean|w|``, ``q = g * clip(round(w / g), -1, 1)``; thresholds
-    ``+-g/2`` (midpoints), differentiated through ``g``.
+    ``+-g/2`` (midpoints), differentiated through ``g`` (a float32 scale; with a discrete scale format ``g`` is a
+    fixed number given its code).
 
-    ``sparsity=s``: ``tau`` = the ``s``-quantile of ``|w|`` (linear interpolation, as ``numpy.quantile``);
-    ``|w| <= tau -> 0``, else ``alpha * sign(w)`` with ``alpha`` = mean ``|w|`` of the kept entries; thresholds
-    ``+-tau`` (the zero-band edges, theory.md section 3(b)), differentiated through the quantile. With ``s = 0``
-    only the smallest magnitude(s) are zeroed (``tau = min|w|``).
+    ``sparsity=s``: keep exactly ``k = round((1 - s) size)`` entries, the ``k`` largest ``|w|`` (ties broken by
+    position), as ``alpha * sign(w)`` (``sign(0) = +1``), zero the rest; ``alpha`` = mean ``|w|`` of the kept
+    entries. The support changes when a kept and a dropped magnitude swap order (theory.md section 9): a kept
+    ``w_j >= 0`` has the lower threshold ``max_dropped |w|`` (0 when nothing is dropped: then its sign flips at
+    0), a kept ``w_j < 0`` the upper threshold ``-max_dropped |w|``, a dropped entry the thresholds
+    ``+-min_kept |w|``; all differentiated through those order statistics (delta method on
+    ``|w_j| - |w_i|``). No interpolated quantile: no coordinate sits on a threshold by construction.
 
     Straight-through rule: identity everywhere (BitNet's plain straight-through estimator; the scale rescales all
     weights, so no weight is clipped).
 
     Attributes:
       sparsity: None (absmean) or the zero fraction ``s`` in ``[0, 1)``.
+      scale_format: how ``g`` / ``alpha`` is published (theory.md section 9, absmean rule): ``"f32"``
+        (continuous), ``"bf16"`` / ``"f16"`` (rounded to the format) or ``"e8m0"`` (``2^round(log2 stat)``).
     """
 
     sparsity: float | None = None
+    scale_format: str = "f32"
 
     def __post_init__(self) -> None:
         if self.sparsity is not None:
             check_sparsity(self.sparsity)
+        check_scale_format(self.scale_format)
 
     @property
     def family(self) -> str:
         return "ternary"
 
-    def _codebook(self, w: Array) -> tuple[Array, ...]:
+    @property
+    def scale_rule(self) -> str | None:
+        return "absmean"
+
+    def _kept(self, w: Array) -> Array:
+        return _kept_mask(lax.stop_gradient(jnp.abs(w)), kept_count(self.sparsity, w.size))
+
+    def _scale_stat(self, w: Array) -> Array:
         a = jnp.abs(w)
         if self.sparsity is None:
-            g = jnp.mean(a)
+            return jnp.mean(a)
+        k = kept_count(self.sparsity, w.size)
+        return jnp.sum(jnp.where(self._kept(w), a, 0)) / max(k, 1)
+
+    def _codebook(self, w: Array) -> tuple[Array, ...]:
+        g = self._scale(w)
+        if self.sparsity is None:
             return g, safe_positive(g), g
-        tau = jnp.quantile(a.ravel(), self.sparsity)
-        keep = a > tau
-        count = jnp.sum(keep)
-        alpha = jnp.sum(jnp.where(keep, a, 0)) / jnp.maximum(count, 1).astype(w.dtype)
-        return alpha, safe_positive(alpha), tau
+        return g, safe_positive(g), self._kept(w)
 
     def _index_range(self, cb: tuple[Array, ...]) -> tuple[float, float]:
         return -1.0, 1.0
@@ -61,29 +99,38 @@ class Ternary(LadderQuantizer):
     def _rule_index(self, cb: tuple[Array, ...], w: Array) -> Array:
         if self.sparsity is None:
             return self._nearest(cb, w)
-        return jnp.where(jnp.abs(w) > cb[2], jnp.sign(w), 0).astype(w.dtype)
+        return jnp.where(cb[2], jnp.where(w >= 0, 1, -1), 0).astype(w.dtype)
 
     def _decode(self, cb: tuple[Array, ...], i: Array) -> Array:
         return cb[0] * i
 
-    def _boundary(self, cb: tuple[Array, ...], i: Array) -> Array:
+    def _thresholds(self, w: Array) -> tuple[Array, Array]:
         if self.sparsity is None:
-            return super()._boundary(cb, i)
-        tau = cb[2]
-        return jnp.where(i < 0, -tau, tau)
+            return super()._thresholds(w)
+        a = jnp.abs(w)
+        kept = self._kept(w)
+        inf = jnp.asarray(jnp.inf, w.dtype)
+        max_dropped = jnp.max(jnp.where(kept, jnp.zeros_like(a), a))  # 0 when nothing is dropped
+        min_kept = jnp.min(jnp.where(kept, a, inf))  # inf when nothing is kept
+        pos = w >= 0
+        t_lower = jnp.where(kept, jnp.where(pos, max_dropped, -inf), -min_kept)
+        t_upper = jnp.where(kept, jnp.where(pos, inf, -max_dropped), min_kept)
+        return t_lower, t_upper
 
 
-def ternary(*, sparsity: float | None = None, name: str | None = None) -> Ternary:
+def ternary(*, sparsity: float | None = None, scale_format: str = "f32", name: str | None = None) -> Ternary:
     """A ternary quantizer: BitNet b1.58 absmean (``sparsity=None``) or sparse ternary with zero fraction ``s``.
 
-    Absmean: ``g = mean|w|``, ``q = g * clip(round(w / g), -1, 1)``, thresholds ``+-g/2``. Sparse:
-    ``tau = quantile(|w|, s)``, ``q = 0`` where ``|w| <= tau``, else ``alpha * sign(w)`` with ``alpha`` the mean
-    kept magnitude, thresholds ``+-tau`` (theory.md section 3(b); their gradient flows through ``g`` / the
-    quantile, section 8). Straight-through: identity everywhere.
+    Absmean: ``g = mean|w|``, ``q = g * clip(round(w / g), -1, 1)``, thresholds ``+-g/2``. Sparse: keep the
+    ``k = round((1 - s) size)`` largest ``|w|`` as ``alpha * sign(w)`` with ``alpha`` the mean kept magnitude,
+    zero the rest; support thresholds at the order statistics of section 9. Both scales follow the absmean rule
+    of theory.md section 9 (``e8m0``: ``2^round(log2 stat)``). Straight-through: identity everywhere.
 
     Args:
       sparsity: None, or the fraction of zeros in ``[0, 1)``.
-      name: report name; default ``"ternary"`` or ``"ternary_s{100 s}"`` (``ternary_s33``, ``ternary_s90``).
+      scale_format: ``"f32"`` (default, continuous), ``"bf16"``, ``"f16"`` or ``"e8m0"``.
+      name: report name; default ``"ternary"`` or ``"ternary_s{100 s}"`` (``ternary_s33``, ``ternary_s90``), with
+        ``@{scale_format}`` when not ``"f32"``.
 
     Returns:
       A :class:`Ternary` quantizer.
@@ -91,9 +138,14 @@ def ternary(*, sparsity: float | None = None, name: str | None = None) -> Ternar
     >>> import jax.numpy as jnp
     >>> ternary()(jnp.array([-1.0, 0.2, 0.8, 2.0])).tolist()
     [-1.0, 0.0, 1.0, 1.0]
+    >>> ternary(sparsity=0.5, scale_format="e8m0")(jnp.array([-1.0, 0.2, 0.8, 2.0])).tolist()  # 2^round(log2 1.5)
+    [-2.0, 0.0, 0.0, 2.0]
     """
     if sparsity is not None:
         sparsity = check_sparsity(sparsity)
+    check_scale_format(scale_format)
     if name is None:
         name = "ternary" if sparsity is None else f"ternary_s{percent_label(sparsity)}"
-    return Ternary(name=name, sparsity=sparsity)
+        if scale_format != "f32":
+            name += f"@{scale_format}"
+    return Ternary(name=name, sparsity=sparsity, scale_format=scale_format)

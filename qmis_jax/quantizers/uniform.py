@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qmis_jax.quantizers._base import LadderQuantizer, safe_positive
+from qmis_jax.quantizers._base import LadderQuantizer, check_scale_format, safe_positive
 
 Array = jax.Array
 
@@ -37,20 +37,31 @@ def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
-def _group_absmax(a: Array, group_size: int) -> Array:
-    """Per-entry absmax over groups of ``group_size`` consecutive rows of each output channel.
+def _as_columns(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(M, C)``: a leaf viewed as rows of output channels (last axis) when ``ndim >= 2``, else one column."""
+    if len(shape) >= 2:
+        return math.prod(shape[:-1]), shape[-1]
+    return math.prod(shape), 1
 
-    ``a`` (any shape) is viewed as ``(M, C)``: ``C`` the last axis (output channels) when ``a.ndim >= 2``, else
-    ``C = 1``; ``M`` the product of the other axes. Rows are zero-padded to a multiple of ``group_size`` (zeros do
-    not change an absmax), so a ragged last group is allowed.
+
+def group_blocks(a: Array, group_size: int) -> Array:
+    """``(G, C)`` maxima of ``a`` over blocks of ``group_size`` consecutive rows of each output channel.
+
+    ``a`` (any shape) is viewed as ``(M, C)`` (see :func:`_as_columns`): for a Flax ``(in, out)`` kernel the blocks
+    run along axis 0, the contraction axis; a 1-D leaf is one column. Rows are zero-padded to a multiple of
+    ``group_size`` (zeros do not change a maximum of magnitudes), so the last block may be short.
     """
-    shape = a.shape
-    a2 = a.reshape(-1, shape[-1]) if a.ndim >= 2 else a.reshape(-1, 1)
-    m, c = a2.shape
+    m, c = _as_columns(a.shape)
+    a2 = a.reshape(m, c)
     pad = (-m) % group_size
     a2 = jnp.pad(a2, ((0, pad), (0, 0)))
-    gmax = a2.reshape(-1, group_size, c).max(axis=1)
-    return jnp.repeat(gmax, group_size, axis=0)[:m].reshape(shape)
+    return a2.reshape(-1, group_size, c).max(axis=1)
+
+
+def group_expand(blocks: Array, shape: tuple[int, ...], group_size: int) -> Array:
+    """Broadcast ``(G, C)`` per-block values back to ``shape`` (the inverse view of :func:`group_blocks`)."""
+    m, _ = _as_columns(shape)
+    return jnp.repeat(blocks, group_size, axis=0)[:m].reshape(shape)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,6 +79,10 @@ class Uniform(LadderQuantizer):
       rounding: ``"nearest"`` (half to even) or ``"stochastic"``.
       group_size: rows per group when ``granularity == "group"``.
       clip_ratio: fraction of the absmax used as the clip value, in ``(0, 1]``.
+      scale_format: how the absmax scale is published (theory.md section 9): ``"f32"`` (``s = c max|w| / qmax``,
+        continuous), ``"bf16"`` / ``"f16"`` (that value rounded to the format) or ``"e8m0"`` (the OCP Microscaling
+        shared exponent ``s = 2^(floor(log2(c max|w|)) - floor(log2 qmax))``, elements ``round(w / s)``
+        saturating at ``+-qmax``). Fixed-step grids publish no scale and keep ``"f32"``.
     """
 
     bits: int | None = None
@@ -76,6 +91,7 @@ class Uniform(LadderQuantizer):
     rounding: str = "nearest"
     group_size: int | None = None
     clip_ratio: float = 1.0
+    scale_format: str = "f32"
 
     def __post_init__(self) -> None:
         if (self.bits is None) == (self.step is None):
@@ -107,8 +123,15 @@ class Uniform(LadderQuantizer):
             )
         if not _is_real(self.clip_ratio) or not (0.0 < self.clip_ratio <= 1.0):
             raise ValueError(f"`clip_ratio` must lie in (0, 1], got {self.clip_ratio!r}")
-        if self.step is not None and (self.granularity != "tensor" or self.clip_ratio != 1.0):
-            bad = "granularity" if self.granularity != "tensor" else "clip_ratio"
+        check_scale_format(self.scale_format)
+        if self.step is not None and (
+            self.granularity != "tensor" or self.clip_ratio != 1.0 or self.scale_format != "f32"
+        ):
+            bad = next(
+                f
+                for f, default in (("granularity", "tensor"), ("clip_ratio", 1.0), ("scale_format", "f32"))
+                if getattr(self, f) != default
+            )
             raise ValueError(
                 f"a fixed-step grid has no scale to calibrate: `{bad}` must keep its default, got "
                 f"{bad}={getattr(self, bad)!r}"
@@ -127,23 +150,40 @@ class Uniform(LadderQuantizer):
         """Largest integer code ``2^(b-1) - 1`` of the absmax grid (None for a fixed step)."""
         return None if self.bits is None else 2 ** (self.bits - 1) - 1
 
+    @property
+    def scale_rule(self) -> str | None:
+        return None if self.bits is None else "absmax"
+
     # -- codebook ----------------------------------------------------------------------------------------------
 
     def _absmax(self, a: Array) -> Array:
+        """Per-block maxima of ``a`` (scalar per tensor, ``(1, ..., C)`` per channel, ``(G, C)`` per group)."""
         if self.granularity == "group":
-            return _group_absmax(a, self.group_size)
+            return group_blocks(a, self.group_size)
         if self.granularity == "channel" and a.ndim >= 2:
             return jnp.max(a, axis=tuple(range(a.ndim - 1)), keepdims=True)
         return jnp.max(a)
+
+    def _expand(self, blocks: Array, w: Array) -> Array:
+        if self.granularity == "group":
+            return group_expand(blocks, w.shape, self.group_size)
+        return blocks
+
+    def _scale_stat(self, w: Array) -> Array:
+        clip = self._absmax(jnp.abs(w))
+        if self.clip_ratio != 1.0:
+            clip = self.clip_ratio * clip
+        return clip
 
     def _codebook(self, w: Array) -> tuple[Array, ...]:
         if self.step is not None:
             h = jnp.asarray(self.step, w.dtype)
             return h, h, jnp.asarray(jnp.inf, w.dtype)
-        clip = self._absmax(jnp.abs(w))
-        if self.clip_ratio != 1.0:
-            clip = self.clip_ratio * clip
-        scale = clip / self.qmax
+        scale = self._scale(w)
+        if self.scale_format == "f32":
+            clip = self._expand(self._scale_stat(w), w)
+        else:  # the elements saturate at +-qmax s
+            clip = self.qmax * scale
         return scale, safe_positive(scale), clip
 
     def _index_range(self, cb: tuple[Array, ...]) -> tuple[float, float]:
@@ -179,6 +219,7 @@ def uniform(
     rounding: str = "nearest",
     group_size: int | None = None,
     clip_ratio: float = 1.0,
+    scale_format: str = "f32",
     name: str | None = None,
 ) -> Uniform:
     """A uniform quantizer: symmetric absmax integer grid (``bits``) or fixed-step grid (``step``).
@@ -200,8 +241,10 @@ def uniform(
       group_size: scales per group of ``group_size`` consecutive rows of each output channel (the tensor viewed as
         ``(prod(shape[:-1]), shape[-1])``; 1-D leaves as one column), a ragged last group allowed.
       clip_ratio: clip value as a fraction of the absmax, in ``(0, 1]`` (absmax grids only).
+      scale_format: ``"f32"`` (default, a continuous scale), ``"bf16"``, ``"f16"`` or ``"e8m0"`` (absmax rule
+        of theory.md section 9: the OCP Microscaling shared exponent, elements saturating at ``+-qmax``).
       name: report name; by default ``int{b}`` with ``_channel`` / ``_g{size}`` / ``_clip{c}`` / ``_stochastic``
-        suffixes, or ``grid_{h}`` for a fixed step.
+        suffixes and ``@{scale_format}`` when not ``"f32"``, or ``grid_{h}`` for a fixed step.
 
     Returns:
       A :class:`Uniform` quantizer.
@@ -212,6 +255,8 @@ def uniform(
     [-2.0, 0.0, 2.0, 0.0]
     >>> uniform(step=0.5)(jnp.array([0.2, 0.8, -1.3])).tolist()
     [0.0, 1.0, -1.5]
+    >>> uniform(bits=4, scale_format="e8m0")(jnp.array([0.5, -1.3, 0.2, 0.9])).tolist()  # s = 2^(0 - 2)
+    [0.5, -1.25, 0.25, 1.0]
     """
     if group_size is not None and granularity == "tensor":
         granularity = "group"
@@ -227,6 +272,8 @@ def uniform(
         group_size = int(group_size)
     if name is None:
         name = _default_name(bits, step, granularity, rounding, group_size, clip_ratio)
+        if scale_format != "f32":
+            name += f"@{scale_format}"
     return Uniform(
         name=name,
         bits=bits,
@@ -235,6 +282,7 @@ def uniform(
         rounding=rounding,
         group_size=group_size,
         clip_ratio=clip_ratio,
+        scale_format=scale_format,
     )
 
 

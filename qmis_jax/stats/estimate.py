@@ -7,11 +7,17 @@
 - :func:`population_indicator`: ``theta*`` estimated elsewhere (replicate mean, or known) and a large fresh
   sample; gives ``r_pop`` and the asymptotic MIS approximation of section 5 for training sets of size ``n``.
 
-Releases with continuous coordinates (``q.continuous``: fp32, pruning) have ``r = 0`` (section 4). So do
-stochastic round-to-nearest releases (``ptq="rtn"`` with a stochastic quantizer): the law of the release is then a
-smooth function of ``theta_hat`` (each coordinate rounds up with probability ``frac(theta_hat_j / s)``), so a
-member shifts it by ``O(1/n)`` and there is no exponential security either. With ``ptq="loss"`` only the starting
-point of the descent is random and the release is a local minimiser like any other.
+Continuous releases have ``r = 0`` (sections 4 and 9), decided by the one rule
+:func:`qmis_jax.quantizers.is_continuous`: continuous values (fp32, pruning), a scale published in float32 (every
+absmax / absmean family with ``scale_format="f32"``), a leaf left unquantized by ``skip``, and stochastic
+round-to-nearest releases (``ptq="rtn"`` with a stochastic quantizer: the law of the release is then a smooth
+function of ``theta_hat``, each coordinate rounding up with probability ``frac(theta_hat_j / s)``, so a member shifts
+it by ``O(1/n)``). With ``ptq="loss"`` only the starting point of the descent is random and the release is a local
+minimiser like any other. The codes-only rate is kept as ``r_codes`` (labelled as such, never the indicator).
+
+With a discrete scale format (``bf16``, ``f16``, ``e8m0``) the scale code is one more coordinate of the release:
+its events (section 9, :func:`~qmis_jax.stats.margins.scale_margins`, with the sandwich ``Sigma`` at the
+parameters) follow the ``2p`` element events under both PTQs, and ``r`` is the minimum over both.
 """
 
 from __future__ import annotations
@@ -24,9 +30,17 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from qmis_jax.quantizers import get as _get_quantizer
-from qmis_jax.quantizers import tree_codes
+from qmis_jax.quantizers import is_continuous, tree_codes
 
-from .margins import competitors, gap_stats, loss_differences, rtn_differences, rtn_margins
+from .margins import (
+    competitors,
+    gap_stats,
+    loss_differences,
+    rtn_differences,
+    rtn_margins,
+    scale_differences,
+    scale_margins,
+)
 from .mis import MIS_METHODS, mis_asymptotic
 from .ptq import ptq_loss, ptq_rtn
 from .rates import cramer_rate, gaussian_rate, indicator
@@ -66,6 +80,8 @@ class SingleAudit(NamedTuple):
       n_moves: int, descent moves accepted by ``ptq="loss"`` (0 for ``"rtn"``).
       ok: bool, False when a statistic was not finite or (``"rtn"``) ``H_hat`` was singular: ``r_hat`` is then
         not meaningful.
+      r_codes: scalar, the codes' own rate ``min_k I_k`` even when the release is continuous (section 9): a label
+        for reports, never the indicator (``r_hat`` is 0 for a continuous release).
     """
 
     r_hat: Array
@@ -78,6 +94,7 @@ class SingleAudit(NamedTuple):
     capped: Array
     n_moves: Array
     ok: Array
+    r_codes: Array = None
 
 
 class PopulationAudit(NamedTuple):
@@ -99,6 +116,8 @@ class PopulationAudit(NamedTuple):
       n_moves: descent moves of the population PTQ (0 for ``"rtn"``).
       n: the training-set size the approximation is for.
       ptq: ``"loss"`` or ``"rtn"``. method: ``"gaussian"`` or ``"cramer"``.
+      r_codes: the codes' own rate (section 9), equal to ``r`` for a discrete release; never the indicator.
+      continuous: whether the release is continuous (:func:`qmis_jax.quantizers.is_continuous`): ``r = 0``.
     """
 
     r: Array
@@ -118,6 +137,8 @@ class PopulationAudit(NamedTuple):
     n: int
     ptq: str
     method: str
+    r_codes: Array = None
+    continuous: bool = False
 
 
 def _check_options(ptq: str, method: str, differences: str, z: float | None = None) -> None:
@@ -131,10 +152,38 @@ def _check_options(ptq: str, method: str, differences: str, z: float | None = No
         raise ValueError(f"z must be >= 0, got z={z!r}")
 
 
-def no_exponential_security(q, ptq: str) -> bool:
-    """Whether a release of ``q`` under ``ptq`` has only polynomial security (``r = 0``, theory.md section 4):
-    continuous releases, and stochastic round-to-nearest (a smooth law of ``theta_hat``; see the module docs)."""
+def no_exponential_security(q, ptq: str, params=None, skip=None) -> bool:
+    """Whether a release of ``q`` under ``ptq`` has only polynomial security (``r = 0``, theory.md sections 4 and
+    9): the one rule of :func:`qmis_jax.quantizers.is_continuous` (continuous values, a float32 scale, a skipped
+    leaf, stochastic round-to-nearest)."""
+    return is_continuous(q, params, skip=skip, ptq=ptq)
+
+
+def _codes_only(q, ptq: str) -> bool:
+    """The rule before section 9, for the codes' own rate ``r_codes``: continuous values or stochastic RTN."""
     return bool(q.continuous or (ptq == "rtn" and q.stochastic))
+
+
+def _with_scale_events(q, problem, params, x, y, delta, sigma, valid, D, ok, *, method, skip, weights, chunk_size):
+    """Append the scale code's events (theory.md section 9) to the code events of a loss-PTQ release.
+
+    The margins need the sandwich ``Sigma`` at ``params`` (HC0 on ``(x, y)``); for Cramer rates their linearised
+    contributions extend ``D``. Nothing changes without a discrete scale format.
+    """
+    if not q.discrete_scale:
+        return delta, sigma, valid, D, ok
+    cov, cov_ok = sandwich_covariance_flagged(problem.loss, params, x, y, weights=weights)
+    m, s, v = scale_margins(q, params, cov, skip=skip, chunk_size=chunk_size)
+    if D is not None:
+        if method == "cramer":
+            D_s, _ = scale_differences(q, problem.loss, params, x, y, skip=skip, weights=weights, chunk_size=chunk_size)
+        else:
+            D_s = jnp.zeros((m.shape[0], D.shape[1]), D.dtype)
+        D = jnp.concatenate([D, D_s.astype(D.dtype)])
+    dtype = delta.dtype
+    delta = jnp.concatenate([delta, m.astype(dtype)])
+    sigma = jnp.concatenate([sigma, s.astype(dtype)])
+    return delta, sigma, jnp.concatenate([valid, v]), D, ok & cov_ok
 
 
 def _glm(problem, differences: str) -> dict[str, Any]:
@@ -174,6 +223,22 @@ def _statistics(q, problem, params, x, y, *, ptq, method, key, skip, weights, ma
         valid = moves.valid
         delta, sigma = gap_stats(D, valid, weights=weights)
         ok = jnp.asarray(True)
+        delta, sigma, valid, D, ok = _with_scale_events(
+            q,
+            problem,
+            params,
+            x,
+            y,
+            delta,
+            sigma,
+            valid,
+            D,
+            ok,
+            method=method,
+            skip=skip,
+            weights=weights,
+            chunk_size=chunk_size,
+        )
     else:
         release = ptq_rtn(q, params, key=key, skip=skip)
         n_moves = jnp.int32(0)
@@ -318,10 +383,11 @@ def _single_core(
         cr = cramer_rate(stacked, jnp.tile(valid, 3), weights=weights, cap=cap)
         rates, capped = cr.rate[:k], cr.capped[:k]
         lo_rates, hi_rates = cr.rate[k : 2 * k], cr.rate[2 * k :]
-    flat = no_exponential_security(q, ptq)
+    flat = no_exponential_security(q, ptq, params, skip)
     # a statistic that is not finite (NaN parameters, NaN losses) gives NaN, never a spurious +inf or 0
     bad = ~ok
     r_hat = jnp.where(bad, jnp.nan, indicator(rates, valid, continuous=flat))
+    r_codes = jnp.where(bad, jnp.nan, indicator(rates, valid, continuous=_codes_only(q, ptq)))
     r_interval = jnp.where(
         bad,
         jnp.nan,
@@ -338,6 +404,7 @@ def _single_core(
         capped=capped,
         n_moves=n_moves,
         ok=ok,
+        r_codes=r_codes,
     )
 
 
@@ -450,7 +517,7 @@ def population_indicator(
     q = _get_quantizer(q)
     check_data(x_big, y_big)
     skip = hashable_skip(skip)
-    release, delta, sigma, valid, rates, capped, r, approx, n_moves, ok = _population_core(
+    release, delta, sigma, valid, rates, capped, r, r_codes, approx, n_moves, ok = _population_core(
         q,
         problem,
         theta_star,
@@ -488,6 +555,8 @@ def population_indicator(
         n=n,
         ptq=ptq,
         method=method,
+        r_codes=r_codes,
+        continuous=no_exponential_security(q, ptq, theta_star, skip),
     )
 
 
@@ -514,7 +583,7 @@ def _population_core(
         chunk_size=chunk_size,
         differences=differences,
     )
-    flat = no_exponential_security(q, ptq)
+    flat = no_exponential_security(q, ptq, theta_star, skip)
     capped = jnp.zeros(valid.shape, bool)
     if method == "gaussian":
         rates = gaussian_rate(delta, sigma)
@@ -522,5 +591,6 @@ def _population_core(
         cr = cramer_rate(D, valid, cap=cap)
         rates, capped = cr.rate, cr.capped
     r = indicator(rates, valid, continuous=flat)
+    r_codes = indicator(rates, valid, continuous=_codes_only(q, ptq))
     approx = mis_asymptotic(n, delta, sigma, valid, method=method, D=D, continuous=flat, cap=cap)
-    return release, delta, sigma, valid, rates, capped, r, approx, n_moves, ok
+    return release, delta, sigma, valid, rates, capped, r, r_codes, approx, n_moves, ok

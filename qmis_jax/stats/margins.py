@@ -10,7 +10,10 @@ a continuous release).
   ``sigma_k^2 = Var D_k``; the release moves to ``theta_k`` only if ``mean_i D_k(Z_i) < 0``.
 - Round-to-nearest (section 3(b)): coordinate ``j`` changes level when ``theta_hat_j`` crosses a threshold ``t``;
   margins ``g(theta) = theta_j - t_lower(theta)`` and ``t_upper(theta) - theta_j`` with the delta method for
-  thresholds that depend on ``theta`` (absmax scale, quantile): ``s^2 = grad g^T Sigma grad g``.
+  thresholds that depend on ``theta`` (a float32 scale, the sparse-ternary order statistics):
+  ``s^2 = grad g^T Sigma grad g``.
+- Scale events (section 9): with a discrete scale format the scale code is one more coordinate of the release;
+  :func:`scale_margins` gives its events (they follow the ``2p`` element events in :func:`rtn_margins`).
 
 Invalid competitors get NaN statistics; consumers mask them with ``valid``.
 """
@@ -26,9 +29,9 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from qmis_jax.quantizers import get as get_quantizer
-from qmis_jax.quantizers import tree_thresholds
+from qmis_jax.quantizers import tree_scale_margins, tree_thresholds
 
-from .ptq import adjacent_levels, check_glm
+from .ptq import adjacent_levels, check_glm, is_sparse_ternary, sparse_moves
 from .sandwich import check_chunk, check_data, default_chunk, hashable_skip, hessian_diag, normalized_weights
 
 Array = jax.Array
@@ -42,6 +45,8 @@ __all__ = [
     "loss_differences",
     "rtn_differences",
     "rtn_margins",
+    "scale_differences",
+    "scale_margins",
 ]
 
 LOSS_DIFFERENCE_METHODS = ("exact", "taylor")
@@ -54,18 +59,23 @@ class Moves(NamedTuple):
       index: ``(K,)`` int, the coordinate moved (``ravel_pytree`` order).
       step: ``(K,)`` the change of that coordinate, ``level - current value`` (0 where invalid).
       valid: ``(K,)`` bool, the adjacent level exists.
+      index2, step2: ``(K,)`` a second coordinate and its change, for the swaps of sparse ternary (theory.md
+        section 9); None for single-coordinate moves.
     """
 
     index: Array
     step: Array
     valid: Array
+    index2: Array | None = None
+    step2: Array | None = None
 
 
 def competitors(q, release: PyTree, params: PyTree, *, skip=None) -> Moves:
     """Single-coordinate moves of ``release`` to its adjacent codebook levels (theory.md section 3(a)).
 
     The codebook is the one ``params`` defines (scales / quantiles held fixed, section 8), read with
-    :func:`qmis_jax.quantizers.tree_neighbors`.
+    :func:`qmis_jax.quantizers.tree_neighbors`. Sparse ternary instead has the sign flips and support swaps of
+    section 9 (:func:`qmis_jax.stats.ptq.sparse_moves`), with ``index2`` / ``step2`` set.
 
     Args:
       q: the quantizer (or a preset name).
@@ -87,6 +97,9 @@ def competitors(q, release: PyTree, params: PyTree, *, skip=None) -> Moves:
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("skip",))
 def _competitors(q, release, params, *, skip):
+    if is_sparse_ternary(q):  # flips and swaps: the nonzero count never changes (theory.md section 9)
+        index, step, index2, step2, valid = sparse_moves(q, ravel_pytree(release)[0], params, skip)
+        return Moves(index=index, step=step, valid=valid, index2=index2, step2=step2)
     theta, lo, up, has_lo, has_up = adjacent_levels(q, release, params, skip)
     step = jnp.stack([lo - theta, up - theta], axis=-1).reshape(-1)
     valid = jnp.stack([has_lo, has_up], axis=-1).reshape(-1)
@@ -140,7 +153,7 @@ def loss_differences(
     check_chunk(chunk_size)
     check_data(x, y)
     p = int(ravel_pytree(release)[0].shape[0])
-    if jnp.shape(moves.index) != jnp.shape(moves.step) or jnp.shape(moves.valid) != jnp.shape(moves.index):
+    if any(a is not None and jnp.shape(a) != jnp.shape(moves.index) for a in moves):
         raise ValueError(f"moves fields must share one shape (K,), got {[jnp.shape(a) for a in moves]}")
     if method == "taylor":
         if hess_diag is None:
@@ -167,11 +180,17 @@ def _loss_differences(loss_fn, release, moves, x, y, hess_diag, penalty, *, desi
     m = x.shape[0]
     theta, unravel = ravel_pytree(release)
     index, step = moves.index, jnp.where(moves.valid, moves.step, 0.0).astype(theta.dtype)
+    pairs = moves.index2 is not None
+    index2 = moves.index2 if pairs else index
+    step2 = jnp.where(moves.valid, moves.step2, 0.0).astype(theta.dtype) if pairs else jnp.zeros_like(step)
     k = index.shape[0]
     if method == "taylor":
         g = jax.vmap(jax.grad(lambda th, xi, yi: loss_fn(unravel(th), xi, yi)), in_axes=(None, 0, 0))(theta, x, y)
         h = jnp.asarray(hess_diag, theta.dtype)
-        return g[:, index].T * step[:, None] + (0.5 * h[index] * step**2)[:, None]
+        d = g[:, index].T * step[:, None] + (0.5 * h[index] * step**2)[:, None]
+        if pairs:
+            d = d + g[:, index2].T * step2[:, None] + (0.5 * h[index2] * step2**2)[:, None]
+        return d
     chunk = chunk_size if chunk_size is not None else default_chunk(k, m)
     if design is not None:
         xd = design(x)
@@ -180,10 +199,11 @@ def _loss_differences(loss_fn, release, moves, x, y, hess_diag, penalty, *, desi
         cols = xd.T
 
         def one(args):
-            j, e = args
-            d = margin_loss(eta + e * cols[j], y) - base
+            j, e, j2, e2 = args
+            d = margin_loss(eta + e * cols[j] + e2 * cols[j2], y) - base
             if penalty is not None:
-                d = d + 0.5 * penalty[j] * e * (2 * theta[j] + e)
+                mid = theta.at[j].add(e)
+                d = d + 0.5 * penalty[j] * e * (2 * theta[j] + e) + 0.5 * penalty[j2] * e2 * (2 * mid[j2] + e2)
             return d
 
     else:
@@ -191,10 +211,10 @@ def _loss_differences(loss_fn, release, moves, x, y, hess_diag, penalty, *, desi
         base = batch(release, x, y)
 
         def one(args):
-            j, e = args
-            return batch(unravel(theta.at[j].add(e)), x, y) - base
+            j, e, j2, e2 = args
+            return batch(unravel(theta.at[j].add(e).at[j2].add(e2)), x, y) - base
 
-    return jax.lax.map(one, (index, step), batch_size=chunk)
+    return jax.lax.map(one, (index, step, index2, step2), batch_size=chunk)
 
 
 def gap_stats(D: Array, valid: Array, *, weights: Array | None = None) -> tuple[Array, Array]:
@@ -235,12 +255,24 @@ def _gap_stats(D, valid, weights):
     return jnp.where(valid, delta, nan), jnp.where(valid, jnp.sqrt(var), nan)
 
 
-def _margin_fn(q, unravel, skip):
+EVENTS = ("all", "scale")
+
+
+def _margin_fn(q, unravel, skip, events="all"):
+    """``g(theta)``: the element margins (``events="all"``: ``2p`` of them, lower then upper per coordinate)
+    followed by the scale events' margins of a discrete scale format (theory.md section 9)."""
+
     def g(theta):
-        t_lo, t_up = tree_thresholds(q, unravel(theta), skip=skip)
-        t_lo = ravel_pytree(t_lo)[0].astype(theta.dtype)
-        t_up = ravel_pytree(t_up)[0].astype(theta.dtype)
-        return jnp.stack([theta - t_lo, t_up - theta], axis=-1).reshape(-1)
+        params = unravel(theta)
+        parts = []
+        if events == "all":
+            t_lo, t_up = tree_thresholds(q, params, skip=skip)
+            t_lo = ravel_pytree(t_lo)[0].astype(theta.dtype)
+            t_up = ravel_pytree(t_up)[0].astype(theta.dtype)
+            parts.append(jnp.stack([theta - t_lo, t_up - theta], axis=-1).reshape(-1))
+        if q.discrete_scale:
+            parts.append(tree_scale_margins(q, params, skip=skip).astype(theta.dtype))
+        return jnp.concatenate(parts) if parts else jnp.zeros((0,), theta.dtype)
 
     return g
 
@@ -283,7 +315,8 @@ def rtn_margins(
       chunk_size: Jacobian rows computed at once (default: one at a time, in a ``lax.map``).
 
     Returns:
-      ``(m, s, valid)``, each ``(K,)``, ``K = 2p``; ``valid`` False where no threshold exists; ``m``, ``s`` NaN
+      ``(m, s, valid)``, each ``(K,)``: ``K = 2p`` element events, then (discrete scale formats) the scale
+      events of :func:`scale_margins`; ``valid`` False where no threshold exists; ``m``, ``s`` NaN
       there.
 
     >>> import jax.numpy as jnp
@@ -292,21 +325,63 @@ def rtn_margins(
     >>> [round(v, 6) for v in m.tolist()], s.tolist()  # thresholds -0.5 and 0.5; s = sqrt(Sigma_00)
     ([0.8, 0.2], [2.0, 2.0])
     """
+    return _margins(q, params, cov, skip=skip, chunk_size=chunk_size, events="all")
+
+
+def scale_margins(
+    q,
+    params: PyTree,
+    cov: Array,
+    *,
+    skip=None,
+    chunk_size: int | None = None,
+) -> tuple[Array, Array, Array]:
+    """Margins and spreads of the scale code's events of a discrete scale format (theory.md section 9).
+
+    Absmax scales: per coordinate ``j`` the rising event ``b_up - |theta_j|`` (sd ``sqrt(Sigma_jj)``) and the
+    block argmax's falling event ``|theta_argmax| - b_lo``; absmean-type statistics: ``stat - b_lo`` and
+    ``b_hi - stat`` per block with ``s^2 = grad stat^T Sigma grad stat`` (delta method). The same events enter
+    both PTQs: given the scale code, element thresholds and loss-PTQ competitors are those of a fixed codebook.
+    Quantizers without a discrete scale have no such events (``K = 0``).
+
+    Args:
+      q: the quantizer (or a preset name).
+      params: ``theta_hat`` (or ``theta*``).
+      cov: ``(p, p)`` asymptotic covariance ``Sigma`` (not divided by ``n``), or its ``(p,)`` diagonal.
+      skip: leaves kept in full precision (no scale).
+      chunk_size: Jacobian rows computed at once.
+
+    Returns:
+      ``(m, s, valid)``, each ``(K,)``; ``valid`` False where an event does not exist (``m``, ``s`` NaN there).
+
+    >>> import jax.numpy as jnp
+    >>> m, s, valid = scale_margins("sign@e8m0", {"w": jnp.array([1.2])}, jnp.array([[0.25]]))
+    >>> [round(v, 4) for v in m.tolist()], s.tolist()  # 2^round(log2 1.2) = 1: boundaries 2^-0.5 and 2^0.5
+    ([0.4929, 0.2142], [0.5, 0.5])
+    """
+    return _margins(q, params, cov, skip=skip, chunk_size=chunk_size, events="scale")
+
+
+def _margins(q, params, cov, *, skip, chunk_size, events):
     check_chunk(chunk_size)
     p = int(ravel_pytree(params)[0].shape[0])
     if jnp.shape(cov) not in ((p, p), (p,)):
         raise ValueError(f"cov must have shape ({p}, {p}) or ({p},), got cov.shape={jnp.shape(cov)}")
-    return _rtn_margins(get_quantizer(q), params, jnp.asarray(cov), skip=hashable_skip(skip), chunk_size=chunk_size)
+    q = get_quantizer(q)
+    return _rtn_margins(q, params, jnp.asarray(cov), skip=hashable_skip(skip), chunk_size=chunk_size, events=events)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("skip", "chunk_size"))
-def _rtn_margins(q, params, cov, *, skip, chunk_size):
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("skip", "chunk_size", "events"))
+def _rtn_margins(q, params, cov, *, skip, chunk_size, events="all"):
     theta, unravel = ravel_pytree(params)
     dtype = jnp.result_type(theta, jnp.float32)
     theta = theta.astype(dtype)
     cov = cov.astype(dtype)
-    g = _margin_fn(q, unravel, skip)
+    g = _margin_fn(q, unravel, skip, events)
     value, row, k = _margin_jacobian_rows(g, theta, chunk_size)
+    if k == 0:
+        empty = jnp.zeros((0,), dtype)
+        return empty, empty, jnp.zeros((0,), bool)
 
     def s2(i):
         r = row(i)
@@ -349,15 +424,46 @@ def rtn_differences(
     Returns:
       ``(D, valid)``: ``(K, m)`` contributions (rows of invalid events are 0) and ``(K,)`` bool.
     """
+    return _differences(q, loss_fn, params, x, y, skip=skip, weights=weights, chunk_size=chunk_size, events="all")
+
+
+def scale_differences(
+    q,
+    loss_fn: Callable[[PyTree, Array, Array], Array],
+    params: PyTree,
+    x: Array,
+    y: Array,
+    *,
+    skip=None,
+    weights: Array | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Array, Array]:
+    """:func:`rtn_differences` for the scale events of :func:`scale_margins` only (Cramer rates of scale codes).
+
+    Returns:
+      ``(D, valid)``: ``(K, m)`` linearised contributions and ``(K,)`` bool.
+    """
+    return _differences(q, loss_fn, params, x, y, skip=skip, weights=weights, chunk_size=chunk_size, events="scale")
+
+
+def _differences(q, loss_fn, params, x, y, *, skip, weights, chunk_size, events):
     check_chunk(chunk_size)
     check_data(x, y, weights)
     return _rtn_differences(
-        get_quantizer(q), loss_fn, params, x, y, weights, skip=hashable_skip(skip), chunk_size=chunk_size
+        get_quantizer(q),
+        loss_fn,
+        params,
+        x,
+        y,
+        weights,
+        skip=hashable_skip(skip),
+        chunk_size=chunk_size,
+        events=events,
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("skip", "chunk_size"))
-def _rtn_differences(q, loss_fn, params, x, y, weights, *, skip, chunk_size):
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("skip", "chunk_size", "events"))
+def _rtn_differences(q, loss_fn, params, x, y, weights, *, skip, chunk_size, events="all"):
     m_ex = x.shape[0]
     theta, unravel = ravel_pytree(params)
     dtype = jnp.result_type(theta, jnp.float32)
@@ -371,8 +477,10 @@ def _rtn_differences(q, loss_fn, params, x, y, weights, *, skip, chunk_size):
     hess = jax.hessian(lambda th: jnp.sum(w * jax.vmap(f, in_axes=(None, 0, 0))(th, x, y)))(theta)
     hess = 0.5 * (hess + hess.T)
     a = jnp.linalg.solve(hess, grads.T)  # (p, m): H^-1 grad l(z_i)
-    g = _margin_fn(q, unravel, skip)
+    g = _margin_fn(q, unravel, skip, events)
     value, row, k = _margin_jacobian_rows(g, theta, chunk_size)
+    if k == 0:
+        return jnp.zeros((0, m_ex), dtype), jnp.zeros((0,), bool)
 
     def one(i):
         r = row(i)

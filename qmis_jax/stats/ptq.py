@@ -5,7 +5,9 @@
   level when that lowers the empirical mean loss ``L_n``, until a sweep moves nothing (cyclic coordinate descent
   over the codebook, bounded by ``max_sweeps``). The codebook (scales, quantiles) is the one
   the trained parameters define and stays fixed. The release is then a local minimiser of ``L_n`` over the
-  codebook: no single move lowers ``L_n`` (section 3(a)).
+  codebook: no single move lowers ``L_n`` (section 3(a)). Sparse ternary keeps its nonzero count (section 9): its
+  moves are sign flips of kept entries and swaps (a kept entry to 0, a dropped one to ``+-alpha``), see
+  :func:`sparse_moves`.
 
 Both are pure functions of one model; ``vmap`` them over replicates.
 """
@@ -22,6 +24,7 @@ from jax.flatten_util import ravel_pytree
 
 from qmis_jax.quantizers import get as get_quantizer
 from qmis_jax.quantizers import quantize_tree, tree_codes, tree_neighbors
+from qmis_jax.quantizers.tree import _flatten
 
 from .sandwich import check_data, hashable_skip, normalized_weights
 
@@ -75,6 +78,82 @@ def adjacent_levels(q, release: PyTree, params: PyTree, skip) -> tuple[Array, Ar
     return theta, lo, up, has_lo, has_up
 
 
+def is_sparse_ternary(q) -> bool:
+    """Whether ``q`` is a sparse ternary quantizer (fixed nonzero count per leaf, theory.md section 9)."""
+    return q.family == "ternary" and getattr(q, "sparsity", None) is not None
+
+
+def _sparse_layout(q, params, skip):
+    """Flat ``(leaf_id, movable, alpha, sign_hat, magnitude)`` of ``params`` for the sparse-ternary moves."""
+    leaves, _ = _flatten(params, skip)
+    ids, movable, alpha = [], [], []
+    for j, (_, leaf, skipped) in enumerate(leaves):
+        size = int(jnp.size(leaf))
+        ids.append(jnp.full((size,), j, jnp.int32))
+        movable.append(jnp.full((size,), not skipped))
+        if skipped or size == 0:
+            alpha.append(jnp.zeros((size,)))
+        else:
+            alpha.append(jnp.broadcast_to(q.scales(leaf), jnp.shape(leaf)).ravel())
+    theta_hat = ravel_pytree(params)[0]
+    dtype = jnp.result_type(theta_hat, jnp.float32)
+    alpha = jnp.concatenate(alpha).astype(dtype) if alpha else jnp.zeros((0,), dtype)
+    sign_hat = jnp.where(theta_hat >= 0, 1.0, -1.0).astype(dtype)
+    return jnp.concatenate(ids), jnp.concatenate(movable), alpha, sign_hat, jnp.abs(theta_hat).astype(dtype)
+
+
+def sparse_moves(q, release_flat: Array, params: PyTree, skip) -> tuple[Array, Array, Array, Array, Array]:
+    """The ``K = 2p`` moves of a sparse-ternary release (theory.md section 9): none changes a nonzero count.
+
+    Coordinate ``j`` kept (nonzero): move ``2j`` flips its sign; move ``2j + 1`` swaps it out (``j -> 0``) for the
+    dropped entry of its leaf with the largest ``|theta_hat|``, which enters as ``sign(theta_hat_i) alpha``.
+    Coordinate ``j`` dropped: move ``2j`` swaps it in (``j -> sign(theta_hat_j) alpha``) for the kept entry of its
+    leaf with the smallest ``|theta_hat|`` (which leaves); move ``2j + 1`` does not exist. These are the kept/dropped
+    pairs nearest the support boundary.
+
+    Returns:
+      ``(index, step, index2, step2, valid)``, each ``(K,)``: a move adds ``step`` to coordinate ``index`` and then
+      ``step2`` to ``index2`` (``step2 = 0`` for a flip).
+    """
+    ids, movable, alpha, sign_hat, mag = _sparse_layout(q, params, skip)
+    theta = release_flat.astype(alpha.dtype)
+    p = theta.shape[0]
+    kept = theta != 0
+    leaves = len(_flatten(params, skip)[0])
+    arange = jnp.arange(p, dtype=jnp.int32)
+
+    def leaf_arg(mask, score):
+        """Per coordinate: the first index of its leaf where ``mask`` holds with the largest ``score`` (O(p))."""
+        neg = jnp.asarray(-jnp.inf, score.dtype)
+        best = jax.ops.segment_max(jnp.where(mask, score, neg), ids, num_segments=leaves)
+        hit = mask & (score == best[ids])
+        first = jax.ops.segment_min(jnp.where(hit, arange, p), ids, num_segments=leaves)
+        has = jax.ops.segment_max(mask.astype(jnp.int32), ids, num_segments=leaves) > 0
+        return jnp.minimum(first[ids], p - 1), has[ids]
+
+    i_in, has_in = leaf_arg(movable & ~kept, mag)  # the dropped entry with the largest |theta_hat|
+    j_out, has_out = leaf_arg(movable & kept, -mag)  # the kept entry with the smallest |theta_hat|
+    # move 2j
+    step_a = jnp.where(kept, -2.0 * theta, sign_hat * alpha)
+    index2_a = jnp.where(kept, arange, j_out.astype(jnp.int32))
+    step2_a = jnp.where(kept, 0.0, -theta[j_out])
+    valid_a = movable & (kept | has_out)
+    # move 2j + 1
+    step_b = -theta
+    index2_b = i_in.astype(jnp.int32)
+    step2_b = sign_hat[i_in] * alpha[i_in]
+    valid_b = movable & kept & has_in
+
+    def pair(a, b):
+        return jnp.stack([a, b], axis=-1).reshape(-1)
+
+    valid = pair(valid_a, valid_b)
+    index = jnp.repeat(arange, 2)
+    step = jnp.where(valid, pair(step_a, step_b), 0.0)
+    step2 = jnp.where(valid, pair(step2_a, step2_b), 0.0)
+    return index, step, pair(index2_a, index2_b), step2, valid
+
+
 def coordinate_trial(loss_fn, unravel, x, y, w, *, design, margin_loss, penalty):
     """``(init, trial)`` of one-coordinate moves with per-example state.
 
@@ -113,6 +192,37 @@ def coordinate_trial(loss_fn, unravel, x, y, w, *, design, margin_loss, penalty)
         return jnp.sum(w * (new - state)), new
 
     return init, trial
+
+
+def pair_trial(loss_fn, unravel, x, y, w, *, design, margin_loss, penalty):
+    """``trial2(theta, state, j, t, i, u) -> (d, new_state)``: set ``theta_j = t`` then ``theta_i = u`` (the
+    second after the first, so ``i == j`` with ``u == t`` is the single move); state as in
+    :func:`coordinate_trial`."""
+    if design is not None:
+        cols = design(x).T
+
+        def trial2(theta, state, j, t, i, u):
+            eta, base = state
+            e1 = t - theta[j]
+            mid = theta.at[j].set(t)
+            e2 = u - mid[i]
+            new_eta = eta + e1 * cols[j] + e2 * cols[i]
+            new = margin_loss(new_eta, y)
+            d = jnp.sum(w * (new - base))
+            if penalty is not None:
+                d = d + 0.5 * penalty[j] * (t * t - theta[j] * theta[j])
+                d = d + 0.5 * penalty[i] * (u * u - mid[i] * mid[i])
+            return d, (new_eta, new)
+
+        return trial2
+
+    batch = jax.vmap(loss_fn, in_axes=(None, 0, 0))
+
+    def trial2(theta, state, j, t, i, u):
+        new = batch(unravel(theta.at[j].set(t).at[i].set(u)), x, y)
+        return jnp.sum(w * (new - state)), new
+
+    return trial2
 
 
 def ptq_loss(
@@ -219,6 +329,9 @@ def _ptq_loss(q, loss_fn, params, x, y, key, weights, penalty, *, skip, max_swee
     init, trial = coordinate_trial(loss_fn, unravel, x, y, w, design=design, margin_loss=margin_loss, penalty=penalty)
     if q.continuous:  # no adjacent levels: the release is round-to-nearest
         return unravel(theta0), jnp.int32(0)
+    if is_sparse_ternary(q):
+        trial2 = pair_trial(loss_fn, unravel, x, y, w, design=design, margin_loss=margin_loss, penalty=penalty)
+        return _sparse_descent(q, params, skip, theta0, unravel, init, trial2, max_sweeps)
 
     def sweep(carry):
         theta, state, moves, sweeps, _ = carry
@@ -239,6 +352,60 @@ def _ptq_loss(q, loss_fn, params, x, y, key, weights, penalty, *, skip, max_swee
             return (theta, state, moved + accept.astype(jnp.int32)), None
 
         (theta, state, moved), _ = jax.lax.scan(coordinate, (theta, state, jnp.int32(0)), jnp.arange(theta.shape[0]))
+        return theta, state, moves + moved, sweeps + 1, moved > 0
+
+    def cond(carry):
+        *_, sweeps, improving = carry
+        return improving & (sweeps < max_sweeps)
+
+    carry = (theta0, init(theta0), jnp.int32(0), jnp.int32(0), jnp.asarray(True))
+    theta, _, moves, _, _ = jax.lax.while_loop(cond, sweep, carry)
+    return unravel(theta), moves
+
+
+def _sparse_descent(q, params, skip, theta0, unravel, init, trial2, max_sweeps):
+    """Loss-PTQ sweeps of a sparse-ternary release: flips and swaps of :func:`sparse_moves`, the nonzero count of
+    every leaf held fixed (theory.md section 9). For each coordinate the better of its two moves is taken when it
+    lowers ``L_n``; the partners are recomputed from the current release at every step."""
+    ids, movable, alpha, sign_hat, mag = _sparse_layout(q, params, skip)
+    inf = jnp.asarray(jnp.inf, theta0.dtype)
+    p = theta0.shape[0]
+
+    def sweep(carry):
+        theta, state, moves, sweeps, _ = carry
+
+        def coordinate(c, j):
+            theta, state, moved = c
+            kept = theta != 0
+            same = (ids == ids[j]) & movable
+            i_in = jnp.argmax(jnp.where(same & ~kept, mag, -inf))
+            has_in = jnp.any(same & ~kept)
+            j_out = jnp.argmin(jnp.where(same & kept, mag, inf))
+            has_out = jnp.any(same & kept)
+            is_kept = kept[j]
+            # move A: flip a kept entry, or swap a dropped one in (its partner j_out leaves)
+            t_a = jnp.where(is_kept, -theta[j], sign_hat[j] * alpha[j])
+            i_a = jnp.where(is_kept, j, j_out)
+            u_a = jnp.where(is_kept, -theta[j], 0.0)
+            valid_a = movable[j] & (is_kept | has_out)
+            # move B: swap a kept entry out (its partner i_in enters)
+            u_b = sign_hat[i_in] * alpha[i_in]
+            valid_b = movable[j] & is_kept & has_in
+            d_a, s_a = trial2(theta, state, j, t_a, i_a, u_a)
+            d_b, s_b = trial2(theta, state, j, 0.0 * theta[j], i_in, u_b)
+            d_a = jnp.where(valid_a & jnp.isfinite(d_a), d_a, jnp.inf)
+            d_b = jnp.where(valid_b & jnp.isfinite(d_b), d_b, jnp.inf)
+            b_wins = d_b < d_a
+            accept = jnp.minimum(d_a, d_b) < 0
+            new_a = theta.at[j].set(t_a).at[i_a].set(u_a)
+            new_b = theta.at[j].set(0.0).at[i_in].set(u_b)
+            target = jnp.where(b_wins, new_b, new_a)
+            moved_state = jax.tree.map(lambda a, b: jnp.where(b_wins, b, a), s_a, s_b)
+            theta = jnp.where(accept, target, theta)
+            state = jax.tree.map(lambda new, old: jnp.where(accept, new, old), moved_state, state)
+            return (theta, state, moved + accept.astype(jnp.int32)), None
+
+        (theta, state, moved), _ = jax.lax.scan(coordinate, (theta, state, jnp.int32(0)), jnp.arange(p))
         return theta, state, moves + moved, sweeps + 1, moved > 0
 
     def cond(carry):
