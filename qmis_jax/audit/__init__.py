@@ -95,7 +95,9 @@ def audit(
       chunk_size: replicates per chunk (default: from ``memory_budget``).
       memory_budget: bytes a chunk may use (default 2 GiB); refused when one replicate alone needs more (rough
         estimate). The report's ``diagnostics`` record it with the chunk size and the peak memory.
-      population_size: size of the large fresh sample for the population quantities (default ``max(20 n, 20000)``).
+      population_size: size of each of the two large fresh samples of the population quantities, one to choose the
+        loss-PTQ release, one to estimate its gaps (default ``max(50 n, 20000)``; the standard error of
+        ``sqrt(n) c_k`` is about ``sqrt(n / population_size)``).
       star_size: size of the fresh sample ``theta*`` is fitted on where the problem has no closed form (default
         ``max(100 n, 20000)``, theory.md section 6).
       test_size: size of the common test set for utility.

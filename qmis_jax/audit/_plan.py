@@ -145,7 +145,7 @@ def plan(
     replicates = positive_int("replicates", replicates)
     attacks = _attacks(attacks)
     if population_size is None:
-        population_size = max(20 * n, 20_000)
+        population_size = max(50 * n, 20_000)
     population_size = positive_int("population_size", population_size)
     star_size = positive_int("star_size", max(100 * n, 20_000) if star_size is None else star_size, minimum=2)
     test_size = positive_int("test_size", test_size)

@@ -45,10 +45,15 @@ def population_stage(plan: AuditPlan, problem: Problem, progress) -> Population:
     sample, its rates and asymptotic MIS for training sets of size ``n``."""
     k_pop = plan.keys.population
     theta_star, source = estimate_theta_star(plan, problem)
+    # the gaps are estimated on one fresh sample, the loss-PTQ release chosen on another (theory.md section 6)
     x_big, y_big = problem.sample(jax.random.fold_in(k_pop, 1), plan.population_size)
+    select = (
+        problem.sample(jax.random.fold_in(k_pop, 3), plan.population_size) if plan.indicator.ptq == "loss" else None
+    )
     x_test, y_test = problem.sample(plan.keys.test, plan.test_size)
     opts = plan.indicator
     k_q = jax.random.fold_in(plan.keys.quantize, 0)
+    k_flip = jax.random.fold_in(k_pop, 4)
 
     def one(j, name, q):
         return stats.population_indicator(
@@ -63,6 +68,8 @@ def population_stage(plan: AuditPlan, problem: Problem, progress) -> Population:
             key=k_q if q.stochastic else None,
             skip=opts.skip,
             max_sweeps=opts.max_sweeps,
+            select=select,
+            flip_key=k_flip,
         )
 
     audits = dict(zip(plan.quantizers, per_quantizer(one, plan.quantizers)))

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from qmis_jax import _memory, stats
+from qmis_jax import quantizers as _quantizers
 from qmis_jax._version import __version__
 from qmis_jax.problems import Problem
 from qmis_jax.store import config_hash
@@ -83,29 +84,44 @@ def finite_or_none(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _entry(plan: AuditPlan, name: str, pop: stats.PopulationAudit, per_rep: ReplicateStats, attacks) -> dict:
+def significant(x, digits: int = 4) -> float | None:
+    """``x`` rounded to ``digits`` significant digits (None when not finite): rates and probabilities computed in
+    float32 carry no more."""
+    x = finite_or_none(x)
+    return x if x is None or x == 0 else float(f"{x:.{digits - 1}e}")
+
+
+def _entry(plan: AuditPlan, name: str, population: Population, per_rep: ReplicateStats, attacks) -> dict:
+    pop = population.audits[name]
+    opts = plan.indicator
     q = plan.quantizers[name]
     flips = per_rep.of(name, "flip").astype(float)
-    continuous = stats.no_exponential_security(q, plan.indicator.ptq)
+    continuous = bool(pop.continuous)
     # theory.md section 10: the swap coupling bounds Delta from above, the held-out attacks (thresholds chosen on
     # other replicates) from below; jointly 95%
     bounds = {a: attacks[a]["advantage_bound"] for a in SECTION1_ATTACKS if a in attacks}
     bracket = stats.bracket_report(per_rep.of(name, "swap_changed"), bounds, continuous=continuous)
+    regime = (not continuous) and bool(stats.asymptotic_regime(float(pop.sqrt_n_c_min)))
     return {
         "description": repr(q),
         "continuous": continuous,
-        "r_population": float(pop.r),
+        "release": _quantizers.release_info(q, population.theta_star, skip=opts.skip, ptq=opts.ptq),
+        "r_population": significant(pop.r),
+        "r_codes": significant(pop.r_codes),
         "r_single": summary(per_rep.of(name, "r_hat")),
         "r_single_interval_mean": [
             float(np.nanmean(per_rep.of(name, "r_lo"))),
             float(np.nanmean(per_rep.of(name, "r_hi"))),
         ],
         "mis_asymptotic": finite_or_none(pop.mis_asymptotic),
-        "mis_asymptotic_method": plan.indicator.method,
+        "mis_asymptotic_method": opts.method,
         "mis_asymptotic_applicable": bool(pop.applicable),
+        "asymptotic_regime": regime,
+        "sqrt_n_c_min": finite_or_none(pop.sqrt_n_c_min),
         "flip_rate": float(flips.mean()),
         "flip_rate_se": float(flips.std(ddof=1) / math.sqrt(flips.size)) if flips.size > 1 else float("nan"),
-        "flip_rate_predicted": 1.0 if continuous else float(pop.flip_rate_predicted),
+        "flip_rate_predicted": None if continuous else significant(pop.flip_rate_predicted),
+        "flip_union_bound": None if continuous else significant(pop.flip_union_bound),
         "competitors": int(np.sum(np.asarray(pop.valid))),
         "rates_capped": int(np.sum(np.asarray(pop.capped))),
         "attacks": attacks,
@@ -183,7 +199,7 @@ def report_stage(
     plan: AuditPlan, problem: Problem, trained: Trained, pop: Population, per_rep: ReplicateStats, attacks
 ) -> AuditReport:
     """Assemble the report: entries, ranking with paired intervals, configuration, diagnostics, environment."""
-    entries = {name: _entry(plan, name, pop.audits[name], per_rep, attacks[name]) for name in plan.quantizers}
+    entries = {name: _entry(plan, name, pop, per_rep, attacks[name]) for name in plan.quantizers}
     r_hats = {name: per_rep.of(name, "r_hat") for name in plan.quantizers}
     ranking, intervals = rank(plan.keys.bootstrap, entries, r_hats, n_boot=plan.n_boot)
     config = _config(plan, problem)

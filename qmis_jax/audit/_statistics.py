@@ -63,7 +63,8 @@ def _chunk_statistics(plan: AuditPlan, problem: Problem, params, idx: np.ndarray
         program = single_program(q, problem, opts)
         single, same = program(params, x, y, keys, pop.audits[name].codes)
         swapped, _ = program(params_s, xs, ys, keys, pop.audits[name].codes)
-        flipped = jnp.ones_like(same) if stats.no_exponential_security(q, opts.ptq) else ~same
+        continuous = stats.no_exponential_security(q, opts.ptq, pop.theta_star, opts.skip)
+        flipped = jnp.ones_like(same) if continuous else ~same
         part = {
             f"{name}.swap_changed": _releases_differ(single.release, swapped.release),
             f"{name}.r_hat": single.r_hat,

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from qmis_jax._checks import positive_int
 from qmis_jax.quantizers import get as _get_quantizer
 from qmis_jax.quantizers import is_continuous, tree_codes
 
@@ -41,10 +42,11 @@ from .margins import (
     scale_differences,
     scale_margins,
 )
-from .mis import MIS_METHODS, mis_asymptotic
+from .mis import mis_asymptotic
+from .options import PTQ_METHODS, IndicatorOptions
 from .ptq import ptq_loss, ptq_rtn
 from .rates import cramer_rate, gaussian_rate, indicator
-from .sandwich import check_chunk, check_data, hashable_skip, sandwich_covariance_flagged
+from .sandwich import check_chunk, check_data, sandwich_covariance_flagged
 
 Array = jax.Array
 PyTree = Any
@@ -58,9 +60,6 @@ __all__ = [
     "single_model_indicator",
     "single_model_indicator_batched",
 ]
-
-PTQ_METHODS = ("loss", "rtn")
-DIFFERENCE_METHODS = ("exact", "taylor")
 
 
 class SingleAudit(NamedTuple):
@@ -111,7 +110,10 @@ class PopulationAudit(NamedTuple):
       capped: ``(K,)`` bool, Cramer rates capped at ``log(m)`` (section 8).
       mis_asymptotic: scalar ``1 - sum_k p_k f_k`` for training sets of size ``n`` (NaN where not applicable).
       p: ``(K,)`` ``p_k``. f: ``(K,)`` ``f_k``.
-      flip_rate_predicted: ``sum_k p_k``, to compare with the Monte Carlo flip rate.
+      flip_rate_predicted: ``P(any competitor event)`` under the joint Gaussian of the competitors' mean loss
+        differences (a probability, theory.md section 5), to compare with the Monte Carlo flip rate.
+      flip_union_bound: ``min(1, sum_k p_k)``, the union bound (not a probability unclipped).
+      sqrt_n_c_min: ``min_k sqrt(n) c_k``, the criterion of the asymptotic regime.
       applicable: bool, the exponential approximation applies (not continuous, every valid ``c_k > 0``).
       n_moves: descent moves of the population PTQ (0 for ``"rtn"``).
       n: the training-set size the approximation is for.
@@ -139,17 +141,8 @@ class PopulationAudit(NamedTuple):
     method: str
     r_codes: Array = None
     continuous: bool = False
-
-
-def _check_options(ptq: str, method: str, differences: str, z: float | None = None) -> None:
-    if ptq not in PTQ_METHODS:
-        raise ValueError(f"ptq must be one of {PTQ_METHODS}, got ptq={ptq!r}")
-    if method not in MIS_METHODS:
-        raise ValueError(f"method must be one of {MIS_METHODS}, got method={method!r}")
-    if differences not in DIFFERENCE_METHODS:
-        raise ValueError(f"differences must be one of {DIFFERENCE_METHODS}, got differences={differences!r}")
-    if z is not None and not isinstance(z, jax.core.Tracer) and not z >= 0:
-        raise ValueError(f"z must be >= 0, got z={z!r}")
+    flip_union_bound: Array = None
+    sqrt_n_c_min: Array = None
 
 
 def no_exponential_security(q, ptq: str, params=None, skip=None) -> bool:
@@ -193,36 +186,24 @@ def _glm(problem, differences: str) -> dict[str, Any]:
     return {"design": None, "margin_loss": None, "penalty": None}
 
 
-def _statistics(q, problem, params, x, y, *, ptq, method, key, skip, weights, max_sweeps, chunk_size, differences):
-    """Release, ``(delta, sigma, valid)``, the samples ``D`` (or None), moves and an ok flag."""
-    glm = _glm(problem, differences)
-    if ptq == "loss":
+def _statistics(q, problem, params, x, y, weights, key, opts: IndicatorOptions, select=None, rtn_samples=False):
+    """Release, ``(delta, sigma, valid)``, the samples ``D`` (or None), moves and an ok flag.
+
+    ``select``: an optional sample ``(x_s, y_s)`` on which the loss-PTQ release is chosen, the gaps being estimated
+    on ``(x, y)`` (theory.md section 6: on one sample ``delta_k >= 0`` by construction). ``rtn_samples``: also
+    return the RTN events' linearised contributions ``D`` (their correlations enter the joint flip probability).
+    """
+    glm = _glm(problem, opts.differences)
+    skip, chunk_size = opts.skip, opts.chunk_size
+    if opts.ptq == "loss":
+        xs, ys, ws = (x, y, weights) if select is None else (*select, None)
         release, n_moves = ptq_loss(
-            q,
-            problem.loss,
-            params,
-            x,
-            y,
-            key=key,
-            skip=skip,
-            weights=weights,
-            max_sweeps=max_sweeps,
-            **glm,
+            q, problem.loss, params, xs, ys, key=key, skip=skip, weights=ws, max_sweeps=opts.max_sweeps, **glm
         )
         moves = competitors(q, release, params, skip=skip)
-        D = loss_differences(
-            problem.loss,
-            release,
-            moves,
-            x,
-            y,
-            **glm,
-            chunk_size=chunk_size,
-            method=differences,
-        )
+        D = loss_differences(problem.loss, release, moves, x, y, **glm, chunk_size=chunk_size, method=opts.differences)
         valid = moves.valid
         delta, sigma = gap_stats(D, valid, weights=weights)
-        ok = jnp.asarray(True)
         delta, sigma, valid, D, ok = _with_scale_events(
             q,
             problem,
@@ -233,8 +214,8 @@ def _statistics(q, problem, params, x, y, *, ptq, method, key, skip, weights, ma
             sigma,
             valid,
             D,
-            ok,
-            method=method,
+            jnp.asarray(True),
+            method=opts.method,
             skip=skip,
             weights=weights,
             chunk_size=chunk_size,
@@ -245,7 +226,7 @@ def _statistics(q, problem, params, x, y, *, ptq, method, key, skip, weights, ma
         cov, ok = sandwich_covariance_flagged(problem.loss, params, x, y, weights=weights)
         delta, sigma, valid = rtn_margins(q, params, cov, skip=skip, chunk_size=chunk_size)
         D = None
-        if method == "cramer":
+        if opts.method == "cramer" or rtn_samples:
             D, _ = rtn_differences(q, problem.loss, params, x, y, skip=skip, weights=weights, chunk_size=chunk_size)
     finite = jnp.all(jnp.where(valid, jnp.isfinite(delta) & jnp.isfinite(sigma), True))
     finite = finite & jnp.all(jnp.isfinite(ravel_pytree(params)[0]))  # NaN parameters have no neighbours at all
@@ -322,53 +303,27 @@ def single_model_indicator(
     >>> audit.delta.shape, bool(audit.r_interval[0] <= audit.r_hat <= audit.r_interval[1])
     ((2,), True)
     """
-    _check_options(ptq, method, differences, z)
-    check_chunk(chunk_size)
-    q = _get_quantizer(q)
-    check_data(x, y, weights)
-    return _single_core(
-        q,
-        problem,
-        params,
-        x,
-        y,
-        weights,
-        key,
-        jnp.asarray(z),
+    if isinstance(z, jax.core.Tracer):
+        raise ValueError("z must be a Python number (it is part of the static IndicatorOptions), got a traced value")
+    opts = IndicatorOptions(
         ptq=ptq,
         method=method,
-        skip=hashable_skip(skip),
+        z=z,
+        skip=skip,
         max_sweeps=max_sweeps,
         chunk_size=chunk_size,
         cap=cap,
         differences=differences,
     )
+    q = _get_quantizer(q)
+    check_data(x, y, weights)
+    return _single_core(q, problem, params, x, y, weights, key, opts)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnums=(0, 1),
-    static_argnames=("ptq", "method", "skip", "max_sweeps", "chunk_size", "cap", "differences"),
-)
-def _single_core(
-    q, problem, params, x, y, weights, key, z, *, ptq, method, skip, max_sweeps, chunk_size, cap, differences
-):
-    n = x.shape[0]
-    release, delta, sigma, valid, D, n_moves, ok = _statistics(
-        q,
-        problem,
-        params,
-        x,
-        y,
-        ptq=ptq,
-        method=method,
-        key=key,
-        skip=skip,
-        weights=weights,
-        max_sweeps=max_sweeps,
-        chunk_size=chunk_size,
-        differences=differences,
-    )
+@functools.partial(jax.jit, static_argnums=(0, 1, 7))
+def _single_core(q, problem, params, x, y, weights, key, opts: IndicatorOptions):
+    n, z, method, cap = x.shape[0], opts.z, opts.method, opts.cap
+    release, delta, sigma, valid, D, n_moves, ok = _statistics(q, problem, params, x, y, weights, key, opts)
     dtype = delta.dtype
     n_eff = _effective_n(weights, n, dtype)
     half = jnp.where(valid, z * sigma / jnp.sqrt(n_eff), 0.0)
@@ -383,11 +338,11 @@ def _single_core(
         cr = cramer_rate(stacked, jnp.tile(valid, 3), weights=weights, cap=cap)
         rates, capped = cr.rate[:k], cr.capped[:k]
         lo_rates, hi_rates = cr.rate[k : 2 * k], cr.rate[2 * k :]
-    flat = no_exponential_security(q, ptq, params, skip)
+    flat = no_exponential_security(q, opts.ptq, params, opts.skip)
     # a statistic that is not finite (NaN parameters, NaN losses) gives NaN, never a spurious +inf or 0
     bad = ~ok
     r_hat = jnp.where(bad, jnp.nan, indicator(rates, valid, continuous=flat))
-    r_codes = jnp.where(bad, jnp.nan, indicator(rates, valid, continuous=_codes_only(q, ptq)))
+    r_codes = jnp.where(bad, jnp.nan, indicator(rates, valid, continuous=_codes_only(q, opts.ptq)))
     r_interval = jnp.where(
         bad,
         jnp.nan,
@@ -479,6 +434,8 @@ def population_indicator(
     chunk_size: int | None = None,
     cap: float | None = None,
     differences: str = "exact",
+    select: tuple[Array, Array] | None = None,
+    flip_key: Array | None = None,
 ) -> PopulationAudit:
     """Population indicator ``r_pop`` and asymptotic MIS at ``theta*`` from a large fresh sample (section 6).
 
@@ -503,6 +460,11 @@ def population_indicator(
       chunk_size: competitors evaluated at once.
       cap: Cramer rate cap (default ``log(m)``).
       differences: ``"exact"`` or ``"taylor"`` loss differences.
+      select: a second, independent fresh sample ``(x, y)`` on which the loss-PTQ population release is chosen
+        (its gaps are then estimated on ``(x_big, y_big)``; on one sample ``delta_k >= 0`` by construction,
+        theory.md section 6). None: both on ``(x_big, y_big)``.
+      flip_key: PRNG key of the joint flip probability's importance sampling
+        (:func:`~qmis_jax.stats.union_probability`; None: a fixed key).
 
     Returns:
       :class:`PopulationAudit`.
@@ -510,21 +472,7 @@ def population_indicator(
     Raises:
       ValueError: unknown ``ptq``/``method``, bad ``n``, or (``"rtn"``) a singular Hessian at ``theta*``.
     """
-    _check_options(ptq, method, differences)
-    check_chunk(chunk_size)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got n={n!r}")
-    q = _get_quantizer(q)
-    check_data(x_big, y_big)
-    skip = hashable_skip(skip)
-    release, delta, sigma, valid, rates, capped, r, r_codes, approx, n_moves, ok = _population_core(
-        q,
-        problem,
-        theta_star,
-        x_big,
-        y_big,
-        key,
-        n,
+    opts = IndicatorOptions(
         ptq=ptq,
         method=method,
         skip=skip,
@@ -532,6 +480,15 @@ def population_indicator(
         chunk_size=chunk_size,
         cap=cap,
         differences=differences,
+    )
+    n = positive_int("n", n)
+    q = _get_quantizer(q)
+    check_data(x_big, y_big)
+    if select is not None:
+        check_data(*select)
+    skip = opts.skip
+    release, delta, sigma, valid, rates, capped, r, r_codes, approx, n_moves, ok = _population_core(
+        q, problem, theta_star, x_big, y_big, select, key, flip_key, n, opts
     )
     if not bool(ok):
         what = "H (the mean Hessian at theta_star) is singular or non-finite" if ptq == "rtn" else "a statistic"
@@ -549,7 +506,9 @@ def population_indicator(
         mis_asymptotic=approx.mis,
         p=approx.p,
         f=approx.f,
-        flip_rate_predicted=jnp.sum(approx.p),
+        flip_rate_predicted=approx.flip_probability,
+        flip_union_bound=approx.flip_union_bound,
+        sqrt_n_c_min=approx.sqrt_n_c_min,
         applicable=approx.applicable,
         n_moves=n_moves,
         n=n,
@@ -560,30 +519,13 @@ def population_indicator(
     )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnums=(0, 1),
-    static_argnames=("ptq", "method", "skip", "max_sweeps", "chunk_size", "cap", "differences"),
-)
-def _population_core(
-    q, problem, theta_star, x_big, y_big, key, n, *, ptq, method, skip, max_sweeps, chunk_size, cap, differences
-):
+@functools.partial(jax.jit, static_argnums=(0, 1, 9))
+def _population_core(q, problem, theta_star, x_big, y_big, select, key, flip_key, n, opts: IndicatorOptions):
     release, delta, sigma, valid, D, n_moves, ok = _statistics(
-        q,
-        problem,
-        theta_star,
-        x_big,
-        y_big,
-        ptq=ptq,
-        method=method,
-        key=key,
-        skip=skip,
-        weights=None,
-        max_sweeps=max_sweeps,
-        chunk_size=chunk_size,
-        differences=differences,
+        q, problem, theta_star, x_big, y_big, None, key, opts, select=select, rtn_samples=True
     )
-    flat = no_exponential_security(q, ptq, theta_star, skip)
+    method, cap = opts.method, opts.cap
+    flat = no_exponential_security(q, opts.ptq, theta_star, opts.skip)
     capped = jnp.zeros(valid.shape, bool)
     if method == "gaussian":
         rates = gaussian_rate(delta, sigma)
@@ -591,6 +533,6 @@ def _population_core(
         cr = cramer_rate(D, valid, cap=cap)
         rates, capped = cr.rate, cr.capped
     r = indicator(rates, valid, continuous=flat)
-    r_codes = indicator(rates, valid, continuous=_codes_only(q, ptq))
-    approx = mis_asymptotic(n, delta, sigma, valid, method=method, D=D, continuous=flat, cap=cap)
+    r_codes = indicator(rates, valid, continuous=_codes_only(q, opts.ptq))
+    approx = mis_asymptotic(n, delta, sigma, valid, method=method, D=D, continuous=flat, cap=cap, key=flip_key)
     return release, delta, sigma, valid, rates, capped, r, r_codes, approx, n_moves, ok

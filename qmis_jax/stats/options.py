@@ -7,11 +7,11 @@ from typing import Any
 
 from qmis_jax._checks import one_of, positive_int
 
+from .margins import LOSS_DIFFERENCE_METHODS as DIFFERENCE_METHODS
 from .mis import MIS_METHODS
 from .sandwich import hashable_skip
 
 PTQ_METHODS = ("loss", "rtn")
-DIFFERENCE_METHODS = ("exact", "taylor")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
