@@ -46,6 +46,7 @@ from .metrics import AttackMetrics, attack_metrics, clopper_pearson, roc_curve
 from .mis import MIS_METHODS, MisApprox, mis_asymptotic
 from .ptq import ptq_loss, ptq_rtn
 from .rates import CramerRate, cramer_rate, gaussian_rate, indicator
+from .roc import EpsilonBound, auc_convex_hull, epsilon_lower_bound, roc_convex_hull, tpr_at_fpr
 from .sandwich import (
     hessian_diag,
     per_sample_grads,
@@ -61,6 +62,7 @@ __all__ = [
     "PTQ_METHODS",
     "AttackMetrics",
     "CramerRate",
+    "EpsilonBound",
     "LiraFallbacks",
     "LiraFit",
     "LiraResult",
@@ -70,10 +72,12 @@ __all__ = [
     "PopulationAudit",
     "SingleAudit",
     "attack_metrics",
+    "auc_convex_hull",
     "clopper_pearson",
     "competitors",
     "cramer_rate",
     "embedded_target_membership",
+    "epsilon_lower_bound",
     "fit_lira",
     "gap_stats",
     "gaussian_mean_fp_delta",
@@ -97,6 +101,7 @@ __all__ = [
     "ptq_loss",
     "ptq_rtn",
     "rank_quantizers",
+    "roc_convex_hull",
     "roc_curve",
     "rtn_differences",
     "rtn_margins",
@@ -108,4 +113,5 @@ __all__ = [
     "shadow_mask",
     "single_model_indicator",
     "single_model_indicator_batched",
+    "tpr_at_fpr",
 ]
