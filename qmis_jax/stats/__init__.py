@@ -46,6 +46,7 @@ from .metrics import AttackMetrics, attack_metrics, clopper_pearson, roc_curve
 from .mis import MIS_METHODS, MisApprox, mis_asymptotic
 from .ptq import ptq_loss, ptq_rtn
 from .rates import CramerRate, cramer_rate, gaussian_rate, indicator
+from .rmia import RmiaResult, rmia, rmia_probability, rmia_scores, rmia_tune_a
 from .roc import EpsilonBound, auc_convex_hull, epsilon_lower_bound, roc_convex_hull, tpr_at_fpr
 from .sandwich import (
     hessian_diag,
@@ -70,6 +71,7 @@ __all__ = [
     "Moves",
     "PairedDiff",
     "PopulationAudit",
+    "RmiaResult",
     "SingleAudit",
     "attack_metrics",
     "auc_convex_hull",
@@ -101,6 +103,10 @@ __all__ = [
     "ptq_loss",
     "ptq_rtn",
     "rank_quantizers",
+    "rmia",
+    "rmia_probability",
+    "rmia_scores",
+    "rmia_tune_a",
     "roc_convex_hull",
     "roc_curve",
     "rtn_differences",
