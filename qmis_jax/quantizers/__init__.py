@@ -10,6 +10,7 @@ from qmis_jax.quantizers.binary import Sign, sign
 from qmis_jax.quantizers.fp8 import FP8, fp8
 from qmis_jax.quantizers.identity import Identity, identity
 from qmis_jax.quantizers.prune import Prune, prune
+from qmis_jax.quantizers.qwix import Qwix, from_qwix, from_qwix_rules, quantize_tree_qwix
 from qmis_jax.quantizers.registry import get, names
 from qmis_jax.quantizers.ternary import Ternary, ternary
 from qmis_jax.quantizers.tree import (
@@ -28,15 +29,19 @@ __all__ = [
     "LadderQuantizer",
     "Prune",
     "Quantizer",
+    "Qwix",
     "Sign",
     "Ternary",
     "Uniform",
     "fp8",
+    "from_qwix",
+    "from_qwix_rules",
     "get",
     "identity",
     "names",
     "prune",
     "quantize_tree",
+    "quantize_tree_qwix",
     "sign",
     "size_adaptive",
     "ternary",
