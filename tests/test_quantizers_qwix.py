@@ -1,5 +1,8 @@
 """Tests of qmis_jax.quantizers.qwix: qwix recipes as ladder quantizers, bit for bit against qwix itself."""
 
+import doctest
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,3 +192,8 @@ def test_rules_over_a_flax_model_equal_qwix_ptq():
         ref = qwix.dequantize(qwix.QArray(arr["qvalue"], arr["scale"], None, qtype))
         np.testing.assert_array_equal(_bits(ours[layer]["kernel"]), _bits(ref))
         np.testing.assert_array_equal(np.asarray(ours[layer]["bias"]), np.asarray(params[layer]["bias"]))
+
+
+def test_docstring_examples():
+    result = doctest.testmod(importlib.import_module("qmis_jax.quantizers.qwix"), verbose=False)
+    assert result.failed == 0 and result.attempted >= 1

@@ -1,7 +1,9 @@
 """Tests of qmis_jax.stats.rmia: RMIA against a brute-force reference and against the exact Delta of the Gaussian
 mean in the embedded-target design (theory.md section 7)."""
 
+import doctest
 import functools
+import importlib
 import math
 
 import jax
@@ -206,3 +208,8 @@ def test_rmia_reaches_exact_delta_full_precision_gaussian_mean():
         adv, se = _heldout_by_group(scores, member, 50)
         assert adv - 3 * se <= delta + 3 * delta_se, (online, adv, se, delta)
         assert adv - 3 * se >= 0.6 * delta, (online, adv, se, delta)
+
+
+def test_docstring_examples():
+    result = doctest.testmod(importlib.import_module("qmis_jax.stats.rmia"), verbose=False)
+    assert result.failed == 0 and result.attempted >= 1

@@ -1,5 +1,7 @@
 """Tests of qmis_jax.stats.roc: convex-hull AUC, TPR at a fixed FPR, epsilon lower bounds."""
 
+import doctest
+import importlib
 import math
 
 import numpy as np
@@ -126,3 +128,8 @@ def test_epsilon_lower_bound_covers_randomized_response():
     assert miss <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / runs)
     # and it is informative: the median bound is within 40% of eps0 at n = 500
     assert np.median(bounds) > 0.6 * eps0
+
+
+def test_docstring_examples():
+    result = doctest.testmod(importlib.import_module("qmis_jax.stats.roc"), verbose=False)
+    assert result.failed == 0 and result.attempted >= 1

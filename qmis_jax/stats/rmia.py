@@ -120,6 +120,9 @@ def rmia_counts(log_lr_x, log_lr_z, *, gamma=1.0) -> Array:
 
     Returns:
       ``(R, T)`` int32 counts in ``0..Z``.
+
+    >>> rmia_counts(jnp.log(jnp.array([[2.0, 0.5]])), jnp.log(jnp.array([[1.0, 0.25, 4.0]]))).tolist()
+    [[2, 1]]
     """
     shifted = jnp.sort(jnp.asarray(log_lr_z) + jnp.log(jnp.asarray(gamma, jnp.asarray(log_lr_z).dtype)), axis=-1)
     return jax.vmap(lambda zs, xs: jnp.searchsorted(zs, xs, side="left"))(shifted, jnp.asarray(log_lr_x)).astype(
@@ -151,7 +154,9 @@ def rmia_scores(log_px, log_pz, membership, shadow, *, online: bool = True, a=1.
     member = jnp.asarray(membership, bool)
     sh = jnp.asarray(shadow, bool)
     ref_x, ref_z = _references(log_px, log_pz, member, sh, online, a)
-    counts = rmia_counts(log_px - ref_x, log_pz - ref_z, gamma=gamma)
+    # p = 0 under the release and every reference gives 0 / 0: no evidence, the lowest ratio
+    lr_x, lr_z = (jnp.where(jnp.isnan(v), -jnp.inf, v) for v in (log_px - ref_x, log_pz - ref_z))
+    counts = rmia_counts(lr_x, lr_z, gamma=gamma)
     return counts.astype(log_px.dtype) / log_pz.shape[-1]
 
 
