@@ -172,26 +172,32 @@ def _auc_from_counts(counts: Array, member: Array, weight: Array, size: int) -> 
     return num / jnp.maximum(hist_m.sum() * hist_n.sum(), 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("grid",))
-def _tune(log_px, log_pz, member, shadow, gamma, grid):
+def _leave_one_out_log_mean(logp: Array, weights: Array) -> tuple[Array, Array]:
+    """Row ``s`` of the result: ``log`` of the weighted mean of ``exp(logp)`` over the rows other than ``s``.
+
+    Exclusive prefix and suffix log-sums (``cumlogsumexp``) joined by ``logaddexp``: ``O(S N)``, no cancellation.
+    """
+    masked = jnp.where(weights > 0, logp, -jnp.inf)
+    pad = jnp.full((1, *logp.shape[1:]), -jnp.inf, logp.dtype)
+    before = jnp.concatenate([pad, jax.lax.cumlogsumexp(masked, axis=0)[:-1]])
+    after = jnp.concatenate([jax.lax.cumlogsumexp(masked, axis=0, reverse=True)[1:], pad])
+    count = weights.sum(axis=0, keepdims=True) - weights
+    return jnp.logaddexp(before, after) - jnp.log(jnp.maximum(count, 1.0)), count
+
+
+@jax.jit
+def _tune(log_px, log_pz, member, gamma, grid):
+    """Pooled leave-one-out AUC of the offline attack for every ``a`` of ``grid``; every row is a shadow."""
     dt = log_px.dtype
-    rows = jnp.arange(log_px.shape[0])
+    out_x, n_out = _leave_one_out_log_mean(log_px, (~member).astype(dt))  # (S, T)
+    all_z, _ = _leave_one_out_log_mean(log_pz, jnp.ones_like(log_pz))  # (S, Z)
+    weight = (n_out > 0).astype(dt)
 
-    def leave_one_out(s):
-        # attack shadow s with the other shadows as references (offline: their OUT rows only)
-        refs = shadow & (rows != s)
-        _, n_out = _log_mean(log_px, (refs[:, None] & ~member).astype(dt))
-        per_a = []
-        for a in grid:  # a handful of static grid values, unrolled
-            ref_x, ref_z = _references(log_px, log_pz, member, refs, False, a)
-            per_a.append(rmia_counts((log_px[s] - ref_x)[None], (log_pz[s] - ref_z)[None], gamma=gamma)[0])
-        return jnp.stack(per_a), n_out > 0
+    def auc(a):
+        cnt = rmia_counts(log_px - _offline_ref(out_x, a), log_pz - _offline_ref(all_z, a), gamma=gamma)
+        return _auc_from_counts(cnt, member, weight, log_pz.shape[-1])
 
-    counts, usable = jax.vmap(leave_one_out)(rows)  # (R, A, T), (R, T)
-    weight = (shadow[:, None] & usable).astype(dt)
-    size = log_pz.shape[-1]
-    aucs = jax.vmap(lambda c: _auc_from_counts(c, member, weight, size), in_axes=1)(counts)
-    return aucs
+    return jax.vmap(auc)(grid)
 
 
 def rmia_tune_a(log_px, log_pz, membership, *, shadow, gamma=1.0, grid=A_GRID) -> tuple[float, np.ndarray]:
@@ -215,9 +221,10 @@ def rmia_tune_a(log_px, log_pz, membership, *, shadow, gamma=1.0, grid=A_GRID) -
     sh = np.asarray(shadow, bool)
     if sh.sum() < 2:
         raise ValueError(f"shadow: tuning `a` needs at least 2 shadows, got {int(sh.sum())}")
-    aucs = np.asarray(
-        _tune(jnp.asarray(log_px), jnp.asarray(log_pz), jnp.asarray(membership, bool), jnp.asarray(sh), gamma, grid)
-    )
+    rows = np.flatnonzero(sh)  # only shadow rows take part
+    log_px, log_pz = jnp.asarray(log_px)[rows], jnp.asarray(log_pz)[rows]
+    member = jnp.asarray(np.asarray(membership, bool)[rows])
+    aucs = np.asarray(_tune(log_px, log_pz.astype(log_px.dtype), member, gamma, jnp.asarray(grid, log_px.dtype)))
     return grid[int(np.argmax(aucs))], aucs
 
 
