@@ -1,7 +1,7 @@
 """qwix recipes as quantizers: the release of ``qwix.dequantize(qwix.quantize(w, qtype, ...))``, reimplemented.
 
 Our own pure-JAX implementation on the package's straight-through core and ladder machinery (it does not import
-qwix), following qwix 0.1.8's symmetric integer quantization exactly:
+qwix), following qwix 0.1.8's symmetric quantization (integer and float elements, MX formats) exactly:
 
 * **Calibration** per scale block: the blocks are the tensor, minus the ``channelwise_axes`` (one scale per index)
   and with each ``tiled_axes[a]`` cut into tiles of that size (an int, or ``1 / tile_count`` as a float, the tile
@@ -13,16 +13,23 @@ qwix), following qwix 0.1.8's symmetric integer quantization exactly:
 * **Codes**: ``clip(round_half_even(w / scale), qmin, qmax)``, computed in the weights' dtype with that scale (the
   float32 scale for float32 weights); only then is the scale cast to ``scale_dtype``. So ``-absmax`` may take the
   code ``-2^(b-1)`` (``-7.5`` rounds to ``-8``) while ``+absmax`` saturates at ``qmax``.
+* **Float elements** (``float8_e4m3fn``, ``float8_e5m2``, ``float4_e2m1fn``): the calibration maps to the largest
+  finite element, the element is ``clip(w / scale)`` cast to that dtype (round to nearest even). The MX formats
+  ``mxfp8`` / ``mxfp4`` (E4M3 / E2M1 elements in tiles of 32, ``tiled_axes`` required) round the scale up to a power
+  of two, ``2^ceil(log2(scale))`` (qwix's rule, not the OCP one ``2^(floor(log2 amax) - emax)``). Codes are the
+  signed index of the element's magnitude bit pattern (E4M3: ``-126..126``); a negative element rounded to zero is
+  released as ``-0``, as qwix does, and coded 0.
 * **Release**: ``code * scale`` computed in the scale's storage dtype (``scale_dtype``, else the weights' dtype).
   qwix returns it in that dtype; here it is returned in the weights' dtype, which holds it exactly whenever the
   storage dtype is no wider than the weights' (float32 weights: any ``scale_dtype``).
 
 What is released (theory.md section 9): the codes and the scales in their storage format. With a data-dependent
 scale stored in float32 the release is continuous (``r = 0``; the codes' own rate is ``r_codes``); with a
-``bfloat16`` / ``float16`` ``scale_dtype`` or a ``fixed`` calibration every published number lies on a grid fixed
-in advance, so the release is discrete. For bf16/f16 scales the element thresholds ``(i + 1/2) scale`` move with the
-float32 scale before its cast (their gradient flows through ``max|w|``: the delta method of section 9 applies);
-a fixed scale's thresholds are constants. ``info()["release"]`` says which.
+``bfloat16`` / ``float16`` ``scale_dtype``, a ``fixed`` calibration or an MX format (a power-of-two scale) every
+published number lies on a grid fixed in advance, so the release is discrete. For bf16/f16 scales the element
+thresholds (``(i + 1/2) scale`` for integers, midpoints of float elements times the scale) move with the float32
+scale before its cast (their gradient flows through ``max|w|``: the delta method of section 9 applies); a fixed or
+power-of-two scale's thresholds are constant between scale flips. ``info()["release"]`` says which.
 
 Straight-through rule (qwix's QAT rule): identity where ``|w| <= cal`` of the block (everything for ``absmax``),
 zero outside.
@@ -32,17 +39,18 @@ scale's reciprocal (one unit in the last place away from the quotient at times);
 an IEEE division. This module reproduces both cases explicitly, so its release is the same eager, under ``jit`` and
 under ``vmap``, and equals qwix called eagerly (qwix inside a caller's ``jit`` may differ in the last place where XLA
 rewrites divisions by constants). Bit-for-bit equality is tested for float32 and bfloat16 weights, float32 /
-bfloat16 / float16 scales, ``absmax``, ``absmax,c`` and ``fixed`` calibrations. ``rms,c`` uses qwix's formula with
-a sequential sum, equal to qwix per channel and per tile, while a whole-tensor sum may differ in the last place
-(XLA's reduction order); float16 weights follow XLA's float16 arithmetic only approximately.
+bfloat16 / float16 scales, ``absmax``, ``absmax,c`` and ``fixed`` calibrations. ``rms,c`` uses qwix's formula, but
+the order in which XLA sums the squares is not fixed, so its scale may differ from qwix's in the last place (and a
+code at an exact rounding tie with it); float16 weights follow XLA's float16 arithmetic only approximately.
 
-Not covered: asymmetric calibrations (``minmax``, ``fixed,lo,hi`` with ``lo != -hi``), float and NF4 element types,
-MX formats, stochastic rounding.
+Not covered: asymmetric calibrations (``minmax``, ``fixed,lo,hi`` with ``lo != -hi``), NF4 and NVFP4, stochastic
+rounding.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -61,6 +69,15 @@ Array = jax.Array
 __all__ = ["Qwix", "from_qwix", "from_qwix_rules", "quantize_tree_qwix"]
 
 _INT_QTYPES = {f"int{b}": b for b in range(2, 9)}
+# float element types and qwix's MX formats (blocks of 32 with a power-of-two scale): their element dtype
+_FLOAT_QTYPES = {
+    "float8_e4m3fn": "float8_e4m3fn",
+    "float8_e5m2": "float8_e5m2",
+    "float4_e2m1fn": "float4_e2m1fn",
+    "mxfp8": "float8_e4m3fn",
+    "mxfp4": "float4_e2m1fn",
+}
+_MX_TILE = 32
 _SCALE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 _FORMAT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
 _WORK_DTYPES = ("bfloat16", "float16")
@@ -74,12 +91,21 @@ def _qtype_name(qtype: Any) -> str:
             name = jnp.dtype(qtype).name
         except TypeError as err:
             raise ValueError(f"`qtype` must be an integer type int2..int8, got {qtype!r}") from err
-    if name not in _INT_QTYPES:
+    if name not in _INT_QTYPES and name not in _FLOAT_QTYPES:
         raise ValueError(
-            f"`qtype` must be a signed integer type int2..int8 (jnp.int8, jnp.int4, 'int3', ...), got {qtype!r}; "
-            "float, NF4 and MX element types are not covered"
+            f"`qtype` must be a signed integer type int2..int8 (jnp.int8, jnp.int4, 'int3', ...), a float element "
+            f"type {tuple(_FLOAT_QTYPES)[:3]} or 'mxfp8' / 'mxfp4', got {qtype!r}; NF4 and NVFP4 are not covered"
         )
     return name
+
+
+@functools.cache
+def _magnitudes(element: str) -> np.ndarray:
+    """The non-negative finite values of a float element dtype, increasing (index = bit pattern)."""
+    dt = np.dtype(getattr(jnp, element))
+    count = 8 if "float4" in element else 128
+    vals = np.arange(count, dtype=np.uint8).view(dt).astype(np.float64)
+    return vals[np.isfinite(vals)]  # the infinities and NaNs are the top patterns
 
 
 def _scale_dtype_name(scale_dtype: Any) -> str | None:
@@ -131,16 +157,6 @@ def _opaque(x: Array) -> Array:
     return lax.optimization_barrier(x)
 
 
-def _sequential_sum(x: Array, axes: tuple[int, ...]) -> Array:
-    """Sum over ``axes`` (kept), adding the entries one at a time in row-major order, as XLA's CPU reduction
-    of qwix's ``jnp.mean`` does (a fused or vectorised sum may round differently)."""
-    keep = [i for i in range(x.ndim) if i not in axes]
-    moved = jnp.transpose(x, list(axes) + keep).reshape((-1, *[x.shape[i] for i in keep]))
-    total = lax.scan(lambda acc, row: (acc + row, None), jnp.zeros(moved.shape[1:], x.dtype), moved)[0]
-    out_shape = [1 if i in axes else x.shape[i] for i in range(x.ndim)]
-    return total.reshape(out_shape)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Qwix(LadderQuantizer):
     """qwix's symmetric integer quantization as a ladder quantizer; build it with :func:`from_qwix`.
@@ -162,8 +178,13 @@ class Qwix(LadderQuantizer):
     work_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if self.qtype not in _INT_QTYPES:
-            raise ValueError(f"`qtype` must be one of {tuple(_INT_QTYPES)}, got {self.qtype!r}")
+        if self.qtype not in _INT_QTYPES and self.qtype not in _FLOAT_QTYPES:
+            raise ValueError(f"`qtype` must be one of {(*_INT_QTYPES, *_FLOAT_QTYPES)}, got {self.qtype!r}")
+        if self.qtype.startswith("mx") and (not self.tiled_axes or any(t != _MX_TILE for _, t in self.tiled_axes)):
+            raise ValueError(
+                f"`tiled_axes` of {self.qtype!r} must give tiles of {_MX_TILE} (as in qwix), got "
+                f"{dict(self.tiled_axes)!r}"
+            )
         _parse_calibration(self.calibration_method)
         for ax in self.channelwise_axes:
             if isinstance(ax, bool) or not isinstance(ax, int) or ax < 0:
@@ -194,17 +215,29 @@ class Qwix(LadderQuantizer):
         return "qwix"
 
     @property
+    def element(self) -> str | None:
+        """The float element dtype's name (``None`` for integer codes)."""
+        return _FLOAT_QTYPES.get(self.qtype)
+
+    @property
     def bits(self) -> int:
-        return _INT_QTYPES[self.qtype]
+        """Bits per element."""
+        return _INT_QTYPES[self.qtype] if self.element is None else jnp.finfo(getattr(jnp, self.element)).bits
 
     @property
     def code_range(self) -> tuple[int, int]:
-        """``(qmin, qmax) = (-2^(b-1), 2^(b-1) - 1)``."""
+        """Integer codes: ``(-2^(b-1), 2^(b-1) - 1)``; float elements: ``(-(m - 1), m - 1)`` over the ``m``
+        non-negative finite values (the signed index of the magnitude's bit pattern)."""
+        if self.element is not None:
+            m = _magnitudes(self.element).size
+            return -(m - 1), m - 1
         return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
 
     @property
     def bound(self) -> float:
-        """The value the calibration maps to: ``qmax + 1/2``."""
+        """The value the calibration maps to: ``qmax + 1/2`` for integers, the largest finite float element."""
+        if self.element is not None:
+            return float(jnp.finfo(getattr(jnp, self.element)).max)
         return 2 ** (self.bits - 1) - 0.5
 
     @property
@@ -212,6 +245,8 @@ class Qwix(LadderQuantizer):
         """``"fixed"`` (a constant scale), or the scale's storage format (``"f32"`` for float32 weights by default)."""
         if _parse_calibration(self.calibration_method)[0] == "fixed":
             return "fixed"
+        if self.qtype.startswith("mx"):
+            return "e8m0"  # a power of two, whatever dtype stores it
         return _FORMAT[self.scale_dtype or "float32"]
 
     @property
@@ -219,8 +254,9 @@ class Qwix(LadderQuantizer):
         """Whether some published number (a scale) is a continuous function of the weights (theory.md section 9).
 
         True for a data-dependent scale stored in float32/float64 (the default for float32 weights); False for a
-        fixed calibration or a bfloat16/float16 ``scale_dtype``. For bfloat16/float16 weights with
-        ``scale_dtype=None`` the scale is stored in the weights' dtype, hence discrete.
+        fixed calibration, an MX format (power-of-two scales) or a bfloat16/float16 ``scale_dtype``. For
+        bfloat16/float16 weights with ``scale_dtype=None`` the scale is stored in the weights' dtype, hence discrete
+        (this property describes float32 weights).
         """
         return self.scale_format in ("f32", "f64")
 
@@ -318,7 +354,7 @@ class Qwix(LadderQuantizer):
         if kind == "absmax":
             stat = jnp.max(jnp.abs(a), axis=tuple(reduce), keepdims=True)
         else:  # jnp.mean: the sum over the block divided by its size
-            total = _sequential_sum(self._work(jnp.square(a)), tuple(reduce))
+            total = jnp.sum(self._work(jnp.square(a)), axis=tuple(reduce), keepdims=True)
             count = jnp.asarray(math.prod(split[i] for i in reduce), w.dtype)
             stat = self._work(jnp.sqrt(self._qdiv(total, count, broadcast=total.size > 1)))
         if args:
@@ -331,6 +367,12 @@ class Qwix(LadderQuantizer):
         work = jnp.dtype(self.work_dtype) if self.work_dtype else w.dtype
         tiny_sqrt = jnp.sqrt(jnp.asarray(jnp.finfo(work).tiny, work)).astype(w.dtype)
         scale = jnp.where(scale < tiny_sqrt, jnp.ones_like(scale), scale)
+        if self.qtype.startswith("mx"):  # qwix's MX exponent rule: the next power of two up
+            if self.work_dtype is None:
+                log2 = jnp.log2(scale)
+            else:  # jnp.log2 in bfloat16 / float16: log(x) / log(2), each rounded to that dtype
+                log2 = self._work(self._work(jnp.log(scale)) / self._work(jnp.asarray(math.log(2.0), w.dtype)))
+            scale = self._work(2.0 ** jnp.ceil(log2))
         split, _ = self._blocks(w.shape)
         cal, scale = (jnp.broadcast_to(x, split).reshape(w.shape) for x in (cal, scale))
         stored = self._stored(scale)
@@ -341,22 +383,53 @@ class Qwix(LadderQuantizer):
         lo, hi = self.code_range
         return float(lo), float(hi)
 
+    def _float_index(self, x: Array) -> Array:
+        """Signed index of the float element nearest ``x`` (qwix's clip-and-cast, round to nearest even)."""
+        table = jnp.asarray(_magnitudes(self.element), x.dtype)
+        top = table[-1]
+        xq = jnp.clip(x, -top, top).astype(getattr(jnp, self.element)).astype(x.dtype)
+        mag = jnp.searchsorted(table, jnp.abs(xq)).astype(x.dtype)
+        return jnp.where(xq < 0, -mag, mag)
+
+    def _element_value(self, i: Array) -> Array:
+        """Value of the signed element index ``i`` (integers: ``i`` itself)."""
+        if self.element is None:
+            # through the integer code, as qwix's dequantize: code 0 gives +0, never -0
+            return i.astype(jnp.int32).astype(i.dtype)
+        table = jnp.asarray(_magnitudes(self.element), i.dtype)
+        mag = table[jnp.abs(i).astype(jnp.int32)]
+        return jnp.where(i < 0, -mag, mag)
+
     def _rule_index(self, cb: tuple[Array, ...], w: Array) -> Array:
-        lo, hi = self.code_range
         x = self._qdiv(w, cb[0], broadcast=self._block_size(w.shape) > 1)
+        if self.element is not None:
+            return self._float_index(x)
+        lo, hi = self.code_range
         return jnp.clip(jnp.round(x), lo, hi)
 
     def _nearest(self, cb: tuple[Array, ...], x: Array) -> Array:
+        if self.element is not None:
+            return self._float_index(x / cb[2])
         lo, hi = self.code_range
         return jnp.clip(jnp.round(x / cb[2]), lo, hi)
 
     def _decode(self, cb: tuple[Array, ...], i: Array) -> Array:
-        # through the integer code, as qwix's dequantize: code 0 gives +0, never -0
-        return self._stored(i.astype(jnp.int32).astype(cb[1].dtype) * cb[1])
+        return self._stored(self._element_value(i) * cb[1])
+
+    def _release(self, w: Array, key: Array | None) -> tuple[Array, Array]:
+        value, mask = super()._release(w, key)
+        if self.element is not None:
+            # float elements keep the sign of a zero (qwix's cast gives -0 for small negatives): same level, same bits
+            cb = self._codebook(w)
+            x = self._qdiv(w, cb[0], broadcast=self._block_size(w.shape) > 1)
+            value = jnp.where(value == 0, jnp.copysign(jnp.zeros_like(value), x), value)
+        return value, mask
 
     def _boundary(self, cb: tuple[Array, ...], i: Array) -> Array:
         # codes are decided on w / scale with the scale before its cast: the boundary is (i + 1/2) scale
-        return (i + 0.5) * cb[0]
+        if self.element is None:
+            return (i + 0.5) * cb[0]
+        return 0.5 * (self._element_value(i) + self._element_value(i + 1)) * cb[0]
 
     def _ste_mask(self, cb: tuple[Array, ...], w: Array) -> Array:
         return jnp.abs(w) <= cb[3]
@@ -396,7 +469,8 @@ def from_qwix(
     for a bfloat16/float16 ``scale_dtype`` or a ``fixed`` calibration (theory.md section 9).
 
     Args:
-      qtype: ``jnp.int8``, ``jnp.int4``, or ``"int2"`` .. ``"int8"``.
+      qtype: ``jnp.int8``, ``jnp.int4``, ``"int2"`` .. ``"int8"``, ``jnp.float8_e4m3fn``, ``jnp.float8_e5m2``,
+        ``jnp.float4_e2m1fn``, ``"mxfp8"`` or ``"mxfp4"`` (these two need ``tiled_axes`` with tiles of 32).
       channelwise_axes: axes with one scale per index (qwix's weight default for a Dense kernel ``(in, out)`` is
         ``(1,)``); non-negative.
       tiled_axes: ``{axis: tile}``: blocks of ``tile`` entries along ``axis`` (an int), or ``1 / tile_count``
