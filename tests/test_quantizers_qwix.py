@@ -231,3 +231,31 @@ def test_rules_over_a_flax_model_equal_qwix_ptq():
 def test_docstring_examples():
     result = doctest.testmod(importlib.import_module("qmis_jax.quantizers.qwix"), verbose=False)
     assert result.failed == 0 and result.attempted >= 1
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(qtype="mxfp4", channelwise_axes=(1,), tiled_axes={0: 32}),
+        dict(qtype=jnp.float8_e4m3fn, scale_dtype=jnp.bfloat16),
+        dict(qtype=jnp.float4_e2m1fn),
+    ],
+    ids=lambda c: from_qwix(**c).name,
+)
+def test_float_element_ladders(cfg):
+    """Levels, neighbors and thresholds of float-element recipes: E2M1 magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6."""
+    q = from_qwix(**cfg)
+    w = _weights(8, (64, 4), jnp.float32)
+    v, lo, hi = q.levels(w)
+    t_lo, t_hi = q.thresholds(w)
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(q(w)))
+    assert bool(jnp.all((lo <= v) & (v <= hi) & (t_lo <= w) & (w <= t_hi)))
+    n_lo, n_hi = q.neighbors(q(w), w)
+    np.testing.assert_array_equal(np.asarray(n_lo), np.asarray(lo))
+    np.testing.assert_array_equal(np.asarray(n_hi), np.asarray(hi))
+    if q.element == "float4_e2m1fn" and q.scale_format == "e8m0":
+        # within one power-of-two scale the levels are the E2M1 values times that scale
+        scale = np.asarray(jnp.max(jnp.abs(w[:32, 0]))) / 6.0
+        scale = 2.0 ** np.ceil(np.log2(scale))
+        grid = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6]) * scale
+        assert set(np.abs(np.asarray(v[:32, 0])).tolist()) <= set(grid.tolist())
