@@ -13,6 +13,7 @@ from qmis_jax.quantizers.fp8 import FP8, fp8
 from qmis_jax.quantizers.identity import Identity, identity
 from qmis_jax.quantizers.mx import FP4, fp4
 from qmis_jax.quantizers.prune import Prune, prune
+from qmis_jax.quantizers.qwix import Qwix, from_qwix, from_qwix_rules, quantize_tree_qwix
 from qmis_jax.quantizers.registry import get, names
 from qmis_jax.quantizers.release import (
     Published,
@@ -43,11 +44,14 @@ __all__ = [
     "Prune",
     "Published",
     "Quantizer",
+    "Qwix",
     "Sign",
     "Ternary",
     "Uniform",
     "fp4",
     "fp8",
+    "from_qwix",
+    "from_qwix_rules",
     "get",
     "identity",
     "is_continuous",
@@ -55,6 +59,7 @@ __all__ = [
     "prune",
     "published",
     "quantize_tree",
+    "quantize_tree_qwix",
     "release_info",
     "sign",
     "size_adaptive",

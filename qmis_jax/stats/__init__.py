@@ -70,6 +70,8 @@ from .mis import MIS_METHODS, MisApprox, mis_asymptotic
 from .options import IndicatorOptions
 from .ptq import ptq_loss, ptq_rtn
 from .rates import CramerRate, cramer_rate, gaussian_rate, indicator
+from .rmia import RmiaResult, rmia, rmia_probability, rmia_scores, rmia_tune_a
+from .roc import EpsilonBound, auc_convex_hull, epsilon_lower_bound, roc_convex_hull, tpr_at_fpr
 from .sandwich import (
     hessian_diag,
     per_sample_grads,
@@ -98,6 +100,7 @@ __all__ = [
     "REGIME_THRESHOLD",
     "AttackMetrics",
     "CramerRate",
+    "EpsilonBound",
     "IndicatorOptions",
     "LiraFallbacks",
     "LiraFit",
@@ -106,12 +109,15 @@ __all__ = [
     "Moves",
     "PairedDiff",
     "PopulationAudit",
+    "RmiaResult",
     "SingleAudit",
     "attack_metrics",
+    "auc_convex_hull",
     "clopper_pearson",
     "competitors",
     "cramer_rate",
     "embedded_target_membership",
+    "epsilon_lower_bound",
     "fit_lira",
     "gap_stats",
     "gaussian_mean_fp_delta",
@@ -138,6 +144,11 @@ __all__ = [
     "ptq_loss",
     "ptq_rtn",
     "rank_quantizers",
+    "rmia",
+    "rmia_probability",
+    "rmia_scores",
+    "rmia_tune_a",
+    "roc_convex_hull",
     "roc_curve",
     "rtn_differences",
     "rtn_margins",
@@ -149,4 +160,5 @@ __all__ = [
     "shadow_mask",
     "single_model_indicator",
     "single_model_indicator_batched",
+    "tpr_at_fpr",
 ]
