@@ -24,7 +24,7 @@ def gaussian_report():
         n=100,
         replicates=4000,
         ptq="loss",
-        attacks=("loss", "lira", "lira_offline"),
+        attacks=("loss", "lira", "lira_offline", "rmia", "rmia_offline"),
         lira_replicates=2000,
         population_size=1_000_000,
     )
@@ -187,3 +187,27 @@ def test_logistic_fp32_and_pruning_have_r_zero_and_quantizing_never_leaks_more()
             lo = e["attacks"][attack]["advantage_heldout_ci"][0]
             assert lo <= fp32[attack]["advantage_heldout_ci"][1], (name, attack)
     assert set(report.ranking[:2]) == {"int4@e8m0", "sign@e8m0"}  # the discrete releases first
+
+
+def test_scores_hand_off_to_other_tools(gaussian_report, tmp_path):
+    """report.scores gives one entry per attacked pair (higher = member) with its replicate and example ids; the
+    area under the ROC's convex hull of those scores is what jax_privacy's auditor reports."""
+    for attack in ("loss", "lira", "rmia"):
+        member, nonmember = gaussian_report.scores("grid", attack)
+        member_ids, nonmember_ids = gaussian_report.score_ids("grid", attack)
+        assert member.shape[0] == member_ids.shape[0] > 0 and nonmember.shape[0] == nonmember_ids.shape[0] > 0
+        entry = gaussian_report["grid"]["attacks"][attack]
+        assert 0.0 <= entry["auc_convex_hull"] <= 1.0 and entry["auc_convex_hull"] >= entry["auc"] - 1e-12
+    # LOSS pairs: replicate r's members are its n training points, so ids are (r, 0..n-1)
+    ids = gaussian_report.score_ids("grid", "loss")[0]
+    assert ids.shape == (4000 * 100, 2) and ids[:, 0].max() == 3999 and ids[:, 1].max() == 99
+    gaussian_report.save_scores(tmp_path / "scores.npz")
+    with np.load(tmp_path / "scores.npz") as npz:
+        assert np.array_equal(npz["grid.lira.member"], gaussian_report.scores("grid", "lira")[0])
+    with pytest.raises(KeyError, match="lira_pool"):
+        gaussian_report.scores("grid", "lira_pool")
+    auditing = pytest.importorskip("jax_privacy.auditing", reason="the interop extra is not installed")
+    for attack in ("loss", "lira"):
+        member, nonmember = gaussian_report.scores("grid", attack)
+        theirs = auditing.CanaryScoreAuditor(member, nonmember).attack_auroc()
+        assert abs(float(theirs) - gaussian_report["grid"]["attacks"][attack]["auc_convex_hull"]) <= 1e-9

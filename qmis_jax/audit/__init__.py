@@ -90,8 +90,9 @@ def audit(
       replicates: number of fresh-data replicates ``R`` (flip rates, ``r_single``, LOSS attack).
       ptq: ``"loss"`` (loss-minimising PTQ, section 3(a)) or ``"rtn"`` (round-to-nearest, section 3(b)).
       method: ``"gaussian"`` or ``"cramer"`` rates (section 4).
-      attacks: any of ``"loss"``, ``"lira"`` (online), ``"lira_offline"`` (embedded-target design, section 1
-        games) and ``"lira_pool"`` (pool design, a different game, reported apart).
+      attacks: any of ``"loss"`` (fresh-data design), ``"lira"`` / ``"lira_offline"`` and ``"rmia"`` /
+        ``"rmia_offline"`` (embedded-target design, sharing its shadow replicates; section-1 games that enter the
+        bracket), and ``"lira_pool"`` (pool design, a different game, reported apart).
       chunk_size: replicates per chunk (default: from ``memory_budget``).
       memory_budget: bytes a chunk may use (default 2 GiB); refused when one replicate alone needs more (rough
         estimate). The report's ``diagnostics`` record it with the chunk size and the peak memory.
@@ -141,5 +142,5 @@ def audit(
     trained = train_replicates(the_plan, problem, store, progress)
     pop = population_stage(the_plan, problem, progress)
     per_rep = statistics_stage(the_plan, problem, trained, pop, store, progress)
-    attack_results = attack_stage(the_plan, problem, pop, per_rep, store, progress)
-    return report_stage(the_plan, problem, trained, pop, per_rep, attack_results)
+    attack_results, raw_scores = attack_stage(the_plan, problem, pop, per_rep, store, progress)
+    return report_stage(the_plan, problem, trained, pop, per_rep, attack_results, raw_scores)

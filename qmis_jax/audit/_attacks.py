@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ import numpy as np
 
 from qmis_jax import stats, train
 from qmis_jax.problems import Problem
+from qmis_jax.stats.attacks import FIX_VARIANCE_BELOW
 from qmis_jax.stats.options import IndicatorOptions
 from qmis_jax.store import Store
 
@@ -28,6 +29,8 @@ from ._programs import loss_program, per_quantizer, release_program, replicate_k
 from ._statistics import ReplicateStats
 
 LIRA_ATTACKS = ("lira", "lira_offline")
+RMIA_ATTACKS = ("rmia", "rmia_offline")
+RMIA_POPULATION = 512  # fresh population points z of RMIA: its scores lie on the grid k / Z
 
 
 @functools.lru_cache(maxsize=64)
@@ -43,19 +46,28 @@ def _lira_data_program(problem, n: int, k: int):
     return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0, 0)))
 
 
-def embedded_target_scores(
-    plan: AuditPlan, problem: Problem, pop: Population, store: Store, progress
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Scores ``(R, 2k)`` of every quantizer's releases on the targets, and the membership ``(R, 2k)``.
+class Embedded(NamedTuple):
+    """The embedded-target design's outputs per quantizer: LiRA statistics ``(R, 2k)``, log-likelihoods of the
+    targets ``(R, 2k)`` and of ``RMIA_POPULATION`` fresh population points ``(R, Z)`` (RMIA), the membership."""
+
+    scores: dict[str, np.ndarray]
+    log_px: dict[str, np.ndarray]
+    log_pz: dict[str, np.ndarray]
+    membership: np.ndarray
+
+
+def embedded_target_scores(plan: AuditPlan, problem: Problem, pop: Population, store: Store, progress) -> Embedded:
+    """Every quantizer's releases on the targets (and on fresh population points), with the membership.
 
     The releases come from the same compiled program as the fresh-data statistics (same shapes), so the
     embedded-target design compiles nothing new per quantizer."""
     n, k = plan.n, plan.lira_targets
     k_targets, k_member, k_fresh, k_fit = jax.random.split(plan.keys.lira, 4)
     tx, ty = problem.sample(k_targets, 2 * k)
+    zx, zy = problem.sample(jax.random.fold_in(plan.keys.lira, 11), RMIA_POPULATION)
     membership = np.asarray(stats.embedded_target_membership(k_member, replicates=plan.lira_replicates, targets=2 * k))
     make = _lira_data_program(problem, n, k)
-    scores: dict[str, list[np.ndarray]] = {name: [] for name in plan.quantizers}
+    parts = []
     for c, (start, stop) in enumerate(plan.chunks(plan.lira_replicates)):
 
         def chunk(start=start, stop=stop):
@@ -68,15 +80,24 @@ def embedded_target_scores(
             def one(j, label, q):
                 keys = replicate_keys(jax.random.fold_in(plan.keys.quantize, 1000 + j), idx)
                 single, _ = single_program(q, problem, plan.indicator)(params, x, y, keys, pop.audits[label].codes)
-                return stats.score_from_loss(loss_program(problem, True)(single.release, tx, ty), problem.task)
+                loss_t = loss_program(problem, True)(single.release, tx, ty)
+                return {
+                    f"{label}.score": stats.score_from_loss(loss_t, problem.task),
+                    f"{label}.log_px": stats.rmia_probability(loss_t, task=problem.task),
+                    f"{label}.log_pz": stats.rmia_probability(
+                        loss_program(problem, True)(single.release, zx, zy), task=problem.task
+                    ),
+                }
 
-            return dict(zip(plan.quantizers, per_quantizer(one, plan.quantizers)))
+            return {key: v for part in per_quantizer(one, plan.quantizers) for key, v in part.items()}
 
-        done = store.get_or_compute(f"lira-{c}", chunk)
-        for name in plan.quantizers:
-            scores[name].append(done[name])
+        parts.append(store.get_or_compute(f"lira-{c}", chunk))
         progress("lira", c + 1)
-    return {name: np.concatenate(v) for name, v in scores.items()}, membership
+
+    def joined(field):
+        return {name: np.concatenate([u[f"{name}.{field}"] for u in parts]) for name in plan.quantizers}
+
+    return Embedded(joined("score"), joined("log_px"), joined("log_pz"), membership)
 
 
 def pool_design_scores(
@@ -116,11 +137,112 @@ def pool_design_scores(
     return store.get_or_compute("lira_pool", compute), membership
 
 
+class Scores(NamedTuple):
+    """One attack's scores on one quantizer's releases (higher = member), one entry per attacked pair, with the
+    replicate and example (or target) number of each pair."""
+
+    member: np.ndarray
+    nonmember: np.ndarray
+    member_ids: np.ndarray  # (pairs, 2): replicate, example or target
+    nonmember_ids: np.ndarray
+
+
+def _matrix_scores(matrix: np.ndarray, membership: np.ndarray, rows: np.ndarray) -> Scores:
+    """Pairs of an embedded-target score matrix restricted to the attacked ``rows``."""
+    m, mem = np.asarray(matrix)[rows], np.asarray(membership, bool)[rows]
+    r, t = np.meshgrid(np.flatnonzero(rows), np.arange(m.shape[1]), indexing="ij")
+    ids = np.stack([r, t], axis=-1)
+    return Scores(m[mem], m[~mem], ids[mem], ids[~mem])
+
+
+def _fresh_scores(member: np.ndarray, nonmember: np.ndarray) -> Scores:
+    """Pairs of the fresh-data design: ``(R, n)`` member and non-member scores."""
+
+    def ids(a):
+        r, j = np.meshgrid(np.arange(a.shape[0]), np.arange(a.shape[1]), indexing="ij")
+        return np.stack([r.ravel(), j.ravel()], axis=-1)
+
+    return Scores(np.ravel(member), np.ravel(nonmember), ids(member), ids(nonmember))
+
+
+def _per_replicate_epsilon(sc: Scores, level: float = 0.95) -> dict[str, Any]:
+    """An epsilon lower bound from one member and one non-member decision per replicate (pairs of one replicate
+    share its release, theory.md section 7): the rule is chosen on the pairs of the first half of the replicates and
+    applied to the first member and first non-member pair of each replicate of the other half."""
+    reps = np.unique(sc.member_ids[:, 0])
+    if reps.size < 4:
+        return {"epsilon": None, "replicates": int(reps.size)}
+    select = reps[: reps.size // 2]
+    sel_m, sel_n = np.isin(sc.member_ids[:, 0], select), np.isin(sc.nonmember_ids[:, 0], select)
+    rule = stats.attack_metrics(sc.member[sel_m], sc.nonmember[sel_n])
+    t, direction = rule.threshold, rule.direction
+
+    def first(scores, ids):
+        keep = ~np.isin(ids[:, 0], select)
+        _, where = np.unique(ids[keep, 0], return_index=True)
+        return scores[keep][where]
+
+    flag = (lambda v: v >= t) if direction > 0 else (lambda v: v < t)
+    m, nm = first(sc.member, sc.member_ids), first(sc.nonmember, sc.nonmember_ids)
+    bound = stats.epsilon_lower_bound(
+        float(np.mean(flag(m))), float(np.mean(flag(nm))), n_members=m.size, n_nonmembers=nm.size, level=level
+    )
+    return {"epsilon": float(bound.epsilon), "replicates": int(m.size), "level": level}
+
+
+def _with_roc_extras(metrics: dict[str, Any], sc: Scores) -> dict[str, Any]:
+    """The jax_privacy-compatible convex-hull AUC, the TPR at 0% FPR and the per-replicate epsilon bound."""
+    metrics["auc_convex_hull"] = stats.auc_convex_hull(sc.member, sc.nonmember)
+    metrics["tpr_at_0pct_fpr"] = float(stats.tpr_at_fpr(sc.member, sc.nonmember, fpr=0.0))
+    metrics["epsilon_lower_bound"] = _per_replicate_epsilon(sc)
+    return metrics
+
+
+def _lira_matrix(scores, membership, shadow, online: bool) -> np.ndarray:
+    """LiRA's likelihood-ratio statistic of every (replicate, target), fitted on the shadow rows."""
+    fix = int(np.sum(shadow)) < FIX_VARIANCE_BELOW
+    fit = stats.fit_lira(jnp.asarray(scores), jnp.asarray(membership), shadow=jnp.asarray(shadow), fix_variance=fix)
+    return np.asarray(stats.lira_scores(jnp.asarray(scores), fit, online=online))
+
+
+def _rmia(emb: Embedded, name: str, shadow, online: bool, key, bound_level) -> tuple[dict, np.ndarray]:
+    """RMIA of one quantizer (offline: its scaling ``a`` tuned on the shadow replicates), its metrics and matrix."""
+    args = (emb.log_px[name], emb.log_pz[name], emb.membership)
+    a = 1.0 if online else stats.rmia_tune_a(*args, shadow=shadow)[0]
+    matrix = np.asarray(stats.rmia_scores(*args, shadow, online=online, a=a))
+    rows = ~np.asarray(shadow, bool)
+    metrics = stats.attack_metrics_embedded(matrix[rows], emb.membership[rows], key=key, bound_level=bound_level)
+    out = metrics.to_dict()
+    out["a"] = None if online else float(a)
+    return out, matrix
+
+
+def _embedded_attacks(plan, problem, pop, store, progress, bound_level, results, raw) -> None:
+    emb = embedded_target_scores(plan, problem, pop, store, progress)
+    shadow = np.asarray(stats.shadow_mask(plan.lira_replicates, shadows=plan.lira_replicates // 2))
+    key = jax.random.fold_in(plan.keys.lira, 7)
+    for name in plan.quantizers:
+        for attack in plan.attacks:
+            if attack in LIRA_ATTACKS:
+                online = attack == "lira"
+                metrics = stats.lira_metrics(
+                    emb.scores[name], emb.membership, shadow=shadow, online=online, key=key, bound_level=bound_level
+                )
+                matrix = _lira_matrix(emb.scores[name], emb.membership, shadow, online)
+            elif attack in RMIA_ATTACKS:
+                metrics, matrix = _rmia(emb, name, shadow, attack == "rmia", key, bound_level)
+            else:
+                continue
+            raw[name][attack] = _matrix_scores(matrix, emb.membership, ~shadow)
+            results[name][attack] = _with_roc_extras(metrics, raw[name][attack])
+
+
 def attack_stage(
     plan: AuditPlan, problem: Problem, pop: Population, per_rep: ReplicateStats, store: Store, progress
-) -> dict[str, dict[str, Any]]:
-    """``{quantizer: {attack: metrics}}`` for the attacks the plan asks for."""
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Scores]]]:
+    """``{quantizer: {attack: metrics}}`` for the attacks the plan asks for, and their raw :class:`Scores`."""
     results: dict[str, dict[str, Any]] = {name: {} for name in plan.quantizers}
+    raw: dict[str, dict[str, Scores]] = {name: {} for name in plan.quantizers}
     # each section-1 attack's one-sided bound at its Bonferroni share of the bracket's level (theory.md section 10)
     bound_level = stats.bracket_levels(max(1, len([a for a in plan.attacks if a in SECTION1_ATTACKS])))[1]
     if "loss" in plan.attacks:
@@ -128,21 +250,10 @@ def attack_stage(
             m, nm = stats.loss_attack(per_rep.of(name, "member_loss"), per_rep.of(name, "nonmember_loss"))
             key = jax.random.fold_in(plan.keys.nonmember, 7)
             metrics = stats.attack_metrics(m, nm, key=key, by_replicate=True, bound_level=bound_level)
-            results[name]["loss"] = metrics.to_dict()
-    lira = [a for a in plan.attacks if a in LIRA_ATTACKS]
-    if lira:
-        scores, membership = embedded_target_scores(plan, problem, pop, store, progress)
-        shadow = stats.shadow_mask(plan.lira_replicates, shadows=plan.lira_replicates // 2)
-        for name in plan.quantizers:
-            for attack in lira:
-                results[name][attack] = stats.lira_metrics(
-                    scores[name],
-                    membership,
-                    shadow=shadow,
-                    online=attack == "lira",
-                    key=jax.random.fold_in(plan.keys.lira, 7),
-                    bound_level=bound_level,
-                )
+            raw[name]["loss"] = _fresh_scores(np.asarray(m), np.asarray(nm))
+            results[name]["loss"] = _with_roc_extras(metrics.to_dict(), raw[name]["loss"])
+    if any(a in LIRA_ATTACKS + RMIA_ATTACKS for a in plan.attacks):
+        _embedded_attacks(plan, problem, pop, store, progress, bound_level, results, raw)
     if "lira_pool" in plan.attacks:
         scores, membership = pool_design_scores(
             plan.keys.pool,
@@ -161,4 +272,4 @@ def attack_stage(
             results[name]["lira_pool"] = stats.lira_metrics(
                 scores[name], membership, shadow=shadow, pool=True, key=jax.random.fold_in(plan.keys.pool, 7)
             )
-    return results
+    return results, raw

@@ -15,8 +15,8 @@ from qmis_jax._checks import positive_int
 from qmis_jax.problems import Problem
 from qmis_jax.stats.options import IndicatorOptions
 
-ATTACKS = ("loss", "lira", "lira_offline", "lira_pool")
-SECTION1_ATTACKS = ("loss", "lira", "lira_offline")
+ATTACKS = ("loss", "lira", "lira_offline", "rmia", "rmia_offline", "lira_pool")
+SECTION1_ATTACKS = ("loss", "lira", "lira_offline", "rmia", "rmia_offline")
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
 
 

@@ -34,6 +34,42 @@ class AuditReport:
     """
 
     data: dict[str, Any]
+    raw_scores: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def scores(self, quantizer: str, attack: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(member_scores, nonmember_scores)`` of one attack on one quantizer's releases, higher = member, one
+        entry per attacked pair (section-1 attacks: LOSS over the fresh-data replicates, LiRA and RMIA over the
+        attacked embedded-target replicates). Hand them to other tools, e.g.
+        ``jax_privacy.auditing.CanaryScoreAuditor(*report.scores("int4", "lira")).attack_auroc()``, which equals
+        the report's ``auc_convex_hull``. Pairs from one replicate share its release: bounds computed from them
+        must count replicates, not pairs (see :meth:`score_ids`)."""
+        sc = self._raw(quantizer, attack)
+        return sc.member, sc.nonmember
+
+    def score_ids(self, quantizer: str, attack: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(member_ids, nonmember_ids)``: for each pair of :meth:`scores`, its replicate number and its example
+        (LOSS) or target (LiRA, RMIA) number, as ``(pairs, 2)`` int arrays."""
+        sc = self._raw(quantizer, attack)
+        return sc.member_ids, sc.nonmember_ids
+
+    def save_scores(self, path: str) -> None:
+        """Every attack's scores and ids in one ``.npz`` (arrays named ``{quantizer}.{attack}.{field}``)."""
+        arrays = {
+            f"{q}.{a}.{field}": np.asarray(getattr(sc, field))
+            for q, attacks in self.raw_scores.items()
+            for a, sc in attacks.items()
+            for field in sc._fields
+        }
+        np.savez_compressed(path, **arrays)
+
+    def _raw(self, quantizer: str, attack: str):
+        if quantizer not in self.raw_scores:
+            raise KeyError(f"quantizer {quantizer!r} has no scores; this report has {sorted(self.raw_scores)}")
+        if attack not in self.raw_scores[quantizer]:
+            raise KeyError(
+                f"attack {attack!r} has no scores here; this report has {sorted(self.raw_scores[quantizer])}"
+            )
+        return self.raw_scores[quantizer][attack]
 
     def to_dict(self) -> dict[str, Any]:
         """The report as a JSON-serialisable dictionary (a deep copy)."""
@@ -196,7 +232,7 @@ def _diagnostics(plan: AuditPlan, trained: Trained) -> dict[str, Any]:
 
 
 def report_stage(
-    plan: AuditPlan, problem: Problem, trained: Trained, pop: Population, per_rep: ReplicateStats, attacks
+    plan: AuditPlan, problem: Problem, trained: Trained, pop: Population, per_rep: ReplicateStats, attacks, raw
 ) -> AuditReport:
     """Assemble the report: entries, ranking with paired intervals, configuration, diagnostics, environment."""
     entries = {name: _entry(plan, name, pop, per_rep, attacks[name]) for name in plan.quantizers}
@@ -224,4 +260,4 @@ def report_stage(
         "environment": environment(),
         "config": config,
     }
-    return AuditReport(data)
+    return AuditReport(data, raw)
