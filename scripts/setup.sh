@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 extras="molecular"
 for arg in "$@"; do
   case "$arg" in
-    --test) extras="$extras,test" ;;
+    --test) extras="$extras,test,interop" ;;
     --bench) extras="$extras,bench" ;;
     *) echo "setup.sh: unknown option '$arg' (use --test or --bench)" >&2; exit 2 ;;
   esac

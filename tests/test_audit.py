@@ -12,6 +12,8 @@ from scipy.stats import norm
 import qmis_jax as qj
 from qmis_jax.stats import gaussian_mean_quantized_delta
 
+pytestmark = pytest.mark.slow  # end-to-end audits with thousands of replicates
+
 
 @pytest.fixture(scope="module")
 def gaussian_report():

@@ -12,6 +12,8 @@ import qmis_jax as qj
 from qmis_jax.audit import _programs
 from qmis_jax.stats.options import IndicatorOptions
 
+pytestmark = pytest.mark.slow  # whole audits, twice
+
 TRACE = "/jax/core/compile/jaxpr_trace_duration"
 COMPILE = "/jax/core/compile/backend_compile_duration"
 

@@ -34,6 +34,8 @@ import json, sys
 import jax
 import qmis_jax as qj
 
+pytestmark = pytest.mark.slow  # subprocess runs on 1 and 4 host devices
+
 report = qj.audit(
     jax.random.key(0),
     qj.problems.gaussian_mean(mu=[0.3, -0.2]),

@@ -32,6 +32,7 @@ def _assert_audits_equal(a, b, rtol=1e-10):
         np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
 
 
+@pytest.mark.slow
 def test_batched_single_audit_matches_per_replicate_calls():
     q = uniform(step=0.5)
     x, y = GAUSS.sample(jax.random.key(0), 240)
@@ -69,6 +70,7 @@ def test_single_audit_interval_formula():
     assert float(cr.r_interval[0]) <= float(cr.r_hat) <= float(cr.r_interval[1])
 
 
+@pytest.mark.slow
 def test_r_is_zero_for_continuous_stochastic_and_ties():
     x, y = GAUSS.sample(jax.random.key(4), 120)
     params = {"mu": jnp.mean(x, axis=0)}
@@ -108,6 +110,7 @@ def _logistic_fit(seed):
     return {"b": jnp.asarray(beta[:1]), "w": jnp.asarray(beta[1:, None])}, jnp.asarray(x), jnp.asarray(yn)
 
 
+@pytest.mark.slow
 def test_logistic_single_audits():
     params, x, y = _logistic_fit(6)
     results = {}
@@ -133,6 +136,7 @@ def test_logistic_single_audits():
     np.testing.assert_allclose(np.asarray(taylor.sigma), np.asarray(exact.sigma), rtol=0.15)
 
 
+@pytest.mark.slow
 def test_population_audit_fields_and_validation():
     params, x, y = _logistic_fit(7)
     # a float32 absmax scale is published: the release is continuous (theory.md section 9), r = 0, the codes'

@@ -114,6 +114,7 @@ def test_logistic_pool_weights_match_sklearn_subsets_and_bootstrap(x64, pool16):
         np.testing.assert_allclose(_theta(res.params, r), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_replicate_independent_of_chunking_and_batch(x64, fresh16, pool16):
     key, res16, _, _ = fresh16
     chunked = fit_fresh(key, LOGISTIC, n=400, replicates=16, tol=1e-10, chunk_size=7)
@@ -206,6 +207,7 @@ def test_per_sample_losses_per_replicate_data_generic_path():
         per_sample_losses(MLP, params, xs[:1], ys[:1])
 
 
+@pytest.mark.slow
 def test_mlp_shared_init_and_loss_decrease():
     key = jax.random.key(12)
     x, y = _mixture_np(MLP, 64, seed=13)
@@ -229,6 +231,7 @@ def test_mlp_shared_init_and_loss_decrease():
     np.testing.assert_allclose(np.asarray(shared.grad_norm), np.linalg.norm(mean_grad, axis=1), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_mlp_fixed_steps_independent_of_chunking():
     key = jax.random.key(14)
     res = fit_fresh(key, MLP, n=32, replicates=16, max_steps=60, chunk_size=16)
@@ -352,6 +355,7 @@ print("sharded ok")
 """
 
 
+@pytest.mark.slow
 def test_sharding_over_two_devices_matches_one():
     import os
     import subprocess
