@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (once) the project's virtual environment in .venv and install qmis_jax with the extras asked for.
 #   bash scripts/setup.sh            # runtime + molecular extra (what the studies need)
-#   bash scripts/setup.sh --test     # + test extra
+#   bash scripts/setup.sh --test     # + test and interop extras (jax-privacy, qwix)
 # Idempotent: when .venv already holds an install of the same pyproject.toml and extras, it does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -27,7 +27,7 @@ POOL_GAME = (
 
 
 def _single_entry(q, problem, params, x, y, key, opts: IndicatorOptions, utility_of) -> dict[str, Any]:
-    single = stats.single_model_indicator(q, problem, params, x, y, key=key, **opts.estimator_kwargs())
+    single = stats.single_model_indicator(q, problem, params, x, y, key=key, options=opts)
     flat = stats.no_exponential_security(q, opts.ptq)
     mis = stats.mis_asymptotic(x.shape[0], single.delta, single.sigma, single.valid, continuous=flat)
     r_hat = float(single.r_hat)

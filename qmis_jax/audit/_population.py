@@ -63,11 +63,8 @@ def population_stage(plan: AuditPlan, problem: Problem, progress) -> Population:
             x_big,
             y_big,
             n=plan.n,
-            ptq=opts.ptq,
-            method=opts.method,
             key=k_q if q.stochastic else None,
-            skip=opts.skip,
-            max_sweeps=opts.max_sweeps,
+            options=opts,
             select=select,
             flip_key=k_flip,
         )

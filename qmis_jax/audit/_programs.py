@@ -51,7 +51,7 @@ def single_program(q, problem, opts: IndicatorOptions):
     (one program per quantizer, shared by the fresh-data statistics and the embedded-target LiRA chunks)."""
 
     def one(params, x, y, key, pop_codes):
-        single = stats.single_model_indicator(q, problem, params, x, y, key=key, **opts.estimator_kwargs())
+        single = stats.single_model_indicator(q, problem, params, x, y, key=key, options=opts)
         codes = _quantizers.tree_codes(q, single.release, params, skip=opts.skip)
         same = functools.reduce(
             jnp.logical_and,

@@ -233,6 +233,17 @@ def _statistics(q, problem, params, x, y, weights, key, opts: IndicatorOptions, 
     return release, delta, sigma, valid, D, n_moves, ok & finite
 
 
+def _indicator_options(options: IndicatorOptions | None, indicator: dict[str, Any]) -> IndicatorOptions:
+    """``options``, or the record built from the keyword fields (``ptq=``, ``method=``...), not both."""
+    if options is None:
+        return IndicatorOptions(**indicator)
+    if not isinstance(options, IndicatorOptions):
+        raise ValueError(f"options must be an IndicatorOptions, got {type(options).__name__}")
+    if indicator:
+        raise ValueError(f"pass either options or its fields, not both (got options and {sorted(indicator)})")
+    return options
+
+
 def _effective_n(weights, n: int, dtype):
     if weights is None:
         return jnp.asarray(n, dtype)
@@ -247,16 +258,10 @@ def single_model_indicator(
     x: Array,
     y: Array,
     *,
-    ptq: str = "loss",
-    method: str = "gaussian",
-    z: float = 1.96,
     key: Array | None = None,
-    skip=None,
     weights: Array | None = None,
-    max_sweeps: int | None = None,
-    chunk_size: int | None = None,
-    cap: float | None = None,
-    differences: str = "exact",
+    options: IndicatorOptions | None = None,
+    **indicator,
 ) -> SingleAudit:
     """Single-model audit: plug-in ``r_hat`` and an interval from one trained model and its training set.
 
@@ -279,17 +284,13 @@ def single_model_indicator(
       problem: a :class:`~qmis_jax.problems.Problem` (its ``loss``, and ``design``/``margin_loss`` when present).
       params: the trained model ``theta_hat`` (it fixes the codebook).
       x: ``(n, ...)`` training inputs. y: ``(n,)`` targets.
-      ptq: ``"loss"`` or ``"rtn"``.
-      method: ``"gaussian"`` or ``"cramer"``.
-      z: interval half-width in standard errors (1.96: pointwise 95%).
       key: PRNG key for stochastic quantizers.
-      skip: leaves kept in full precision.
       weights: optional ``(n,)`` membership weights of a shared pool (statistics are weighted; ``n`` is the
         effective size ``(sum w)^2 / sum w^2``, the member count for 0/1 weights).
-      max_sweeps: bound of the loss-PTQ sweeps.
-      chunk_size: competitors evaluated at once.
-      cap: Cramer rate cap (default ``log(n)``).
-      differences: ``"exact"`` loss differences, or the ``"taylor"`` form for large models (section 6, "Cost").
+      options: the indicator's settings (:class:`~qmis_jax.stats.IndicatorOptions`: ``ptq``, ``method``, ``z``,
+        ``skip``, ``max_sweeps``, ``chunk_size``, ``cap`` (Cramer cap, default ``log(n)``), ``differences``
+        (``"exact"``, or the ``"taylor"`` form for large models, section 6 "Cost")).
+      **indicator: or those fields as keywords (``ptq="rtn"``...), not both.
 
     Returns:
       :class:`SingleAudit`.
@@ -303,18 +304,7 @@ def single_model_indicator(
     >>> audit.delta.shape, bool(audit.r_interval[0] <= audit.r_hat <= audit.r_interval[1])
     ((2,), True)
     """
-    if isinstance(z, jax.core.Tracer):
-        raise ValueError("z must be a Python number (it is part of the static IndicatorOptions), got a traced value")
-    opts = IndicatorOptions(
-        ptq=ptq,
-        method=method,
-        z=z,
-        skip=skip,
-        max_sweeps=max_sweeps,
-        chunk_size=chunk_size,
-        cap=cap,
-        differences=differences,
-    )
+    opts = _indicator_options(options, indicator)
     q = _get_quantizer(q)
     check_data(x, y, weights)
     return _single_core(q, problem, params, x, y, weights, key, opts)
@@ -426,16 +416,11 @@ def population_indicator(
     y_big: Array,
     *,
     n: int,
-    ptq: str = "loss",
-    method: str = "gaussian",
     key: Array | None = None,
-    skip=None,
-    max_sweeps: int | None = None,
-    chunk_size: int | None = None,
-    cap: float | None = None,
-    differences: str = "exact",
     select: tuple[Array, Array] | None = None,
     flip_key: Array | None = None,
+    options: IndicatorOptions | None = None,
+    **indicator,
 ) -> PopulationAudit:
     """Population indicator ``r_pop`` and asymptotic MIS at ``theta*`` from a large fresh sample (section 6).
 
@@ -453,18 +438,14 @@ def population_indicator(
       theta_star: ``theta*`` (pytree), e.g. the replicate mean or ``problem.population(key)``.
       x_big: ``(m, ...)`` a large fresh sample. y_big: ``(m,)``.
       n: training-set size of the replicates (for ``p_k``).
-      ptq: ``"loss"`` or ``"rtn"``. method: ``"gaussian"`` or ``"cramer"``.
       key: PRNG key for stochastic quantizers.
-      skip: leaves kept in full precision.
-      max_sweeps: bound of the population PTQ sweeps.
-      chunk_size: competitors evaluated at once.
-      cap: Cramer rate cap (default ``log(m)``).
-      differences: ``"exact"`` or ``"taylor"`` loss differences.
       select: a second, independent fresh sample ``(x, y)`` on which the loss-PTQ population release is chosen
         (its gaps are then estimated on ``(x_big, y_big)``; on one sample ``delta_k >= 0`` by construction,
         theory.md section 6). None: both on ``(x_big, y_big)``.
       flip_key: PRNG key of the joint flip probability's importance sampling
         (:func:`~qmis_jax.stats.union_probability`; None: a fixed key).
+      options, **indicator: the indicator's settings, as in :func:`single_model_indicator` (``z`` unused; the
+        Cramer cap defaults to ``log(m)``).
 
     Returns:
       :class:`PopulationAudit`.
@@ -472,15 +453,8 @@ def population_indicator(
     Raises:
       ValueError: unknown ``ptq``/``method``, bad ``n``, or (``"rtn"``) a singular Hessian at ``theta*``.
     """
-    opts = IndicatorOptions(
-        ptq=ptq,
-        method=method,
-        skip=skip,
-        max_sweeps=max_sweeps,
-        chunk_size=chunk_size,
-        cap=cap,
-        differences=differences,
-    )
+    opts = _indicator_options(options, indicator)
+    ptq = opts.ptq
     n = positive_int("n", n)
     q = _get_quantizer(q)
     check_data(x_big, y_big)
@@ -513,7 +487,7 @@ def population_indicator(
         n_moves=n_moves,
         n=n,
         ptq=ptq,
-        method=method,
+        method=opts.method,
         r_codes=r_codes,
         continuous=no_exponential_security(q, ptq, theta_star, skip),
     )
