@@ -192,7 +192,14 @@ def _run(args: argparse.Namespace) -> int:
         from qmis_jax import quantizers
 
         for name in quantizers.names():
-            print(f"{name:16s} {quantizers.get(name)!r}")
+            q = quantizers.get(name)
+            release = "continuous" if quantizers.is_continuous(q) else "discrete"
+            print(f"{name:16s} {release:10s} {q!r}")
+        print(
+            "scale formats (suffix NAME@FORMAT on any scaled preset, e.g. int4@e8m0): "
+            + ", ".join(quantizers.SCALE_FORMATS)
+            + "; f32 (the default) publishes a continuous scale, e8m0 a power of two (a grid fixed in advance)"
+        )
         return 0
     if args.command == "datasets":
         from qmis_jax.molecular import dataset_names, featurizer_names
