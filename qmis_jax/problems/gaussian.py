@@ -48,7 +48,7 @@ def gaussian_mean(*, mu, sigma: float = 1.0) -> Problem:
 
     def sample(key: Array, n: int) -> tuple[Array, Array]:
         z = jax.random.normal(key, (n, d))
-        x = jnp.asarray(mu_np, z.dtype) + sigma * z
+        x = jnp.asarray(mu_np, z.dtype)[None, :] + sigma * z
         return x, jnp.zeros((n,), z.dtype)
 
     def init(key: Array):
@@ -60,7 +60,7 @@ def gaussian_mean(*, mu, sigma: float = 1.0) -> Problem:
         return 0.5 * jnp.sum((params["mu"] - x_i) ** 2) / sigma**2
 
     def predict(params, x: Array) -> Array:
-        return jnp.sqrt(jnp.sum((x - params["mu"]) ** 2, axis=-1)) / sigma
+        return jnp.sqrt(jnp.sum((x - params["mu"][None, :]) ** 2, axis=-1)) / sigma
 
     def solve(x: Array, y: Array, w: Array):
         del y

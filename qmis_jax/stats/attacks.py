@@ -218,7 +218,7 @@ def _side_fit(scores: Array, weights: Array, fix_variance: bool) -> tuple[Array,
     """
     count = weights.sum(axis=0)
     mean = (weights * scores).sum(axis=0) / jnp.maximum(count, 1.0)
-    ss = (weights * (scores - mean) ** 2).sum(axis=0)
+    ss = (weights * (scores - mean[None, :]) ** 2).sum(axis=0)
     dof = jnp.maximum(count - 1.0, 0.0)
     pooled = ss.sum() / jnp.maximum(dof.sum(), 1.0)
     own = ss / jnp.maximum(dof, 1.0)
@@ -314,11 +314,12 @@ def lira_scores(scores, fit: LiraFit, *, online: bool = True) -> Array:
       ``(R, T)`` array; higher = more likely a member.
     """
     s = jnp.asarray(scores)
-    z_out = (s - fit.mu_out) / jnp.sqrt(fit.var_out)
+    row = (None,) * (s.ndim - 1)  # the fit is per target: broadcast it over the replicate axis explicitly
+    z_out = (s - fit.mu_out[row]) / jnp.sqrt(fit.var_out)[row]
     if not online:
         return z_out
-    z_in = (s - fit.mu_in) / jnp.sqrt(fit.var_in)
-    return 0.5 * (z_out**2 - z_in**2) + 0.5 * (jnp.log(fit.var_out) - jnp.log(fit.var_in))
+    z_in = (s - fit.mu_in[row]) / jnp.sqrt(fit.var_in)[row]
+    return 0.5 * (z_out**2 - z_in**2) + 0.5 * (jnp.log(fit.var_out) - jnp.log(fit.var_in))[row]
 
 
 @functools.partial(jax.jit, static_argnames=("online", "fix_variance"))

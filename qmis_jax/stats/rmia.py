@@ -155,7 +155,8 @@ def rmia_scores(log_px, log_pz, membership, shadow, *, online: bool = True, a=1.
     sh = jnp.asarray(shadow, bool)
     ref_x, ref_z = _references(log_px, log_pz, member, sh, online, a)
     # p = 0 under the release and every reference gives 0 / 0: no evidence, the lowest ratio
-    lr_x, lr_z = (jnp.where(jnp.isnan(v), -jnp.inf, v) for v in (log_px - ref_x, log_pz - ref_z))
+    diffs = (log_px - ref_x[None, :], log_pz - ref_z[None, :])  # references per target (point), over replicates
+    lr_x, lr_z = (jnp.where(jnp.isnan(v), -jnp.inf, v) for v in diffs)
     counts = rmia_counts(lr_x, lr_z, gamma=gamma)
     return counts.astype(log_px.dtype) / log_pz.shape[-1]
 
