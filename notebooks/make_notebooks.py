@@ -192,7 +192,9 @@ audit_your_model = [
         "format, and any leaf left in float32. A float32 scale is itself a published number that moves "
         "continuously with the weights, so a release with one is continuous (`r = 0`: one training point always "
         "moves it a little), however coarse its codes. With an E8M0 scale (a power of two, the MX formats), or a "
-        "bfloat16 scale in qwix's `scale_dtype`, every published number lies on a grid fixed in advance.",
+        "bfloat16 scale in qwix's `scale_dtype`, every published number lies on a grid fixed in advance. A leaf "
+        "left in float32 is published as it is: the qwix recipe's float32 bias makes its release continuous "
+        "whatever the format of its scales.",
     ),
     (
         "code",
