@@ -10,8 +10,8 @@ HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 NOTEBOOKS = sorted(f for f in os.listdir(HERE) if f.endswith(".ipynb"))
 
 
-def test_there_are_three_notebooks():
-    assert NOTEBOOKS == ["molecular_study.ipynb", "quickstart.ipynb", "synthetic_study.ipynb"]
+def test_there_are_four_notebooks():
+    assert NOTEBOOKS == ["audit_your_model.ipynb", "molecular_study.ipynb", "quickstart.ipynb", "synthetic_study.ipynb"]
 
 
 @pytest.mark.slow
