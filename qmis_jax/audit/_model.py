@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qmis_jax import quantizers as _quantizers
 from qmis_jax import stats
 from qmis_jax._checks import check_data, check_fits_model, check_key, positive_int
 from qmis_jax._version import __version__
@@ -28,14 +29,16 @@ POOL_GAME = (
 
 def _single_entry(q, problem, params, x, y, key, opts: IndicatorOptions, utility_of) -> dict[str, Any]:
     single = stats.single_model_indicator(q, problem, params, x, y, key=key, options=opts)
-    flat = stats.no_exponential_security(q, opts.ptq)
+    flat = stats.no_exponential_security(q, opts.ptq, params, opts.skip)
     mis = stats.mis_asymptotic(x.shape[0], single.delta, single.sigma, single.valid, continuous=flat)
     r_hat = float(single.r_hat)
     lo, hi = (float(v) for v in np.asarray(single.r_interval))
     entry = {
         "description": repr(q),
         "continuous": flat,
+        "release": _quantizers.release_info(q, params, skip=opts.skip, ptq=opts.ptq),
         "r_population": None,
+        "r_codes": finite_or_none(single.r_codes),
         "r_hat": r_hat,
         "r_hat_interval": [lo, hi],
         "r_single": {"mean": r_hat, "median": r_hat, "q05": lo, "q95": hi},

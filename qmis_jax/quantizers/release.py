@@ -47,6 +47,11 @@ def _check_ptq(ptq: Any) -> str:
     return ptq
 
 
+def _float32_scale(q: Quantizer) -> bool:
+    """Whether ``q`` publishes a float32 scale (its own families, and recipes such as qwix's that say so)."""
+    return (q.scaled and q.scale_format == "f32") or bool(getattr(q, "release_continuous", False))
+
+
 def _leaf_parts(q: Quantizer, path: str, skipped: bool, ptq: str) -> list[str]:
     name = path or "params"
     if skipped:
@@ -55,7 +60,7 @@ def _leaf_parts(q: Quantizer, path: str, skipped: bool, ptq: str) -> list[str]:
         what = "float32 values of the kept entries" if q.family == "prune" else "float32 values"
         return [f"{name}: {what}"]
     parts = []
-    if q.scaled and q.scale_format == "f32":
+    if _float32_scale(q):
         parts.append(f"{name}: float32 scale")
     if ptq == "rtn" and q.stochastic:
         parts.append(f"{name}: stochastic rounding (its law is a smooth function of the weights)")
@@ -120,7 +125,7 @@ def is_continuous(q: Quantizer | str, params: PyTree = None, *, skip: Skip = Non
     """
     q = get(q)
     ptq = _check_ptq(ptq)
-    if q.continuous or (ptq == "rtn" and q.stochastic) or (q.scaled and q.scale_format == "f32"):
+    if q.continuous or (ptq == "rtn" and q.stochastic) or _float32_scale(q):
         return True
     if skip is None:
         return False
