@@ -100,7 +100,7 @@ def release_info(q: Quantizer | str, params: PyTree, *, skip: Skip = None, ptq: 
     return {
         "continuous": bool(parts),
         "continuous_parts": parts,
-        "scale_format": q.scale_format if q.scaled else None,
+        "scale_format": getattr(q, "scale_format", None) if (q.scaled or _float32_scale(q)) else None,
     }
 
 
