@@ -333,10 +333,13 @@ def fit(
     Replicate ``r`` minimises the weighted empirical risk ``sum_i w_ri l(theta, z_i) / sum_i w_ri``
     (theory.md section 1; 0/1 weights give membership subsets, integer counts bootstrap resamples). Methods
     (``solver="auto"``): the problem's closed form ``solve``; for convex generalised linear models (``design`` and
-    ``margin_loss``) damped Newton where, vmapped over replicates, the margins are ``Theta @ X^T``, the gradients
-    ``(W m') @ X`` and the Hessians' upper triangles ``K^T (W m'')^T`` with ``K`` the Khatri-Rao features of the
-    pool (``O(N p^2)`` per iteration, half the flops of ``X^T diag(s) X``), all matrix-matrix products; damping is
-    an Armijo backtracking line search; other convex problems: damped Newton with the autodiff Hessian;
+    ``margin_loss``, ``"glm_lbfgs"``) L-BFGS started at the pilot fit of the whole pool with unit weights and
+    preconditioned by the inverse of the pilot's Hessian, shared by every replicate, so no per-replicate Hessian is
+    formed; vmapped over replicates the margins ``Theta @ X^T`` and gradients ``(W m') @ X`` are matrix-matrix
+    products (``4 N p`` flops per replicate and iteration), and on one device replicates that converge leave the
+    batch; ``"glm_newton"`` is damped Newton with the Hessians' upper triangles ``K^T (W m'')^T``, ``K`` the
+    Khatri-Rao features of the pool (``O(N p^2)`` per iteration); damping is an Armijo backtracking line search;
+    other convex problems: damped Newton with the autodiff Hessian;
     non-convex problems: exactly ``max_steps`` steps of ``optimizer`` (full batch, or minibatches of
     ``batch_size`` drawn in proportion to the weights), every replicate starting from one shared initialisation
     (theory.md section 8).
@@ -361,9 +364,9 @@ def fit(
       batch_size: minibatch size of non-convex training (None: full batch).
       shared_init: one initialisation ``init(k_init)`` for all replicates (else ``init(fold_in(k_init, r))``).
       init_params: a start for every replicate, overriding ``problem.init``.
-      solver: ``"auto"``, ``"closed_form"``, ``"glm_newton"``, ``"newton"`` or ``"optax"``.
-      warm_start: convex Newton solvers start every replicate from the fit of the whole pool with unit weights
-        (computed once per chunk, shared by all replicates), which saves about a third of the iterations.
+      solver: ``"auto"``, ``"closed_form"``, ``"glm_lbfgs"``, ``"glm_newton"``, ``"newton"`` or ``"optax"``.
+      warm_start: convex solvers start every replicate from the fit of the whole pool with unit weights
+        (computed once per call, shared by all replicates), which saves about a third of the iterations.
       devices: devices to shard replicates over (default ``jax.local_devices()``).
 
     Returns:
@@ -449,8 +452,11 @@ def fit_fresh(
 
     The fresh-data design of theory.md sections 6 and 7: each replicate's data are generated inside the compiled
     program (nothing ``(R, n, dx)``-sized is held outside a chunk) and can be regenerated with
-    :func:`replicate_data`. Methods, chunking and sharding are those of :func:`fit` with unit weights;
-    initialisation and minibatch keys come from ``k_init, k_batch = split(key)``.
+    :func:`replicate_data`. Methods, chunking and sharding are those of :func:`fit` with unit weights, except that
+    the GLM pilot (start and preconditioner of ``"glm_lbfgs"``) is fitted on a pilot sample of ``4 n`` points (at
+    most 65536) drawn from ``split(key, 3)[2]``, a key no replicate uses; on CPU devices replicates are trained a
+    few at a time inside a chunk (``lax.map``), each generating its data in the loop so they stay in cache.
+    Initialisation and minibatch keys come from ``k_init, k_batch = split(key)``.
 
     Args:
       key: PRNG key. problem: the problem. n: examples per replicate. replicates: ``R``.
