@@ -226,11 +226,10 @@ def logistic_pool(args, peak):
     worst = _check_logistic(jax.tree.map(lambda a: a[:SUBSET], res.params), xs, ys, tol, "logistic_d128_pool")
     seconds, compile_s = timed(run, first=first)
     skip = args.no_baselines
-    one = lambda m, solver="auto": fit(key, problem, x, y, weights=weights[:m], tol=tol, chunk_size=1, solver=solver)
+    one = lambda m: fit(key, problem, x, y, weights=weights[:m], tol=tol, chunk_size=1)
     baselines = {
         "sklearn_loop": _sklearn_loop(xs.astype(np.float32), ys.astype(np.float32), tol, replicates, skip),
         "sequential_jax": _one_by_one(one, replicates, skip),
-        "sequential_jax_newton": _one_by_one(lambda m: one(m, "glm_newton"), replicates, skip),
     }
     flops = glm_flops(2 * n, 129, np.asarray(res.steps))
     return record(
@@ -241,7 +240,7 @@ def logistic_pool(args, peak):
         max_loss_gap_vs_sklearn=worst,
         baseline_note=f"baselines timed on {SUBSET} replicates and extrapolated linearly to {replicates}; "
         "sequential_jax is fit with chunk_size=1 (the same program, one replicate per call, the shared pilot "
-        "included), sequential_jax_newton the same with solver='glm_newton'",
+        "included)",
     )  # fmt: skip
 
 

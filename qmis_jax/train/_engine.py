@@ -68,7 +68,10 @@ def bytes_per_replicate(solver: str, *, n: int, dx: int, p: int, itemsize: int, 
 
 PILOT_FACTOR = 4  # a fresh-data pilot sample holds PILOT_FACTOR * n points (at most PILOT_MAX, at least n)
 PILOT_MAX = 65536
-CPU_MICROBATCH = 4  # fresh-data replicates vmapped together inside a CPU chunk (their data stay in cache)
+# Fresh-data replicates vmapped together inside a CPU chunk (their data stay in cache): few for the solvers that
+# stop at a tolerance (a vmapped loop waits for its slowest member), more for fixed optimizer steps.
+CPU_MICROBATCH = 4
+CPU_MICROBATCH_FIXED_STEPS = 8
 
 
 def _glm_solve(problem, solver, max_steps, theta0, design, y, w, features, precond, tol):
@@ -276,7 +279,8 @@ def _chunk(opts: FitOptions, replicates: int, per_replicate: int) -> int:
 def _compiled(problem, opts: FitOptions, fresh, n: int):
     """The cached compiled chunk program of these options (:func:`_program`)."""
     cpu = all(d.platform == "cpu" for d in opts.devices)
-    microbatch = CPU_MICROBATCH if cpu and fresh is True else None
+    microbatch = CPU_MICROBATCH_FIXED_STEPS if opts.solver == "optax" else CPU_MICROBATCH
+    microbatch = microbatch if cpu and fresh is True else None
     return _program(
         problem, opts.solver, fresh, n, opts.max_steps, opts.optimizer, opts.batch_size, opts.shared_init, microbatch,
         len(opts.devices),

@@ -88,20 +88,28 @@ def backtrack(value_at: Callable[[Array], Array], f0: Array, gd: Array, skip: Ar
     one almost always (full Newton or quasi-Newton steps are accepted), instead of evaluating every step size.
     With ``skip`` true no trial is made and the full step ``1`` is returned (the caller tests it otherwise).
     """
+    return backtrack_value(value_at, f0, gd, skip)[0]
+
+
+def backtrack_value(
+    value_at: Callable[[Array], Array], f0: Array, gd: Array, skip: Array | bool = False
+) -> tuple[Array, Array]:
+    """:func:`backtrack` that also returns the objective at the step taken (``f0`` when skipped or failed)."""
     one = jnp.ones((), f0.dtype)
 
     def cond(c):
-        j, _, ok = c
+        j, _, _, ok = c
         return ~ok & (j < LINE_SEARCH_STEPS)
 
     def body(c):
-        j, a, _ = c
+        j, a, _, _ = c
         val = value_at(a)
         ok = (val <= f0 + ARMIJO_C * a * gd) & jnp.isfinite(val)
-        return j + 1, jnp.where(ok, a, 0.5 * a), ok
+        return j + 1, jnp.where(ok, a, 0.5 * a), jnp.where(ok, val, f0), ok
 
-    _, a, ok = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), one, jnp.asarray(skip, bool)))
-    return jnp.where(ok, a, 0.0)
+    init = (jnp.zeros((), jnp.int32), one, f0, jnp.asarray(skip, bool))
+    _, a, val, ok = jax.lax.while_loop(cond, body, init)
+    return jnp.where(ok, a, 0.0), val
 
 
 def _newton_loop(
@@ -281,9 +289,10 @@ def glm_lbfgs_step(
     gd = s.g @ d
     xd = design @ d
     tiny = -gd <= 10 * eps * (1 + jnp.abs(s.f))
-    alpha = backtrack(lambda a: wn @ margin_loss(s.eta + a * xd, y), s.f, gd, skip=tiny | s.done)
+    # The objective at the step comes from the line search; below its resolution (tiny) it is kept as it is.
+    alpha, f = backtrack_value(lambda a: wn @ margin_loss(s.eta + a * xd, y), s.f, gd, skip=tiny | s.done)
     theta, eta = s.theta + alpha * d, s.eta + alpha * xd
-    f, g = wn @ margin_loss(eta, y), (wn * m1(eta, y)) @ design
+    g = (wn * m1(eta, y)) @ design
     gn = jnp.linalg.norm(g)
     # Below the objective's resolution the Armijo test is noise: a full step is kept unless the gradient grows
     # (quasi-Newton gradient norms need not fall monotonically; the iteration cap bounds the rest).
