@@ -136,21 +136,36 @@ def _mean_logistic_loss(theta, x, y):
     return float(np.mean(np.logaddexp(0.0, -(2 * y - 1) * (theta[0] + x @ theta[1:]))))
 
 
-def _one_by_one(call: Callable[[int], object], replicates: int, skip: bool) -> float:
-    """Seconds of ``call(SUBSET)`` (one replicate per compiled call, a Python loop over them), extrapolated
-    linearly to ``replicates``."""
-    if skip:
-        return float("nan")
-    seconds, _ = timed(lambda: call(SUBSET), repeats=3)
-    return seconds * replicates / SUBSET
+def side_by_side(ours: Callable[[], object], baselines: dict, repeats: int = 3) -> tuple[float, dict[str, float]]:
+    """Median seconds of ``ours`` and of every baseline, timed in rounds (ours, then each baseline, ``repeats``
+    times) after one warm-up of each, so that load from other processes drifts over all of them alike.
+
+    ``baselines`` maps a name to ``(fn, scale)``: the baseline's time is its median times ``scale`` (the
+    extrapolation from the ``SUBSET`` replicates it runs to the workload's count).
+    """
+    for fn, _ in baselines.values():
+        jax.block_until_ready(fn())
+    runs = {name: [] for name in ["ours", *baselines]}
+    calls = {"ours": ours, **{name: fn for name, (fn, _) in baselines.items()}}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            runs[name].append(time.perf_counter() - t0)
+    median = {name: statistics.median(v) for name, v in runs.items()}
+    return median.pop("ours"), {name: median[name] * scale for name, (_, scale) in baselines.items()}
 
 
-def _sklearn_loop(xs, ys, tol, replicates, skip):
-    """sklearn's L-BFGS over ``SUBSET`` given data sets, extrapolated linearly to ``replicates``."""
-    if skip:
-        return float("nan")
-    sk, _ = timed(lambda: [_sklearn_fit(xs[i], ys[i], tol) for i in range(xs.shape[0])], repeats=3)
-    return sk * replicates / xs.shape[0]
+def _sklearn_loop(xs, ys, tol, threads=None):
+    """sklearn's L-BFGS over the given data sets, one at a time; ``threads`` limits its BLAS and OpenMP pools
+    (None: their defaults)."""
+    from threadpoolctl import threadpool_limits
+
+    def loop():
+        with threadpool_limits(limits=threads):
+            return [_sklearn_fit(xs[i], ys[i], tol) for i in range(xs.shape[0])]
+
+    return loop
 
 
 def _check_logistic(params, xs, ys, tol, label):
@@ -175,14 +190,17 @@ def logistic_fresh(args, peak):
     res, first = first_call(run)
     xs, ys = (np.asarray(a, np.float64) for a in replicate_data(key, problem, n=n, index=np.arange(SUBSET)))
     worst = _check_logistic(jax.tree.map(lambda a: a[:SUBSET], res.params), xs, ys, tol, "logistic_d128")
-    seconds, compile_s = timed(run, first=first)
-    skip = args.no_baselines
     one = lambda m, solver="auto": fit_fresh(key, problem, n=n, replicates=m, tol=tol, chunk_size=1, solver=solver)
+    x32, y32, scale = xs.astype(np.float32), ys.astype(np.float32), replicates / SUBSET
     baselines = {
-        "sklearn_loop": _sklearn_loop(xs.astype(np.float32), ys.astype(np.float32), tol, replicates, skip),
-        "sequential_jax": _one_by_one(one, replicates, skip),
-        "sequential_jax_newton": _one_by_one(lambda m: one(m, "glm_newton"), replicates, skip),
+        "sklearn_loop": (_sklearn_loop(x32, y32, tol), scale),
+        "sklearn_loop_1_thread": (_sklearn_loop(x32, y32, tol, threads=1), scale),
+        "sequential_jax": (lambda: one(SUBSET), scale),
+        "sequential_jax_newton": (lambda: one(SUBSET, "glm_newton"), scale),
     }
+    skip = args.no_baselines
+    seconds, baselines = side_by_side(run, {} if skip else baselines)
+    compile_s = max(first - seconds, 0.0)
     gen = lambda: replicate_data(key, problem, n=n, index=np.arange(128))  # 128 data sets, extrapolated
     data_s = timed(gen)[0] * replicates / 128 if not skip else float("nan")
     flops = glm_flops(n, 129, np.asarray(res.steps))
@@ -224,13 +242,16 @@ def logistic_pool(args, peak):
     xs = np.stack([xh[m] for m in member])
     ys = np.stack([yh[m] for m in member])
     worst = _check_logistic(jax.tree.map(lambda a: a[:SUBSET], res.params), xs, ys, tol, "logistic_d128_pool")
-    seconds, compile_s = timed(run, first=first)
-    skip = args.no_baselines
     one = lambda m: fit(key, problem, x, y, weights=weights[:m], tol=tol, chunk_size=1)
+    x32, y32, scale = xs.astype(np.float32), ys.astype(np.float32), replicates / SUBSET
     baselines = {
-        "sklearn_loop": _sklearn_loop(xs.astype(np.float32), ys.astype(np.float32), tol, replicates, skip),
-        "sequential_jax": _one_by_one(one, replicates, skip),
+        "sklearn_loop": (_sklearn_loop(x32, y32, tol), scale),
+        "sklearn_loop_1_thread": (_sklearn_loop(x32, y32, tol, threads=1), scale),
+        "sequential_jax": (lambda: one(SUBSET), scale),
     }
+    skip = args.no_baselines
+    seconds, baselines = side_by_side(run, {} if skip else baselines)
+    compile_s = max(first - seconds, 0.0)
     flops = glm_flops(2 * n, 129, np.asarray(res.steps))
     return record(
         "logistic_d128_pool", replicates, seconds, compile_s, flops, peak, baselines,
@@ -245,7 +266,7 @@ def logistic_pool(args, peak):
 
 
 def _torch_baselines(xs, ys, hidden, steps, lr, replicates):
-    """torch loop and torch.func vmap baselines, only when torch is importable."""
+    """torch loop and torch.func vmap baselines ``{name: (fn, scale)}``, only when torch is importable."""
     try:
         import torch
         from torch.func import functional_call, grad, vmap
@@ -283,9 +304,7 @@ def _torch_baselines(xs, ys, hidden, steps, lr, replicates):
                 ve.mul_(0.999).addcmul_(grads[k], grads[k], value=0.001)
                 params[k] -= lr * (mo / (1 - 0.9**t)) / ((ve / (1 - 0.999**t)).sqrt() + 1e-8)
 
-    t_loop, _ = timed(lambda: loop(), repeats=3)
-    t_vmap, _ = timed(lambda: vmapped(), repeats=3)
-    return {"torch_loop": t_loop * replicates / m, "torch_vmap": t_vmap * replicates / m}
+    return {"torch_loop": (loop, replicates / m), "torch_vmap": (vmapped, replicates / m)}
 
 
 @workload("mlp_d128")
@@ -305,12 +324,13 @@ def mlp(args, peak):
     gap = float(np.max(np.abs(flat(jax.tree.map(lambda a: a[:SUBSET], res.params)) - flat(seq_params))))
     if gap > 1e-3:
         raise AssertionError(f"mlp_d128: batched and sequential parameters differ by {gap:.2e}")
-    seconds, compile_s = timed(run, first=first)
     skip = args.no_baselines
-    baselines = {"sequential_jax": _one_by_one(one, replicates, skip)}
+    baselines = {"sequential_jax": (lambda: one(SUBSET), replicates / SUBSET)}
     if not skip:
         xs, ys = replicate_data(key, problem, n=n, index=np.arange(SUBSET))
         baselines.update(_torch_baselines(np.asarray(xs), np.asarray(ys), hidden, steps, lr, replicates))
+    seconds, baselines = side_by_side(run, {} if skip else baselines)
+    compile_s = max(first - seconds, 0.0)
     flops = mlp_flops(n, 128, hidden, steps, replicates)
     return record(
         "mlp_d128", replicates, seconds, compile_s, flops, peak, baselines,

@@ -75,8 +75,9 @@ CPU_MICROBATCH_FIXED_STEPS = 8
 
 
 def _glm_solve(problem, solver, max_steps, theta0, design, y, w, features, precond, tol):
-    """One replicate's GLM fit: damped Newton, or L-BFGS preconditioned by the shared ``precond``."""
-    if solver == "glm_lbfgs":
+    """One replicate's GLM fit: L-BFGS preconditioned by the shared ``precond``, else (``glm_newton``, or no pilot
+    as in :func:`fit_data`) damped Newton."""
+    if solver == "glm_lbfgs" and precond is not None:
         return _solvers.glm_lbfgs(
             theta0, design, y, w, margin_loss=problem.margin_loss, precond=precond, tol=tol, max_steps=max_steps
         )
