@@ -39,6 +39,7 @@ from qmis_jax.train import fit, fit_fresh, replicate_data  # noqa: E402
 
 WORKLOADS: list[tuple[str, Callable[[argparse.Namespace, float], dict]]] = []
 SUBSET = 32  # models timed for the one-model-at-a-time baselines, extrapolated linearly to R
+TORCH_SUBSET = 8  # models timed for the torch baselines (each timed run of the torch loop takes seconds)
 
 
 def workload(name: str):
@@ -304,7 +305,25 @@ def _torch_baselines(xs, ys, hidden, steps, lr, replicates):
                 ve.mul_(0.999).addcmul_(grads[k], grads[k], value=0.001)
                 params[k] -= lr * (mo / (1 - 0.9**t)) / ((ve / (1 - 0.999**t)).sqrt() + 1e-8)
 
-    return {"torch_loop": (loop, replicates / m), "torch_vmap": (vmapped, replicates / m)}
+    default = torch.get_num_threads()
+
+    def threads(fn, k):
+        def call():
+            torch.set_num_threads(k)
+            try:
+                return fn()
+            finally:
+                torch.set_num_threads(default)
+
+        return call
+
+    scale = replicates / m
+    return {
+        "torch_loop": (loop, scale),
+        "torch_vmap": (vmapped, scale),
+        "torch_loop_1_thread": (threads(loop, 1), scale),
+        "torch_vmap_1_thread": (threads(vmapped, 1), scale),
+    }
 
 
 @workload("mlp_d128")
@@ -328,7 +347,8 @@ def mlp(args, peak):
     baselines = {"sequential_jax": (lambda: one(SUBSET), replicates / SUBSET)}
     if not skip:
         xs, ys = replicate_data(key, problem, n=n, index=np.arange(SUBSET))
-        baselines.update(_torch_baselines(np.asarray(xs), np.asarray(ys), hidden, steps, lr, replicates))
+        torch_xs, torch_ys = np.asarray(xs)[:TORCH_SUBSET], np.asarray(ys)[:TORCH_SUBSET]
+        baselines.update(_torch_baselines(torch_xs, torch_ys, hidden, steps, lr, replicates))
     seconds, baselines = side_by_side(run, {} if skip else baselines)
     compile_s = max(first - seconds, 0.0)
     flops = mlp_flops(n, 128, hidden, steps, replicates)
@@ -336,9 +356,9 @@ def mlp(args, peak):
         "mlp_d128", replicates, seconds, compile_s, flops, peak, baselines,
         n=n, dim=128, hidden=hidden, adam_steps=steps, max_param_gap_vs_sequential=gap,
         torch=_torch_version(),
-        baseline_note=f"baselines timed on {SUBSET} replicates and extrapolated linearly to {replicates}; "
-        "sequential_jax is fit_fresh with chunk_size=1 (the same program, data generation included); the torch "
-        "baselines get their data given (no generation)",
+        baseline_note=f"baselines timed on {SUBSET} replicates (torch: {TORCH_SUBSET}) and extrapolated linearly to "
+        f"{replicates}; sequential_jax is fit_fresh with chunk_size=1 (the same program, data generation "
+        "included); the torch baselines get their data given (no generation)",
     )  # fmt: skip
 
 
