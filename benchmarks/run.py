@@ -1,11 +1,15 @@
 """Benchmarks of the replicate engine, per the performance protocol of the design document.
 
-    python benchmarks/run.py [--quick] [--out FILE] [--only NAME[,NAME...]]
+    python benchmarks/run.py [--quick] [--out FILE] [--only NAME[,NAME...]] [--no-baselines]
 
 Prints one JSON line per workload (and appends it to ``--out``): the workload, replicate count, median seconds over
 >= 3 timed runs after a warm-up (compile time apart), models per second, the FLOPs counted for the useful work and
 the achieved GFLOP/s, the float32 matmul peak measured in the same run, every baseline's seconds measured in the same
 run, and the speedups (baseline seconds / our seconds). Correctness is checked before anything is timed.
+
+The sequential baselines run the library's own single-replicate program one replicate at a time: the same public
+call with ``chunk_size=1``, which jits the program once and loops over replicates in Python. ``memory`` measures the
+peak resident memory of each workload in a fresh process at ``R`` and ``4 R`` replicates.
 
 Workloads are plain functions in ``WORKLOADS``; add one with the ``@workload`` decorator.
 """
@@ -18,6 +22,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -30,10 +35,11 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from qmis_jax.problems import logistic_mixture, mlp_mixture  # noqa: E402
-from qmis_jax.train import _solvers, default_optimizer, fit, fit_fresh, replicate_data  # noqa: E402
+from qmis_jax.train import fit, fit_fresh, replicate_data  # noqa: E402
 
 WORKLOADS: list[tuple[str, Callable[[argparse.Namespace, float], dict]]] = []
 SUBSET = 32  # models timed for the one-model-at-a-time baselines, extrapolated linearly to R
+TORCH_SUBSET = 8  # models timed for the torch baselines (each timed run of the torch loop takes seconds)
 
 
 def workload(name: str):
@@ -103,9 +109,12 @@ def record(name, replicates, seconds, compile_seconds, flops, peak, baselines, *
     }
 
 
-def glm_flops(n: int, p: int, steps: np.ndarray, *, features: bool) -> float:
-    """FLOPs of the useful Newton iterations: the Hessian (``n p (p + 1)`` with the Khatri-Rao triangle, else
-    ``2 n p^2``) plus five passes of ``2 n p`` (margins, gradient, line search, new margins and gradient)."""
+def glm_flops(n: int, p: int, steps: np.ndarray, *, solver: str = "glm_lbfgs", features: bool = False) -> float:
+    """FLOPs of the useful iterations. L-BFGS: two passes over the design per iteration (``X d`` for the line
+    search, ``X^T r`` for the gradient), ``4 n p``. Newton: the Hessian (``n p (p + 1)`` with the Khatri-Rao
+    triangle, else ``2 n p^2``) plus five passes of ``2 n p``."""
+    if solver == "glm_lbfgs":
+        return float(np.sum(steps)) * 4 * n * p
     hess = n * p * (p + 1) if features else 2 * n * p * p
     return float(np.sum(steps)) * (hess + 10 * n * p)
 
@@ -128,35 +137,36 @@ def _mean_logistic_loss(theta, x, y):
     return float(np.mean(np.logaddexp(0.0, -(2 * y - 1) * (theta[0] + x @ theta[1:]))))
 
 
-def _sequential_newton(problem, tol):
-    """The same single-replicate Newton program, jitted, for one model at a time (the sequential baseline)."""
-    p = problem.config["dim"] + 1
+def side_by_side(ours: Callable[[], object], baselines: dict, repeats: int = 3) -> tuple[float, dict[str, float]]:
+    """Median seconds of ``ours`` and of every baseline, timed in rounds (ours, then each baseline, ``repeats``
+    times) after one warm-up of each, so that load from other processes drifts over all of them alike.
 
-    @jax.jit
-    def one(x, y):
-        design = problem.design(x)
-        return _solvers.glm_newton(
-            jnp.zeros(p, x.dtype),
-            design,
-            y,
-            jnp.ones_like(y),
-            margin_loss=problem.margin_loss,
-            features=None,
-            tol=jnp.asarray(tol, x.dtype),
-            max_steps=100,
-        ).params
+    ``baselines`` maps a name to ``(fn, scale)``: the baseline's time is its median times ``scale`` (the
+    extrapolation from the ``SUBSET`` replicates it runs to the workload's count).
+    """
+    for fn, _ in baselines.values():
+        jax.block_until_ready(fn())
+    runs = {name: [] for name in ["ours", *baselines]}
+    calls = {"ours": ours, **{name: fn for name, (fn, _) in baselines.items()}}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            runs[name].append(time.perf_counter() - t0)
+    median = {name: statistics.median(v) for name, v in runs.items()}
+    return median.pop("ours"), {name: median[name] * scale for name, (_, scale) in baselines.items()}
 
-    return one
 
+def _sklearn_loop(xs, ys, tol, threads=None):
+    """sklearn's L-BFGS over the given data sets, one at a time; ``threads`` limits its BLAS and OpenMP pools
+    (None: their defaults)."""
+    from threadpoolctl import threadpool_limits
 
-def _logistic_baselines(problem, xs, ys, tol, replicates):
-    """sklearn loop and sequential JAX loop over ``SUBSET`` models, extrapolated linearly to ``replicates``."""
-    m = xs.shape[0]
-    sk, _ = timed(lambda: [_sklearn_fit(xs[i], ys[i], tol) for i in range(m)], repeats=3)
-    seq = _sequential_newton(problem, tol)
-    xj, yj = jnp.asarray(xs), jnp.asarray(ys)
-    sq, _ = timed(lambda: [seq(xj[i], yj[i]) for i in range(m)], repeats=3)
-    return {"sklearn_loop": sk * replicates / m, "sequential_jax": sq * replicates / m}
+    def loop():
+        with threadpool_limits(limits=threads):
+            return [_sklearn_fit(xs[i], ys[i], tol) for i in range(xs.shape[0])]
+
+    return loop
 
 
 def _check_logistic(params, xs, ys, tol, label):
@@ -181,28 +191,50 @@ def logistic_fresh(args, peak):
     res, first = first_call(run)
     xs, ys = (np.asarray(a, np.float64) for a in replicate_data(key, problem, n=n, index=np.arange(SUBSET)))
     worst = _check_logistic(jax.tree.map(lambda a: a[:SUBSET], res.params), xs, ys, tol, "logistic_d128")
-    seconds, compile_s = timed(run, first=first)
-    baselines = _logistic_baselines(problem, xs.astype(np.float32), ys.astype(np.float32), tol, replicates)
-    flops = glm_flops(n, 129, np.asarray(res.steps), features=False)
+    one = lambda m, solver="auto": fit_fresh(key, problem, n=n, replicates=m, tol=tol, chunk_size=1, solver=solver)
+    x32, y32, scale = xs.astype(np.float32), ys.astype(np.float32), replicates / SUBSET
+    baselines = {
+        "sklearn_loop": (_sklearn_loop(x32, y32, tol), scale),
+        "sklearn_loop_1_thread": (_sklearn_loop(x32, y32, tol, threads=1), scale),
+        "sequential_jax": (lambda: one(SUBSET), scale),
+        "sequential_jax_newton": (lambda: one(SUBSET, "glm_newton"), scale),
+    }
+    skip = args.no_baselines
+    seconds, baselines = side_by_side(run, {} if skip else baselines)
+    compile_s = max(first - seconds, 0.0)
+    gen = lambda: replicate_data(key, problem, n=n, index=np.arange(128))  # 128 data sets, extrapolated
+    data_s = timed(gen)[0] * replicates / 128 if not skip else float("nan")
+    flops = glm_flops(n, 129, np.asarray(res.steps))
     return record(
         "logistic_d128", replicates, seconds, compile_s, flops, peak, baselines,
-        design="fresh data per replicate (generation included in our time, not in the baselines')",
-        n=n, dim=128, tol=tol, newton_steps_mean=float(np.mean(res.steps)),
-        converged=float(np.mean(res.converged)), max_loss_gap_vs_sklearn=worst,
-        baseline_note=f"baselines timed on {SUBSET} replicates and extrapolated linearly to {replicates}",
+        design="fresh data per replicate: generation inside our program and the sequential ones, not sklearn's",
+        data_generation_seconds=round(data_s, 4),
+        n=n, dim=128, tol=tol, solver="glm_lbfgs", iterations_mean=float(np.mean(res.steps)),
+        iterations_max=int(np.max(res.steps)), converged=float(np.mean(res.converged)),
+        max_loss_gap_vs_sklearn=worst,
+        baseline_note=f"baselines timed on {SUBSET} replicates and extrapolated linearly to {replicates}; "
+        "sequential_jax is fit_fresh with chunk_size=1 (the same program, one replicate per call), "
+        "sequential_jax_newton the same with solver='glm_newton'",
     )  # fmt: skip
+
+
+def _pool(replicates, n, seed=0):
+    """The shared pool of 2n points and ``replicates`` random halves of it as 0/1 membership weights."""
+    problem = logistic_mixture(dim=128)
+    x, y = jax.jit(problem.sample, static_argnums=1)(jax.random.key(1), 2 * n)
+    rng = np.random.default_rng(seed)
+    weights = np.zeros((replicates, 2 * n), np.float32)
+    for r in range(replicates):
+        weights[r, rng.choice(2 * n, n, replace=False)] = 1.0
+    return problem, x, y, weights
 
 
 @workload("logistic_d128_pool")
 def logistic_pool(args, peak):
     """Shared-pool design: a pool of 2n points, each replicate trains on a random half (0/1 membership weights)."""
-    problem, n, tol = logistic_mixture(dim=128), 1000, 1e-5
+    n, tol = 1000, 1e-5
     replicates = 1024
-    x, y = jax.jit(problem.sample, static_argnums=1)(jax.random.key(1), 2 * n)
-    rng = np.random.default_rng(0)
-    weights = np.zeros((replicates, 2 * n), np.float32)
-    for r in range(replicates):
-        weights[r, rng.choice(2 * n, n, replace=False)] = 1.0
+    problem, x, y, weights = _pool(replicates, n)
     key = jax.random.key(0)
     run = lambda: fit(key, problem, x, y, weights=weights, tol=tol)
     res, first = first_call(run)
@@ -211,20 +243,31 @@ def logistic_pool(args, peak):
     xs = np.stack([xh[m] for m in member])
     ys = np.stack([yh[m] for m in member])
     worst = _check_logistic(jax.tree.map(lambda a: a[:SUBSET], res.params), xs, ys, tol, "logistic_d128_pool")
-    seconds, compile_s = timed(run, first=first)
-    baselines = _logistic_baselines(problem, xs.astype(np.float32), ys.astype(np.float32), tol, replicates)
-    flops = glm_flops(2 * n, 129, np.asarray(res.steps), features=True)
+    one = lambda m: fit(key, problem, x, y, weights=weights[:m], tol=tol, chunk_size=1)
+    x32, y32, scale = xs.astype(np.float32), ys.astype(np.float32), replicates / SUBSET
+    baselines = {
+        "sklearn_loop": (_sklearn_loop(x32, y32, tol), scale),
+        "sklearn_loop_1_thread": (_sklearn_loop(x32, y32, tol, threads=1), scale),
+        "sequential_jax": (lambda: one(SUBSET), scale),
+    }
+    skip = args.no_baselines
+    seconds, baselines = side_by_side(run, {} if skip else baselines)
+    compile_s = max(first - seconds, 0.0)
+    flops = glm_flops(2 * n, 129, np.asarray(res.steps))
     return record(
         "logistic_d128_pool", replicates, seconds, compile_s, flops, peak, baselines,
         design="pool of 2n = 2000, each replicate's n = 1000 members by 0/1 weights (baselines fit the members)",
-        n=n, dim=128, tol=tol, newton_steps_mean=float(np.mean(res.steps)),
-        converged=float(np.mean(res.converged)), max_loss_gap_vs_sklearn=worst,
-        baseline_note=f"baselines timed on {SUBSET} replicates and extrapolated linearly to {replicates}",
+        n=n, dim=128, tol=tol, solver="glm_lbfgs", iterations_mean=float(np.mean(res.steps)),
+        iterations_max=int(np.max(res.steps)), converged=float(np.mean(res.converged)),
+        max_loss_gap_vs_sklearn=worst,
+        baseline_note=f"baselines timed on {SUBSET} replicates and extrapolated linearly to {replicates}; "
+        "sequential_jax is fit with chunk_size=1 (the same program, one replicate per call, the shared pilot "
+        "included)",
     )  # fmt: skip
 
 
 def _torch_baselines(xs, ys, hidden, steps, lr, replicates):
-    """torch loop and torch.func vmap baselines, only when torch is importable."""
+    """torch loop and torch.func vmap baselines ``{name: (fn, scale)}``, only when torch is importable."""
     try:
         import torch
         from torch.func import functional_call, grad, vmap
@@ -262,9 +305,25 @@ def _torch_baselines(xs, ys, hidden, steps, lr, replicates):
                 ve.mul_(0.999).addcmul_(grads[k], grads[k], value=0.001)
                 params[k] -= lr * (mo / (1 - 0.9**t)) / ((ve / (1 - 0.999**t)).sqrt() + 1e-8)
 
-    t_loop, _ = timed(lambda: loop(), repeats=3)
-    t_vmap, _ = timed(lambda: vmapped(), repeats=3)
-    return {"torch_loop": t_loop * replicates / m, "torch_vmap": t_vmap * replicates / m}
+    default = torch.get_num_threads()
+
+    def threads(fn, k):
+        def call():
+            torch.set_num_threads(k)
+            try:
+                return fn()
+            finally:
+                torch.set_num_threads(default)
+
+        return call
+
+    scale = replicates / m
+    return {
+        "torch_loop": (loop, scale),
+        "torch_vmap": (vmapped, scale),
+        "torch_loop_1_thread": (threads(loop, 1), scale),
+        "torch_vmap_1_thread": (threads(vmapped, 1), scale),
+    }
 
 
 @workload("mlp_d128")
@@ -277,36 +336,38 @@ def mlp(args, peak):
     key = jax.random.key(0)
     run = lambda: fit_fresh(key, problem, n=n, replicates=replicates, max_steps=steps)
     res, first = first_call(run)
-    xs, ys = replicate_data(key, problem, n=n, index=np.arange(SUBSET))
-    params0 = jax.jit(problem.init)(jax.random.split(key)[0])
-
-    @jax.jit
-    def one(x, y):  # the same single-replicate program, one model at a time
-        sol = _solvers.optax_fixed_steps(
-            key, params0, problem.batch_loss, x, y, jnp.ones_like(y),
-            optimizer=default_optimizer(), steps=steps, batch_size=None, tol=jnp.float32(1e-6),
-        )  # fmt: skip
-        return sol.params
-
-    # Correctness before timing: the sequential program reproduces our replicates (float32 rounding apart).
-    from jax.flatten_util import ravel_pytree
-
-    ours = jax.vmap(lambda p: ravel_pytree(p)[0])(jax.tree.map(lambda a: a[:4], res.params))
-    seq = jnp.stack([one(xs[i], ys[i]) for i in range(4)])
-    gap = float(jnp.max(jnp.abs(ours - seq)))
+    one = lambda m: fit_fresh(key, problem, n=n, replicates=m, max_steps=steps, chunk_size=1)
+    # Correctness before timing: one replicate per call reproduces our replicates (float32 rounding apart).
+    flat = lambda params: np.concatenate([np.asarray(a).reshape(a.shape[0], -1) for a in jax.tree.leaves(params)], 1)
+    seq_params = one(SUBSET).params
+    gap = float(np.max(np.abs(flat(jax.tree.map(lambda a: a[:SUBSET], res.params)) - flat(seq_params))))
     if gap > 1e-3:
         raise AssertionError(f"mlp_d128: batched and sequential parameters differ by {gap:.2e}")
-    seconds, compile_s = timed(run, first=first)
-    sq, _ = timed(lambda: [one(xs[i], ys[i]) for i in range(SUBSET)], repeats=3)
-    baselines = {"sequential_jax": sq * replicates / SUBSET}
-    baselines.update(_torch_baselines(np.asarray(xs), np.asarray(ys), hidden, steps, lr, replicates))
+    skip = args.no_baselines
+    baselines = {"sequential_jax": (lambda: one(SUBSET), replicates / SUBSET)}
+    if not skip:
+        xs, ys = replicate_data(key, problem, n=n, index=np.arange(SUBSET))
+        torch_xs, torch_ys = np.asarray(xs)[:TORCH_SUBSET], np.asarray(ys)[:TORCH_SUBSET]
+        baselines.update(_torch_baselines(torch_xs, torch_ys, hidden, steps, lr, replicates))
+    seconds, baselines = side_by_side(run, {} if skip else baselines)
+    compile_s = max(first - seconds, 0.0)
     flops = mlp_flops(n, 128, hidden, steps, replicates)
     return record(
         "mlp_d128", replicates, seconds, compile_s, flops, peak, baselines,
         n=n, dim=128, hidden=hidden, adam_steps=steps, max_param_gap_vs_sequential=gap,
-        torch="available" if "torch_loop" in baselines else "not installed: torch baselines skipped",
-        baseline_note=f"baselines timed on {SUBSET} replicates and extrapolated linearly to {replicates}",
+        torch=_torch_version(),
+        baseline_note=f"baselines timed on {SUBSET} replicates (torch: {TORCH_SUBSET}) and extrapolated linearly to "
+        f"{replicates}; sequential_jax is fit_fresh with chunk_size=1 (the same program, data generation "
+        "included); the torch baselines get their data given (no generation)",
     )  # fmt: skip
+
+
+def _torch_version() -> str:
+    try:
+        import torch
+    except ImportError:
+        return "not installed: torch baselines skipped"
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 @workload("audit")
@@ -367,7 +428,7 @@ def scaling(args, peak):
         run = lambda weights=weights: fit(jax.random.key(0), problem, x, y, weights=weights, tol=tol)
         res, first = first_call(run)
         seconds, compile_s = timed(run, first=first)
-        flops = glm_flops(2 * n, 129, np.asarray(res.steps), features=True)
+        flops = glm_flops(2 * n, 129, np.asarray(res.steps))
         sweep.append(
             {
                 "replicates": replicates,
@@ -386,11 +447,67 @@ def scaling(args, peak):
     return out
 
 
+_MEMORY_CHILD = """
+import resource, sys, jax, numpy as np
+sys.path.insert(0, sys.argv[3])
+import run as bench
+from qmis_jax.problems import mlp_mixture
+from qmis_jax.train import fit, fit_fresh
+kind, replicates = sys.argv[1], int(sys.argv[2])
+key = jax.random.key(0)
+if kind == "logistic_d128":
+    out = fit_fresh(key, bench.logistic_mixture(dim=128), n=1000, replicates=replicates, tol=1e-5)
+elif kind == "logistic_d128_pool":
+    problem, x, y, weights = bench._pool(replicates, 1000)
+    out = fit(key, problem, x, y, weights=weights, tol=1e-5)
+else:
+    out = fit_fresh(key, mlp_mixture(dim=128, hidden=32), n=1000, replicates=replicates, max_steps=100)
+jax.block_until_ready(out)
+# VmHWM: this process's own peak (ru_maxrss on Linux keeps the parent's peak at fork across exec).
+try:
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+    print(int(hwm) / 1024)
+except (OSError, IndexError):
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+@workload("memory")
+def memory(args, peak):
+    """Peak resident memory (MiB) of each training workload, each in its own fresh process, at ``R`` and ``4 R``
+    replicates: chunking bounds the working set, so the ``4 R`` run should stay within 10% of the ``R`` run."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    sizes = {"logistic_d128": 256, "logistic_d128_pool": 256, "mlp_d128": 64}
+    rows = {}
+    for kind, base in sizes.items():
+        mib = {}
+        for replicates in (base, 4 * base):
+            cmd = [sys.executable, "-c", _MEMORY_CHILD, kind, str(replicates), here]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            mib[replicates] = float(done.stdout.strip().splitlines()[-1])
+        rows[kind] = {
+            "replicates": [base, 4 * base],
+            "peak_rss_mib": [round(mib[base], 1), round(mib[4 * base], 1)],
+            "ratio_4r_over_r": round(mib[4 * base] / mib[base], 3),
+        }
+    out = record("memory", 0, 1.0, 0.0, 0.0, peak, {})
+    for key in ("seconds", "models_per_s", "gflops", "compile_seconds"):
+        out.pop(key)
+    out["workloads"] = rows
+    out["within_10_percent"] = all(r["ratio_4r_over_r"] <= 1.10 for r in rows.values())
+    out["memory_note"] = "peak RSS (VmHWM) of a fresh process (JAX runtime and compiled programs included), CPU"
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller MLP and scaling sweep (< 10 min on 2 CPUs)")
     parser.add_argument("--out", help="append the JSON lines to this file")
     parser.add_argument("--only", help="comma-separated workload names")
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="time our runs only (correctness is still checked first)"
+    )
     args = parser.parse_args(argv)
     names = [name for name, _ in WORKLOADS]
     chosen = names if args.only is None else args.only.split(",")

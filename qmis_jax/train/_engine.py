@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from qmis_jax.problems._base import Problem
 
-from . import _solvers
+from . import _options, _solvers
 from ._options import FitOptions, fit_options
 from ._result import FitResult
 from ._validate import (
@@ -55,6 +55,8 @@ def bytes_per_replicate(solver: str, *, n: int, dx: int, p: int, itemsize: int, 
     data = 2 * n * (dx + 1) if fresh else 0
     if solver == "glm_newton":
         per = (ls + 12) * n + 4 * p * p + data + (0 if features else 2 * n * p) + (n * p if fresh else 0)
+    elif solver == "glm_lbfgs":
+        per = (ls + 10) * n + 4 * _solvers.QN_MEMORY * p + data + (n * p if fresh else 0)
     elif solver == "newton":
         per = 4 * p * p + 3 * n * p + (ls + 8) * n + data
     elif solver == "optax":
@@ -64,51 +66,104 @@ def bytes_per_replicate(solver: str, *, n: int, dx: int, p: int, itemsize: int, 
     return int(per * itemsize)
 
 
+PILOT_FACTOR = 4  # a fresh-data pilot sample holds PILOT_FACTOR * n points (at most PILOT_MAX, at least n)
+PILOT_MAX = 65536
+# Fresh-data replicates vmapped together inside a CPU chunk (their data stay in cache): few for the solvers that
+# stop at a tolerance (a vmapped loop waits for its slowest member), more for fixed optimizer steps.
+CPU_MICROBATCH = 4
+CPU_MICROBATCH_FIXED_STEPS = 8
+
+
+def _glm_solve(problem, solver, max_steps, theta0, design, y, w, features, precond, tol):
+    """One replicate's GLM fit: L-BFGS preconditioned by the shared ``precond``, else (``glm_newton``, or no pilot
+    as in :func:`fit_data`) damped Newton."""
+    if solver == "glm_lbfgs" and precond is not None:
+        return _solvers.glm_lbfgs(
+            theta0, design, y, w, margin_loss=problem.margin_loss, precond=precond, tol=tol, max_steps=max_steps
+        )
+    return _solvers.glm_newton(
+        theta0, design, y, w, margin_loss=problem.margin_loss, features=features, tol=tol, max_steps=max_steps
+    )
+
+
 @functools.lru_cache(maxsize=64)
-def _program(problem, solver, fresh, n, max_steps, optimizer, batch_size, shared_init, warm_start):
+def _pilot_program(problem, solver, fresh, n, max_steps, warm_start):
+    """The jitted pilot of one configuration: ``(start, precond)`` shared by every replicate (None where unused).
+
+    Shared pool: the fit of the whole pool with unit weights (``warm_start``: where replicates start) and, for
+    ``glm_lbfgs``, the inverse of its Hessian (the preconditioner). Fresh data (``glm_lbfgs`` only): the same on a
+    pilot sample of ``min(PILOT_FACTOR n, PILOT_MAX)`` points drawn from ``split(key, 3)[2]``, a key no replicate
+    uses. The pilot depends only on the key and the configuration, never on a replicate or a chunk.
+    """
+    lbfgs = solver == "glm_lbfgs"
+    newton_steps = max(max_steps, _options.DEFAULT_NEWTON_STEPS) if lbfgs else max_steps
+
+    def fit_pilot(theta0, x, y, design, features, params0, tol):
+        ones = jnp.ones_like(y)
+        if solver == "newton":
+            unravel = ravel_pytree(params0)[1]
+            sol = _solvers.generic_newton(unravel(theta0), problem.batch_loss, x, y, ones, tol=tol, max_steps=max_steps)
+            return sol.params, None
+        theta0 = theta0.astype(design.dtype)
+        sol = _solvers.glm_newton(
+            theta0, design, y, ones, margin_loss=problem.margin_loss, features=features, tol=tol,
+            max_steps=newton_steps,
+        )  # fmt: skip
+        precond = None
+        if lbfgs:
+            hess = _solvers.glm_parts(design, y, ones, problem.margin_loss, features).hessian(sol.params)
+            precond = _solvers.inverse_hessian(hess)
+        return sol.params, precond
+
+    if fresh:
+
+        def pilot_fresh(key, params0, tol):
+            if not lbfgs:
+                return None, None
+            size = min(max(PILOT_FACTOR * n, 1), max(PILOT_MAX, n))
+            x, y = problem.sample(jax.random.split(key, 3)[2], size)
+            theta0 = ravel_pytree(params0)[0]
+            return fit_pilot(theta0, x, y, problem.design(x), None, params0, tol)
+
+        return jax.jit(pilot_fresh)
+
+    def pilot_pool(x, y, design, features, params0, tol):
+        if solver not in ("glm_newton", "glm_lbfgs", "newton") or not (warm_start or lbfgs):
+            return None, None
+        start, precond = fit_pilot(ravel_pytree(params0)[0], x, y, design, features, params0, tol)
+        return (start if warm_start else None), precond
+
+    return jax.jit(pilot_pool)
+
+
+@functools.lru_cache(maxsize=64)
+def _program(problem, solver, fresh, n, max_steps, optimizer, batch_size, shared_init, microbatch, ndev):
     """The jitted training program of one chunk for one configuration (cached: chunks reuse one compilation).
 
-    Shared work is done once per chunk, outside the vmap over replicates: with ``warm_start`` (shared pool, convex
-    Newton solvers) the pilot fit of the whole pool with unit weights, where every replicate starts. It does not
-    depend on any replicate, so every replicate's result still depends only on ``(key, i)`` and its own weights,
-    whatever the chunking.
+    Work shared by every replicate (the pilot fit and preconditioner, :func:`_pilot_program`) is computed once per
+    call and passed in, so every replicate's result depends only on ``(key, i)`` and its own weights, whatever the
+    chunking. ``microbatch`` (fresh data): replicates are trained ``microbatch`` at a time with ``lax.map``, each
+    generating its data inside the loop, so a replicate's data stay in cache while it trains (CPU), each of the
+    ``ndev`` devices looping over its own share; None vmaps the whole chunk at once (accelerators).
     """
-    glm = solver == "glm_newton"
+    glm = solver in ("glm_newton", "glm_lbfgs")
 
-    def newton(theta0, x, y, w, design, features, params0, tol):
-        if glm:
-            return _solvers.glm_newton(
-                theta0.astype(design.dtype),
-                design,
-                y,
-                w,
-                margin_loss=problem.margin_loss,
-                features=features,
-                tol=tol,
-                max_steps=max_steps,
-            )
-        unravel = ravel_pytree(params0)[1]
-        return _solvers.generic_newton(unravel(theta0), problem.batch_loss, x, y, w, tol=tol, max_steps=max_steps)
-
-    def pilot_of(x, y, design, features, params0, tol):
-        """The shared pilot fit (unit weights) that warm starts begin from, else None."""
-        theta0 = ravel_pytree(params0)[0]
-        if warm_start and solver in ("glm_newton", "newton"):
-            return newton(theta0, x, y, jnp.ones_like(y), design, features, params0, tol).params
-        return None
-
-    def train_one(i, x, y, w, design, features, params0, k_init, k_batch, tol, pilot):
-        sol = _train_flat(i, x, y, w, design, features, params0, k_init, k_batch, tol, pilot)
+    def train_one(i, x, y, w, design, features, params0, k_init, k_batch, tol, start, precond):
+        sol = _train_flat(i, x, y, w, design, features, params0, k_init, k_batch, tol, start, precond)
         return sol._replace(params=ravel_pytree(params0)[1](sol.params))
 
-    def _train_flat(i, x, y, w, design, features, params0, k_init, k_batch, tol, pilot):
+    def _train_flat(i, x, y, w, design, features, params0, k_init, k_batch, tol, start, precond):
         if solver == "closed_form":
             return _solvers.closed_form(problem.solve, problem.batch_loss, x, y, w, tol=tol)
         if not shared_init:
             params0 = problem.init(jax.random.fold_in(k_init, i))
-        if solver in ("glm_newton", "newton"):
-            theta0 = ravel_pytree(params0)[0] if pilot is None else pilot
-            return newton(theta0, x, y, w, design, features, params0, tol)
+        theta0 = ravel_pytree(params0)[0] if start is None else start
+        if glm:
+            return _glm_solve(problem, solver, max_steps, theta0.astype(design.dtype), design, y, w, features,
+                              precond, tol)  # fmt: skip
+        if solver == "newton":
+            unravel = ravel_pytree(params0)[1]
+            return _solvers.generic_newton(unravel(theta0), problem.batch_loss, x, y, w, tol=tol, max_steps=max_steps)
         return _solvers.optax_fixed_steps(
             jax.random.fold_in(k_batch, i),
             params0,
@@ -127,7 +182,7 @@ def _program(problem, solver, fresh, n, max_steps, optimizer, batch_size, shared
         def chunk_data(idx, x, y, params0, k_init, k_batch, tol):
             def one_data(i, xi, yi):
                 design = problem.design(xi) if glm else None
-                return train_one(i, xi, yi, jnp.ones_like(yi), design, None, params0, k_init, k_batch, tol, None)
+                return train_one(i, xi, yi, jnp.ones_like(yi), design, None, params0, k_init, k_batch, tol, None, None)
 
             return jax.vmap(one_data)(idx, x, y)
 
@@ -135,24 +190,53 @@ def _program(problem, solver, fresh, n, max_steps, optimizer, batch_size, shared
 
     if fresh:
 
-        def one(i, x, y, params0, k_init, k_batch, tol, pilot):
-            design = problem.design(x) if glm else None
-            return train_one(i, x, y, jnp.ones_like(y), design, None, params0, k_init, k_batch, tol, pilot)
+        def chunk(idx, key, params0, k_init, k_batch, tol, start, precond):
+            def one(i):
+                x, y = problem.sample(jax.random.fold_in(key, i.astype(jnp.uint32)), n)
+                design = problem.design(x) if glm else None
+                return train_one(i, x, y, jnp.ones_like(y), design, None, params0, k_init, k_batch, tol, start, precond)
 
-        def chunk(idx, key, params0, k_init, k_batch, tol):
-            pilot = None
-            # Data are drawn replicate by replicate (lax.map): a vmapped threefry compiles several times slower.
-            x, y = jax.lax.map(lambda i: problem.sample(jax.random.fold_in(key, i), n), idx.astype(jnp.uint32))
-            return jax.vmap(one, in_axes=(0, 0, 0, None, None, None, None, None))(
-                idx, x, y, params0, k_init, k_batch, tol, pilot
-            )
+            if microbatch is None:
+                return jax.vmap(one)(idx)
+            rows = idx.reshape(ndev, -1)  # one row per device: the sharded axis stays a vmapped one
+            out = jax.vmap(lambda row: jax.lax.map(one, row, batch_size=microbatch))(rows)
+            return jax.tree.map(lambda a: a.reshape(idx.shape[0], *a.shape[2:]), out)
 
         return jax.jit(chunk)
 
-    def chunk_pool(idx, w, x, y, design, features, params0, k_init, k_batch, tol):
-        pilot = pilot_of(x, y, design, features, params0, tol)
-        return jax.vmap(train_one, in_axes=(0, None, None, 0, None, None, None, None, None, None, None))(
-            idx, x, y, w, design, features, params0, k_init, k_batch, tol, pilot
+    def chunk_pool_lbfgs(idx, w, x, y, design, features, params0, k_init, k_batch, tol, start, precond):
+        """Shared-pool L-BFGS on one device: replicates that converge leave the batch (``compacting_while``)."""
+        unravel = ravel_pytree(params0)[1]
+        kw = dict(tol=tol, max_steps=max_steps)
+
+        def init(i, wi):
+            p0 = params0 if shared_init else problem.init(jax.random.fold_in(k_init, i))
+            theta0 = (ravel_pytree(p0)[0] if start is None else start).astype(design.dtype)
+            return _solvers.glm_lbfgs_init(theta0, _solvers.glm_parts(design, y, wi, problem.margin_loss, None), **kw)
+
+        def step(c):
+            state, wi = c
+            one = lambda st, wr: _solvers.glm_lbfgs_step(
+                st, design, y, wr, margin_loss=problem.margin_loss, precond=precond, **kw
+            )
+            return jax.vmap(one)(state, wi), wi
+
+        def refresh(state, wi):
+            return _solvers.glm_lbfgs_refresh(state, _solvers.glm_parts(design, y, wi, problem.margin_loss, None), **kw)
+
+        state = jax.vmap(init)(idx, w)
+        for _ in range(2):  # as in glm_lbfgs: a second round where the exact gradient is still above tol
+            state, _ = _solvers.compacting_while(step, (state, w), lambda c: ~c[0].done)
+            state = jax.vmap(refresh)(state, w)
+        sol = _solvers.Solution(jax.vmap(unravel)(state.theta), state.gn, state.gn <= tol, state.step)
+        return sol
+
+    if solver == "glm_lbfgs" and ndev == 1:
+        return jax.jit(chunk_pool_lbfgs)
+
+    def chunk_pool(idx, w, x, y, design, features, params0, k_init, k_batch, tol, start, precond):
+        return jax.vmap(train_one, in_axes=(0, None, None, 0, None, None, None, None, None, None, None, None))(
+            idx, x, y, w, design, features, params0, k_init, k_batch, tol, start, precond
         )
 
     return jax.jit(chunk_pool)
@@ -193,11 +277,20 @@ def _chunk(opts: FitOptions, replicates: int, per_replicate: int) -> int:
     return _plan(replicates, opts.chunk_size, opts.memory_budget, per_replicate, opts.devices)
 
 
-def _compiled(problem, opts: FitOptions, fresh, n: int, *, warm_start: bool = False):
+def _compiled(problem, opts: FitOptions, fresh, n: int):
     """The cached compiled chunk program of these options (:func:`_program`)."""
+    cpu = all(d.platform == "cpu" for d in opts.devices)
+    microbatch = CPU_MICROBATCH_FIXED_STEPS if opts.solver == "optax" else CPU_MICROBATCH
+    microbatch = microbatch if cpu and fresh is True else None
     return _program(
-        problem, opts.solver, fresh, n, opts.max_steps, opts.optimizer, opts.batch_size, opts.shared_init, warm_start
-    )
+        problem, opts.solver, fresh, n, opts.max_steps, opts.optimizer, opts.batch_size, opts.shared_init, microbatch,
+        len(opts.devices),
+    )  # fmt: skip
+
+
+def _pilot(problem, opts: FitOptions, fresh: bool, n: int, warm_start: bool, *args):
+    """The shared ``(start, precond)`` of these options (:func:`_pilot_program`)."""
+    return _pilot_program(problem, opts.solver, fresh, n, opts.max_steps, warm_start)(*args)
 
 
 def _run(program, replicates, chunk, devices, per_rep, shared, offset: int = 0) -> FitResult:
@@ -245,10 +338,13 @@ def fit(
     Replicate ``r`` minimises the weighted empirical risk ``sum_i w_ri l(theta, z_i) / sum_i w_ri``
     (theory.md section 1; 0/1 weights give membership subsets, integer counts bootstrap resamples). Methods
     (``solver="auto"``): the problem's closed form ``solve``; for convex generalised linear models (``design`` and
-    ``margin_loss``) damped Newton where, vmapped over replicates, the margins are ``Theta @ X^T``, the gradients
-    ``(W m') @ X`` and the Hessians' upper triangles ``K^T (W m'')^T`` with ``K`` the Khatri-Rao features of the
-    pool (``O(N p^2)`` per iteration, half the flops of ``X^T diag(s) X``), all matrix-matrix products; damping is
-    an Armijo backtracking line search; other convex problems: damped Newton with the autodiff Hessian;
+    ``margin_loss``, ``"glm_lbfgs"``) L-BFGS started at the pilot fit of the whole pool with unit weights and
+    preconditioned by the inverse of the pilot's Hessian, shared by every replicate, so no per-replicate Hessian is
+    formed; vmapped over replicates the margins ``Theta @ X^T`` and gradients ``(W m') @ X`` are matrix-matrix
+    products (``4 N p`` flops per replicate and iteration), and on one device replicates that converge leave the
+    batch; ``"glm_newton"`` is damped Newton with the Hessians' upper triangles ``K^T (W m'')^T``, ``K`` the
+    Khatri-Rao features of the pool (``O(N p^2)`` per iteration); damping is an Armijo backtracking line search;
+    other convex problems: damped Newton with the autodiff Hessian;
     non-convex problems: exactly ``max_steps`` steps of ``optimizer`` (full batch, or minibatches of
     ``batch_size`` drawn in proportion to the weights), every replicate starting from one shared initialisation
     (theory.md section 8).
@@ -273,9 +369,9 @@ def fit(
       batch_size: minibatch size of non-convex training (None: full batch).
       shared_init: one initialisation ``init(k_init)`` for all replicates (else ``init(fold_in(k_init, r))``).
       init_params: a start for every replicate, overriding ``problem.init``.
-      solver: ``"auto"``, ``"closed_form"``, ``"glm_newton"``, ``"newton"`` or ``"optax"``.
-      warm_start: convex Newton solvers start every replicate from the fit of the whole pool with unit weights
-        (computed once per chunk, shared by all replicates), which saves about a third of the iterations.
+      solver: ``"auto"``, ``"closed_form"``, ``"glm_lbfgs"``, ``"glm_newton"``, ``"newton"`` or ``"optax"``.
+      warm_start: convex solvers start every replicate from the fit of the whole pool with unit weights
+        (computed once per call, shared by all replicates), which saves about a third of the iterations.
       devices: devices to shard replicates over (default ``jax.local_devices()``).
 
     Returns:
@@ -313,10 +409,14 @@ def fit(
     check_fits_model(problem, params0, x, y)
     p = ravel_pytree(params0)[0].size
     design = features = None
-    if opts.solver == "glm_newton":
+    if opts.solver in ("glm_newton", "glm_lbfgs"):
         design = problem.design(x)
         p = design.shape[1]
-        if design.shape[0] * p * (p + 1) // 2 * design.dtype.itemsize <= FEATURES_MAX_BYTES:
+        # The Khatri-Rao features pay for per-replicate Newton Hessians only (L-BFGS forms none).
+        if (
+            opts.solver == "glm_newton"
+            and design.shape[0] * p * (p + 1) // 2 * design.dtype.itemsize <= FEATURES_MAX_BYTES
+        ):
             features = _solvers.triangle_features(design)
     per = bytes_per_replicate(
         opts.solver,
@@ -328,8 +428,10 @@ def fit(
         features=features is not None,
     )
     chunk = _chunk(opts, wh.shape[0], per)
-    program = _compiled(problem, opts, False, 0, warm_start=bool(warm_start))
-    shared = (x, y, design, features, params0, k_init, k_batch, jnp.asarray(opts.tol, x.dtype))
+    program = _compiled(problem, opts, False, 0)
+    tol = jnp.asarray(opts.tol, x.dtype)
+    start, precond = _pilot(problem, opts, False, 0, bool(warm_start), x, y, design, features, params0, tol)
+    shared = (x, y, design, features, params0, k_init, k_batch, tol, start, precond)
     return _run(program, wh.shape[0], chunk, opts.devices, [w], shared)
 
 
@@ -355,8 +457,11 @@ def fit_fresh(
 
     The fresh-data design of theory.md sections 6 and 7: each replicate's data are generated inside the compiled
     program (nothing ``(R, n, dx)``-sized is held outside a chunk) and can be regenerated with
-    :func:`replicate_data`. Methods, chunking and sharding are those of :func:`fit` with unit weights;
-    initialisation and minibatch keys come from ``k_init, k_batch = split(key)``.
+    :func:`replicate_data`. Methods, chunking and sharding are those of :func:`fit` with unit weights, except that
+    the GLM pilot (start and preconditioner of ``"glm_lbfgs"``) is fitted on a pilot sample of ``4 n`` points (at
+    most 65536) drawn from ``split(key, 3)[2]``, a key no replicate uses; on CPU devices replicates are trained a
+    few at a time inside a chunk (``lax.map``), each generating its data in the loop so they stay in cache.
+    Initialisation and minibatch keys come from ``k_init, k_batch = split(key)``.
 
     Args:
       key: PRNG key. problem: the problem. n: examples per replicate. replicates: ``R``.
@@ -396,13 +501,15 @@ def fit_fresh(
     x_shape = jax.eval_shape(lambda k: problem.sample(k, n), key)[0]
     dx = x_shape.shape[1] if len(x_shape.shape) == 2 else 1
     p = ravel_pytree(params0)[0].size
-    if opts.solver == "glm_newton":
+    if opts.solver in ("glm_newton", "glm_lbfgs"):
         p = jax.eval_shape(lambda k: problem.design(problem.sample(k, n)[0]), key).shape[1]
     itemsize = x_shape.dtype.itemsize
     per = bytes_per_replicate(opts.solver, n=n, dx=dx, p=p, itemsize=itemsize, fresh=True, features=False)
     chunk = _chunk(opts, replicates, per)
     program = _compiled(problem, opts, True, n)
-    shared = (key, params0, k_init, k_batch, jnp.asarray(opts.tol, x_shape.dtype))
+    tol = jnp.asarray(opts.tol, x_shape.dtype)
+    start, precond = _pilot(problem, opts, True, n, True, key, params0, tol)
+    shared = (key, params0, k_init, k_batch, tol, start, precond)
     return _run(program, replicates, chunk, opts.devices, [], shared, offset=opts.start)
 
 

@@ -18,7 +18,7 @@ from ._validate import check_key, check_positive_int, check_problem, check_tol
 
 PyTree = Any
 
-SOLVERS = ("auto", "closed_form", "glm_newton", "newton", "optax")
+SOLVERS = ("auto", "closed_form", "glm_lbfgs", "glm_newton", "newton", "optax")
 DEFAULT_NEWTON_STEPS = 100
 DEFAULT_OPTAX_STEPS = 500
 DEFAULT_LEARNING_RATE = 1e-2
@@ -32,7 +32,7 @@ def default_optimizer() -> optax.GradientTransformation:
 
 
 def resolve_solver(problem: Problem, solver: str) -> str:
-    """The training method: closed form, GLM Newton, generic Newton (convex) or optax steps (non-convex)."""
+    """The training method: closed form, GLM L-BFGS (or Newton), generic Newton (convex), optax steps (non-convex)."""
     if solver not in SOLVERS:
         raise KeyError(f"unknown solver {solver!r}; valid: {list(SOLVERS)}")
     if solver == "auto":
@@ -40,13 +40,14 @@ def resolve_solver(problem: Problem, solver: str) -> str:
             return "closed_form"
         glm = problem.design is not None and problem.margin_loss is not None and problem.penalty is None
         if problem.convex and glm:
-            return "glm_newton"
+            return "glm_lbfgs"
         return "newton" if problem.convex else "optax"
     if solver == "closed_form" and problem.solve is None:
         raise ValueError(f"solver='closed_form' needs problem.solve, which {problem.name!r} does not have")
-    if solver == "glm_newton" and (problem.design is None or problem.margin_loss is None):
+    glm = solver in ("glm_newton", "glm_lbfgs")
+    if glm and (problem.design is None or problem.margin_loss is None):
         raise ValueError(f"solver={solver!r} needs problem.design and margin_loss, which {problem.name!r} lacks")
-    if solver == "glm_newton" and problem.penalty is not None:
+    if glm and problem.penalty is not None:
         raise ValueError(f"solver={solver!r} fits unpenalised GLMs; {problem.name!r} has a ridge penalty")
     return solver
 

@@ -80,27 +80,36 @@ def newton_direction(g: Array, hess: Array) -> Array:
     return jnp.where(jnp.all(jnp.isfinite(d)), d, -g)
 
 
-def backtrack(value_at: Callable[[Array], Array], f0: Array, gd: Array) -> Array:
+def backtrack(value_at: Callable[[Array], Array], f0: Array, gd: Array, skip: Array | bool = False) -> Array:
     """Largest step ``a`` in ``1, 1/2, ..., 2^-(LINE_SEARCH_STEPS - 1)`` with ``value_at(a) <= f0 + c a gd``
     (Armijo, ``c = 1e-4``), tried in that order and stopping at the first success; 0 when none succeeds.
 
     A ``lax.while_loop``: vmapped over replicates it runs as many trials as the slowest replicate needs, which is
     one almost always (full Newton or quasi-Newton steps are accepted), instead of evaluating every step size.
+    With ``skip`` true no trial is made and the full step ``1`` is returned (the caller tests it otherwise).
     """
+    return backtrack_value(value_at, f0, gd, skip)[0]
+
+
+def backtrack_value(
+    value_at: Callable[[Array], Array], f0: Array, gd: Array, skip: Array | bool = False
+) -> tuple[Array, Array]:
+    """:func:`backtrack` that also returns the objective at the step taken (``f0`` when skipped or failed)."""
     one = jnp.ones((), f0.dtype)
 
     def cond(c):
-        j, _, ok = c
+        j, _, _, ok = c
         return ~ok & (j < LINE_SEARCH_STEPS)
 
     def body(c):
-        j, a, _ = c
+        j, a, _, _ = c
         val = value_at(a)
         ok = (val <= f0 + ARMIJO_C * a * gd) & jnp.isfinite(val)
-        return j + 1, jnp.where(ok, a, 0.5 * a), ok
+        return j + 1, jnp.where(ok, a, 0.5 * a), jnp.where(ok, val, f0), ok
 
-    _, a, ok = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), one, jnp.zeros((), bool)))
-    return jnp.where(ok, a, 0.0)
+    init = (jnp.zeros((), jnp.int32), one, f0, jnp.asarray(skip, bool))
+    _, a, val, ok = jax.lax.while_loop(cond, body, init)
+    return jnp.where(ok, a, 0.0), val
 
 
 def _newton_loop(
@@ -127,7 +136,7 @@ def _newton_loop(
         d = newton_direction(s.g, hessian(s.theta))
         gd = s.g @ d
         tiny = -gd <= 10 * eps * (1 + jnp.abs(s.f))
-        alpha = jnp.where(tiny, 1.0, backtrack(line_search(s.theta, d), s.f, gd))
+        alpha = backtrack(line_search(s.theta, d), s.f, gd, skip=tiny)
         theta = s.theta + alpha * d
         f, g = value_grad(theta)
         gn = jnp.linalg.norm(g)
@@ -214,6 +223,174 @@ def glm_newton(
     """
     parts = glm_parts(design, y, w, margin_loss, features)
     return _newton_loop(theta0, parts.value_grad, parts.hessian, parts.line_search, tol=tol, max_steps=max_steps)
+
+
+QN_MEMORY = 8  # curvature pairs kept by the quasi-Newton solver
+
+
+def lbfgs_direction(g: Array, s_mem: Array, y_mem: Array, rho: Array, precond: Array) -> Array:
+    """``-H g`` for the L-BFGS inverse-Hessian ``H`` built from the pairs ``(s_j, y_j)`` (newest first, unused rows
+    with ``rho_j = 0``) on top of the initial inverse Hessian ``precond`` (the two-loop recursion, Nocedal and
+    Wright, algorithm 7.4)."""
+    q, alphas = g, []
+    for j in range(s_mem.shape[0]):
+        a = rho[j] * (s_mem[j] @ q)
+        q = q - a * y_mem[j]
+        alphas.append(a)
+    r = precond @ q
+    for j in reversed(range(s_mem.shape[0])):
+        r = r + (alphas[j] - rho[j] * (y_mem[j] @ r)) * s_mem[j]
+    return -r
+
+
+def inverse_hessian(hess: Array) -> Array:
+    """``(H + mu I)^{-1}`` with the jitter of :func:`psd_cholesky` (the shared preconditioner of :func:`glm_lbfgs`)."""
+    eye = jnp.eye(hess.shape[0], dtype=hess.dtype)
+    return jax.scipy.linalg.cho_solve((psd_cholesky(hess), True), eye)
+
+
+class LBFGSState(NamedTuple):
+    """One replicate's L-BFGS state (:func:`glm_lbfgs_init`, :func:`glm_lbfgs_step`); ``eta = X theta``."""
+
+    theta: Array
+    eta: Array
+    f: Array
+    g: Array
+    gn: Array
+    s_mem: Array
+    y_mem: Array
+    rho: Array
+    step: Array
+    stalled: Array
+    done: Array
+
+
+def glm_lbfgs_init(theta0: Array, parts: GLMParts, *, tol: Array, max_steps: int) -> LBFGSState:
+    """The state at ``theta0``: margins, objective, gradient and an empty curvature memory."""
+    eta, f, g = parts.eta_value_grad(theta0)
+    gn = jnp.linalg.norm(g)
+    zeros = jnp.zeros((QN_MEMORY, theta0.shape[0]), theta0.dtype)
+    no = jnp.zeros((), bool)
+    done = (gn <= tol) | (max_steps <= 0)
+    step = jnp.zeros((), jnp.int32)
+    return LBFGSState(theta0, eta, f, g, gn, zeros, zeros, jnp.zeros(QN_MEMORY, theta0.dtype), step, no, done)
+
+
+def glm_lbfgs_step(
+    s: LBFGSState, design: Array, y: Array, w: Array, *, margin_loss, precond: Array, tol: Array, max_steps: int
+) -> LBFGSState:
+    """One L-BFGS iteration (see :func:`glm_lbfgs`); a finished state (``done``) is returned unchanged."""
+    wn = w / jnp.sum(w)
+    m1 = jax.vmap(jax.grad(margin_loss))
+    eps = jnp.finfo(s.theta.dtype).eps
+    d = lbfgs_direction(s.g, s.s_mem, s.y_mem, s.rho, precond)
+    gd = s.g @ d
+    d = jnp.where((gd < 0) & jnp.isfinite(gd), d, -(precond @ s.g))
+    gd = s.g @ d
+    xd = design @ d
+    tiny = -gd <= 10 * eps * (1 + jnp.abs(s.f))
+    # The objective at the step comes from the line search; below its resolution (tiny) it is kept as it is.
+    alpha, f = backtrack_value(lambda a: wn @ margin_loss(s.eta + a * xd, y), s.f, gd, skip=tiny | s.done)
+    theta, eta = s.theta + alpha * d, s.eta + alpha * xd
+    g = (wn * m1(eta, y)) @ design
+    gn = jnp.linalg.norm(g)
+    # Below the objective's resolution the Armijo test is noise: a full step is kept unless the gradient grows
+    # (quasi-Newton gradient norms need not fall monotonically; the iteration cap bounds the rest).
+    accept = jnp.where(tiny, gn < 2 * s.gn, alpha > 0) & jnp.isfinite(f) & jnp.isfinite(gn)
+    sv, yv = theta - s.theta, g - s.g
+    sy = sv @ yv
+    keep = accept & (sy > eps * jnp.linalg.norm(sv) * jnp.linalg.norm(yv)) & (sy > 0)
+    push = lambda mem, row: jnp.where(keep, jnp.concatenate([row[None], mem[:-1]]), mem)
+    had_memory = jnp.any(s.rho != 0)
+    # A rejected step with curvature pairs in memory restarts from -precond g; without them the solver stalls.
+    reset = ~accept & had_memory
+    pick = lambda new, old: jnp.where(accept, new, old)
+    step = s.step + 1
+    gn = pick(gn, s.gn)
+    stalled = ~accept & ~had_memory
+    new = LBFGSState(
+        pick(theta, s.theta),
+        pick(eta, s.eta),
+        pick(f, s.f),
+        pick(g, s.g),
+        gn,
+        jnp.where(reset, 0.0, push(s.s_mem, sv)),
+        jnp.where(reset, 0.0, push(s.y_mem, yv)),
+        jnp.where(reset, 0.0, push(s.rho, jnp.where(keep, 1.0 / jnp.where(keep, sy, 1.0), 0.0))),
+        step,
+        stalled,
+        (gn <= tol) | (step >= max_steps) | stalled,
+    )
+    return jax.tree.map(lambda old, upd: jnp.where(s.done, old, upd), s, new)
+
+
+def glm_lbfgs_refresh(s: LBFGSState, parts: GLMParts, *, tol: Array, max_steps: int) -> LBFGSState:
+    """Margins, objective and gradient recomputed from ``X theta`` (the updates ``eta + a X d`` drift by rounding),
+    and ``done`` re-decided on that exact gradient: the certificate of the returned parameters."""
+    eta, f, g = parts.eta_value_grad(s.theta)
+    gn = jnp.linalg.norm(g)
+    done = (gn <= tol) | (s.step >= max_steps) | s.stalled
+    return s._replace(eta=eta, f=f, g=g, gn=gn, done=done)
+
+
+def compacting_while(step: Callable, carry, active: Callable, *, shrink: int = 4, min_size: int = 16):
+    """``while any(active(carry)): carry = step(carry)`` over a batch (leading axis) of independent problems,
+    compacting: once at most ``1 / shrink`` of the batch is active, the active members are gathered into a batch
+    ``shrink`` times smaller, iterated there, and scattered back.
+
+    ``step`` must act on each member independently and leave inactive members unchanged (a vmapped step with a
+    ``done`` guard), so every member's iterates are those of the plain loop: a vmapped ``while_loop`` instead runs
+    every member as long as the slowest. Stages are unrolled at trace time (``log_shrink(size / min_size)``).
+    """
+    size = jax.tree.leaves(carry)[0].shape[0]
+    if size <= min_size:
+        return jax.lax.while_loop(lambda c: jnp.any(active(c)), step, carry)
+    part = -(-size // shrink)
+    carry = jax.lax.while_loop(lambda c: jnp.sum(active(c)) > part, step, carry)
+    top = jnp.argsort(~active(carry), stable=True)[:part]  # the active members first
+    sub = compacting_while(step, jax.tree.map(lambda a: a[top], carry), active, shrink=shrink, min_size=min_size)
+    return jax.tree.map(lambda a, b: a.at[top].set(b), carry, sub)
+
+
+def glm_lbfgs(
+    theta0: Array,
+    design: Array,
+    y: Array,
+    w: Array,
+    *,
+    margin_loss: Callable[[Array, Array], Array],
+    precond: Array,
+    tol: Array,
+    max_steps: int,
+) -> Solution:
+    """Weighted ERM of a generalised linear model by L-BFGS preconditioned with a fixed inverse Hessian.
+
+    Same objective as :func:`glm_newton` (theory.md section 1). ``precond`` is the inverse Hessian of a pilot fit
+    (the whole pool with unit weights, or a pilot sample of the data law), shared by every replicate: the L-BFGS
+    pairs correct the difference between it and the replicate's own curvature, and no per-replicate Hessian
+    (``2 n p^2`` flops) is ever formed. An iteration costs two passes over the design (``X d`` for the line search,
+    ``X^T r`` for the gradient; the margins are updated as ``eta + a X d``): ``4 n p`` flops against ``2 n p^2``
+    for one Newton Hessian. Armijo backtracking on the margins (:func:`backtrack`); a pair with ``s.y <= 0`` is
+    skipped and a rejected step restarts from ``-precond g`` (stops if that fails too). When the loop ends the
+    gradient is recomputed from ``X theta`` and the loop resumes if that exact gradient is above ``tol``, so
+    ``converged`` certifies the returned parameters.
+
+    Args:
+      theta0: ``(p,)`` start. design: ``(N, p)``. y, w: ``(N,)``; ``w >= 0`` with a positive sum.
+      margin_loss: elementwise ``m(eta, y)``, convex in ``eta``.
+      precond: ``(p, p)`` symmetric positive definite initial inverse Hessian.
+      tol: gradient-norm tolerance (scalar array). max_steps: iteration cap.
+
+    Returns:
+      :class:`Solution` with ``params`` the flat ``(p,)`` vector.
+    """
+    parts = glm_parts(design, y, w, margin_loss, None)
+    kw = dict(tol=tol, max_steps=max_steps)
+    step = lambda s: glm_lbfgs_step(s, design, y, w, margin_loss=margin_loss, precond=precond, **kw)
+    s = glm_lbfgs_init(theta0, parts, **kw)
+    for _ in range(2):  # the second round runs only where the exact gradient is still above tol
+        s = glm_lbfgs_refresh(jax.lax.while_loop(lambda s: ~s.done, step, s), parts, **kw)
+    return Solution(s.theta, s.gn, s.gn <= tol, s.step)
 
 
 def weighted_objective(batch_loss, unravel, x: Array, y: Array, w: Array):
