@@ -280,3 +280,7 @@ def test_validation_errors():
         loss_differences(problem.loss, params, moves, x, y, chunk_size=0)
     with pytest.raises(ValueError, match="key"):
         ptq_loss(uniform(bits=4, rounding="stochastic"), problem.loss, params, x, y)
+    with pytest.raises(ValueError, match="events"):
+        rtn_margins(q, params, jnp.eye(2), events="element")
+    with pytest.raises(ValueError, match="events"):
+        rtn_differences(q, problem.loss, params, x, y, events="element")

@@ -2,11 +2,46 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._checks import finite, positive_int
+
 Array = jax.Array
+
+
+class MixtureLaw(NamedTuple):
+    """A validated configuration of the two-class mixture and its mode centres (:func:`mixture_centres`)."""
+
+    dim: int
+    k_modes: int
+    separation: float
+    scale: float
+    seed: int
+    centres: np.ndarray
+
+
+def mixture_law(*, dim, k_modes, separation, scale, seed) -> MixtureLaw:
+    """Check the data-law arguments of the mixture problems and fix their mode centres.
+
+    Args:
+      dim: input dimension (> 0). k_modes: modes per class (> 0). separation: distance between the class means
+        (>= 0). scale: norm of each mode's offset (>= 0). seed: a non-negative integer.
+
+    Returns:
+      :class:`MixtureLaw`; ``ValueError`` naming the first bad argument.
+    """
+    dim = positive_int("dim", dim)
+    k_modes = positive_int("k_modes", k_modes)
+    separation = finite("separation", separation, nonnegative=True)
+    scale = finite("scale", scale, nonnegative=True)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    centres = mixture_centres(dim=dim, k_modes=k_modes, separation=separation, scale=scale, seed=seed)
+    return MixtureLaw(dim, k_modes, separation, scale, seed, centres)
 
 
 def mixture_centres(*, dim: int, k_modes: int, separation: float, scale: float, seed: int) -> np.ndarray:

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 
 from ._base import Problem
-from ._checks import finite, positive_int
+from ._checks import finite
 from ._glm import intercept_design, linear_init, linear_margin, penalised_loss
-from ._mixture import logistic_margin_loss, mixture_centres, mixture_sampler
+from ._mixture import logistic_margin_loss, mixture_law, mixture_sampler
 
 Array = jax.Array
 
@@ -57,14 +57,10 @@ def logistic_mixture(
     >>> x.shape, p.design(x).shape
     ((3, 4), (3, 5))
     """
-    dim = positive_int("dim", dim)
-    k_modes = positive_int("k_modes", k_modes)
-    separation = finite("separation", separation, nonnegative=True)
-    scale = finite("scale", scale, nonnegative=True)
+    dim, k_modes, separation, scale, seed, centres = mixture_law(
+        dim=dim, k_modes=k_modes, separation=separation, scale=scale, seed=seed
+    )
     l2 = finite("l2", l2, nonnegative=True)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    centres = mixture_centres(dim=dim, k_modes=k_modes, separation=separation, scale=scale, seed=seed)
 
     loss = penalised_loss(logistic_margin_loss, linear_margin, l2=l2, penalised=lambda p: [p["w"]])
 

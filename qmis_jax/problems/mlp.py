@@ -9,7 +9,7 @@ from flax import nnx
 from ._base import Problem
 from ._checks import finite, positive_int
 from ._glm import penalised_loss
-from ._mixture import logistic_margin_loss, mixture_centres, mixture_sampler
+from ._mixture import logistic_margin_loss, mixture_law, mixture_sampler
 from ._nnx import pure_module
 
 Array = jax.Array
@@ -65,17 +65,13 @@ def mlp_mixture(
     >>> jax.tree.map(lambda a: a.shape, p.init(jax.random.key(0)))["hidden"]
     {'bias': (3,), 'kernel': (4, 3)}
     """
-    dim = positive_int("dim", dim)
-    k_modes = positive_int("k_modes", k_modes)
+    dim, k_modes, separation, scale, seed, centres = mixture_law(
+        dim=dim, k_modes=k_modes, separation=separation, scale=scale, seed=seed
+    )
     hidden = positive_int("hidden", hidden)
-    separation = finite("separation", separation, nonnegative=True)
-    scale = finite("scale", scale, nonnegative=True)
     l2 = finite("l2", l2, nonnegative=True)
     if activation not in _ACTIVATIONS:
         raise KeyError(f"unknown activation {activation!r}; valid: {sorted(_ACTIVATIONS)}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    centres = mixture_centres(dim=dim, k_modes=k_modes, separation=separation, scale=scale, seed=seed)
     # The template is built abstractly (nnx.eval_shape): no arrays are drawn and nothing is compiled here.
     apply, _ = pure_module(nnx.eval_shape(lambda: MLP(dim, hidden, activation=activation, rngs=nnx.Rngs(0))))
 

@@ -98,6 +98,11 @@ def check_scale_format(scale_format: Any) -> str:
     return scale_format
 
 
+def format_name(name: str, scale_format: str) -> str:
+    """A report name for a scale format: ``name`` for ``"f32"`` (the bare preset), else ``name@scale_format``."""
+    return name if scale_format == "f32" else f"{name}@{scale_format}"
+
+
 def _floor_log2(x: Array) -> Array:
     """``floor(log2 x)`` exactly for ``x > 0`` (from the binary exponent, no rounding of a logarithm)."""
     _, ex = jnp.frexp(x)
@@ -622,6 +627,27 @@ class LadderQuantizer(Quantizer):
         t_lower = jnp.where(i > i_min, below, -inf)
         t_upper = jnp.where(i < i_max, above, inf)
         return jnp.broadcast_to(t_lower, w.shape), jnp.broadcast_to(t_upper, w.shape)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScaledLadderQuantizer(LadderQuantizer):
+    """A ladder fixed by one data-dependent scale of a fixed rule, published in ``scale_format`` (theory.md section 9).
+
+    A family declares the field ``scale_format: str`` with its default (declared there, so that it keeps its place
+    after the family's own fields in ``repr`` and ``info``), sets the class constants ``family``, ``scale_rule``
+    (``"absmax"`` or ``"absmean"``) and, for absmax, ``qmax``, and implements ``_scale_stat``. ``__post_init__``
+    validates the format; a family with more fields checks them first, then calls ``super().__post_init__()``.
+    The default codebook is the scale and its safe divisor (:meth:`_codebook`).
+    (``Uniform``, whose rule depends on ``bits``, implements these itself.)
+    """
+
+    def __post_init__(self) -> None:
+        check_scale_format(self.scale_format)
+
+    def _codebook(self, w: Array) -> tuple[Array, ...]:
+        """``(scale, divisor)``: the published scale per coordinate, and the same with zeros read as 1."""
+        scale = self._scale(w)
+        return scale, safe_positive(scale)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -7,13 +7,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qmis_jax.quantizers._base import LadderQuantizer, check_scale_format
+from qmis_jax.quantizers._base import ScaledLadderQuantizer, check_scale_format, format_name
 
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Sign(LadderQuantizer):
+class Sign(ScaledLadderQuantizer):
     """Binary quantizer ``alpha * sign(w)`` with ``alpha = mean|w|`` and ``sign(0) = +1``; build with :func:`sign`.
 
     Codebook ``{-alpha, +alpha}`` (ladder indices 0, 1; public codes -1, +1). One decision threshold at 0: below
@@ -26,18 +26,10 @@ class Sign(LadderQuantizer):
         ``"bf16"`` / ``"f16"`` (rounded to the format) or ``"e8m0"`` (``2^round(log2 mean|w|)``).
     """
 
+    family = "sign"
+    scale_rule = "absmean"
+
     scale_format: str = "f32"
-
-    def __post_init__(self) -> None:
-        check_scale_format(self.scale_format)
-
-    @property
-    def family(self) -> str:
-        return "sign"
-
-    @property
-    def scale_rule(self) -> str | None:
-        return "absmean"
 
     def _scale_stat(self, w: Array) -> Array:
         return jnp.mean(jnp.abs(w))
@@ -80,5 +72,5 @@ def sign(*, scale_format: str = "f32", name: str | None = None) -> Sign:
     """
     check_scale_format(scale_format)
     if name is None:
-        name = "sign" if scale_format == "f32" else f"sign@{scale_format}"
+        name = format_name("sign", scale_format)
     return Sign(name=name, scale_format=scale_format)

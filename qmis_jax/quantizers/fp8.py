@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qmis_jax.quantizers._base import LadderQuantizer, check_scale_format, safe_positive
+from qmis_jax.quantizers._base import ScaledLadderQuantizer, check_scale_format, format_name
 
 Array = jax.Array
 
@@ -43,7 +43,7 @@ def _decode_magnitude(c: Array) -> Array:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FP8(LadderQuantizer):
+class FP8(ScaledLadderQuantizer):
     """FP8 E4M3 emulation with a per-tensor absmax scale ``s = max|w| / 448``; build it with :func:`fp8`.
 
     Straight-through rule: identity everywhere (after absmax scaling nothing exceeds 448, nothing is clipped;
@@ -57,29 +57,14 @@ class FP8(LadderQuantizer):
       scale_format: ``"f32"`` (default), ``"bf16"``, ``"f16"`` or ``"e8m0"``.
     """
 
+    family = "fp8_e4m3"
+    scale_rule = "absmax"
+    qmax = E4M3_MAX
+
     scale_format: str = "f32"
-
-    def __post_init__(self) -> None:
-        check_scale_format(self.scale_format)
-
-    @property
-    def family(self) -> str:
-        return "fp8_e4m3"
-
-    @property
-    def scale_rule(self) -> str | None:
-        return "absmax"
-
-    @property
-    def qmax(self) -> float:
-        return E4M3_MAX
 
     def _scale_stat(self, w: Array) -> Array:
         return jnp.max(jnp.abs(w))
-
-    def _codebook(self, w: Array) -> tuple[Array, ...]:
-        scale = self._scale(w)
-        return scale, safe_positive(scale)
 
     def _index_range(self, cb: tuple[Array, ...]) -> tuple[float, float]:
         return -float(E4M3_MAX_CODE), float(E4M3_MAX_CODE)
@@ -113,5 +98,5 @@ def fp8(*, scale_format: str = "f32", name: str | None = None) -> FP8:
     """
     check_scale_format(scale_format)
     if name is None:
-        name = "fp8_e4m3" if scale_format == "f32" else f"fp8_e4m3@{scale_format}"
+        name = format_name("fp8_e4m3", scale_format)
     return FP8(name=name, scale_format=scale_format)

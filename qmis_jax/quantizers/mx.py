@@ -18,7 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qmis_jax.quantizers._base import LadderQuantizer, check_scale_format, safe_positive
+from qmis_jax.quantizers._base import ScaledLadderQuantizer, check_scale_format
 from qmis_jax.quantizers.uniform import _is_int, group_blocks, group_expand
 
 Array = jax.Array
@@ -41,7 +41,7 @@ def _encode_e2m1(y: Array) -> Array:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FP4(LadderQuantizer):
+class FP4(ScaledLadderQuantizer):
     """FP4 E2M1 elements with a per-block scale; build it with :func:`fp4` (preset ``mxfp4``).
 
     Ladder indices ``-7..7`` index the signed E2M1 values ``sign(i) E2M1[|i|]`` times the block scale ``X``, so
@@ -54,35 +54,23 @@ class FP4(LadderQuantizer):
         section 9), or ``"f32"`` / ``"bf16"`` / ``"f16"`` (``X = amax / 6``, rounded to the format).
     """
 
+    family = "fp4_e2m1"
+    scale_rule = "absmax"
+    qmax = E2M1_MAX
+
     group_size: int = MX_BLOCK
     scale_format: str = "e8m0"
 
     def __post_init__(self) -> None:
         if not _is_int(self.group_size) or self.group_size < 1:
             raise ValueError(f"`group_size` must be a positive integer, got {self.group_size!r}")
-        check_scale_format(self.scale_format)
-
-    @property
-    def family(self) -> str:
-        return "fp4_e2m1"
-
-    @property
-    def scale_rule(self) -> str | None:
-        return "absmax"
-
-    @property
-    def qmax(self) -> float:
-        return E2M1_MAX
+        super().__post_init__()
 
     def _scale_stat(self, w: Array) -> Array:
         return group_blocks(jnp.abs(w), self.group_size)
 
     def _expand(self, blocks: Array, w: Array) -> Array:
         return group_expand(blocks, w.shape, self.group_size)
-
-    def _codebook(self, w: Array) -> tuple[Array, ...]:
-        scale = self._scale(w)
-        return scale, safe_positive(scale)
 
     def _index_range(self, cb: tuple[Array, ...]) -> tuple[float, float]:
         return -7.0, 7.0

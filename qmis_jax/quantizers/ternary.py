@@ -10,11 +10,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from qmis_jax.quantizers._base import (
-    LadderQuantizer,
+    ScaledLadderQuantizer,
     check_scale_format,
     check_sparsity,
+    format_name,
     percent_label,
-    safe_positive,
 )
 
 Array = jax.Array
@@ -34,7 +34,7 @@ def _kept_mask(a: Array, k: int) -> Array:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Ternary(LadderQuantizer):
+class Ternary(ScaledLadderQuantizer):
     """Ternary quantizer with codebook ``{-a, 0, +a}``; build it with :func:`ternary`.
 
     ``sparsity=None`` (absmean, BitNet b1.58): ``g = mean|w|``, ``q = g * clip(round(w / g), -1, 1)``; thresholds
@@ -58,21 +58,16 @@ class Ternary(LadderQuantizer):
         (continuous), ``"bf16"`` / ``"f16"`` (rounded to the format) or ``"e8m0"`` (``2^round(log2 stat)``).
     """
 
+    family = "ternary"
+    scale_rule = "absmean"
+
     sparsity: float | None = None
     scale_format: str = "f32"
 
     def __post_init__(self) -> None:
         if self.sparsity is not None:
             check_sparsity(self.sparsity)
-        check_scale_format(self.scale_format)
-
-    @property
-    def family(self) -> str:
-        return "ternary"
-
-    @property
-    def scale_rule(self) -> str | None:
-        return "absmean"
+        super().__post_init__()
 
     def _kept(self, w: Array) -> Array:
         return _kept_mask(lax.stop_gradient(jnp.abs(w)), kept_count(self.sparsity, w.size))
@@ -85,10 +80,8 @@ class Ternary(LadderQuantizer):
         return jnp.sum(jnp.where(self._kept(w), a, 0)) / max(k, 1)
 
     def _codebook(self, w: Array) -> tuple[Array, ...]:
-        g = self._scale(w)
-        if self.sparsity is None:
-            return g, safe_positive(g), g
-        return g, safe_positive(g), self._kept(w)
+        g, divisor = super()._codebook(w)
+        return g, divisor, g if self.sparsity is None else self._kept(w)
 
     def _index_range(self, cb: tuple[Array, ...]) -> tuple[float, float]:
         return -1.0, 1.0
@@ -145,7 +138,5 @@ def ternary(*, sparsity: float | None = None, scale_format: str = "f32", name: s
         sparsity = check_sparsity(sparsity)
     check_scale_format(scale_format)
     if name is None:
-        name = "ternary" if sparsity is None else f"ternary_s{percent_label(sparsity)}"
-        if scale_format != "f32":
-            name += f"@{scale_format}"
+        name = format_name("ternary" if sparsity is None else f"ternary_s{percent_label(sparsity)}", scale_format)
     return Ternary(name=name, sparsity=sparsity, scale_format=scale_format)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qmis_jax.quantizers._base import LadderQuantizer, check_scale_format, safe_positive
+from qmis_jax.quantizers._base import LadderQuantizer, check_scale_format, format_name, safe_positive
 
 Array = jax.Array
 
@@ -271,9 +271,7 @@ def uniform(
     if _is_int(group_size):
         group_size = int(group_size)
     if name is None:
-        name = _default_name(bits, step, granularity, rounding, group_size, clip_ratio)
-        if scale_format != "f32":
-            name += f"@{scale_format}"
+        name = format_name(_default_name(bits, step, granularity, rounding, group_size, clip_ratio), scale_format)
     return Uniform(
         name=name,
         bits=bits,

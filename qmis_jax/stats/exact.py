@@ -99,25 +99,7 @@ def gaussian_mean_quantized_delta(
         m1 = (z + (n - 1) * mu) / n
         return _cdf_gap(cells + half, m1, s1, mu, s0) - _cdf_gap(cells - half, m1, s1, mu, s0)
 
-    def integrand(z: float) -> float:
-        tv = 0.5 * np.sum(np.abs(cell_gaps(z)))
-        return tv * math.exp(-0.5 * ((z - mu) / sigma) ** 2) / (sigma * math.sqrt(2.0 * math.pi))
-
-    # the integrand is smooth except where a cell gap changes sign: locate those kinks (sign changes on a grid,
-    # refined by brentq) and integrate each smooth piece separately
-    lo, hi = mu - 12 * sigma, mu + 12 * sigma
-    grid = np.linspace(lo, hi, 4001)
-    gaps = np.stack([cell_gaps(z) for z in grid])
-    kinks = []
-    for j in range(cells.size):
-        g = gaps[:, j]
-        for i in np.nonzero(np.sign(g[:-1]) * np.sign(g[1:]) < 0)[0]:
-            kinks.append(optimize.brentq(lambda z, j=j: cell_gaps(z)[j], grid[i], grid[i + 1], xtol=1e-14))
-    edges = np.unique(np.concatenate([[lo, hi], kinks]))
-    val = 0.0
-    for a, b in zip(edges[:-1], edges[1:]):
-        val += integrate.quad(integrand, a, b, epsabs=1e-18, epsrel=epsrel, limit=200)[0]
-    return float(val)
+    return _integrate_cell_gaps(cell_gaps, cells.size, mu, sigma, epsrel)
 
 
 def _integrate_cell_gaps(cell_gaps: Callable[[float], np.ndarray], n_cells: int, mu: float, sigma: float, epsrel):

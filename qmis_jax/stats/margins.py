@@ -149,7 +149,7 @@ def loss_differences(
     """
     if method not in LOSS_DIFFERENCE_METHODS:
         raise ValueError(f"method must be one of {LOSS_DIFFERENCE_METHODS}, got method={method!r}")
-    check_glm(design, margin_loss, penalty)
+    penalty = check_glm(design, margin_loss, penalty)
     check_chunk(chunk_size)
     check_data(x, y)
     p = int(ravel_pytree(release)[0].shape[0])
@@ -167,7 +167,7 @@ def loss_differences(
         x,
         y,
         hess_diag,
-        None if penalty is None else jnp.asarray(penalty),
+        penalty,
         design=design,
         margin_loss=margin_loss,
         chunk_size=chunk_size,
@@ -258,6 +258,9 @@ def _gap_stats(D, valid, weights):
 EVENTS = ("all", "scale")
 
 
+MARGIN_EVENTS = ("all", "scale")
+
+
 def _margin_fn(q, unravel, skip, events="all"):
     """``g(theta)``: the element margins (``events="all"``: ``2p`` of them, lower then upper per coordinate)
     followed by the scale events' margins of a discrete scale format (theory.md section 9)."""
@@ -295,6 +298,7 @@ def rtn_margins(
     *,
     skip=None,
     chunk_size: int | None = None,
+    events: str = "all",
 ) -> tuple[Array, Array, Array]:
     """Round-to-nearest decision margins ``m_k`` and their asymptotic spreads ``s_k`` (theory.md section 3(b)).
 
@@ -313,6 +317,7 @@ def rtn_margins(
       cov: ``(p, p)`` asymptotic covariance ``Sigma`` (not divided by ``n``), or its ``(p,)`` diagonal.
       skip: leaves kept in full precision (no thresholds).
       chunk_size: Jacobian rows computed at once (default: one at a time, in a ``lax.map``).
+      events: ``"all"`` (the default) or ``"scale"`` (the scale events only: :func:`scale_margins`).
 
     Returns:
       ``(m, s, valid)``, each ``(K,)``: ``K = 2p`` element events, then (discrete scale formats) the scale
@@ -325,17 +330,17 @@ def rtn_margins(
     >>> [round(v, 6) for v in m.tolist()], s.tolist()  # thresholds -0.5 and 0.5; s = sqrt(Sigma_00)
     ([0.8, 0.2], [2.0, 2.0])
     """
-    return _margins(q, params, cov, skip=skip, chunk_size=chunk_size, events="all")
+    if events not in MARGIN_EVENTS:
+        raise ValueError(f"events must be one of {MARGIN_EVENTS}, got events={events!r}")
+    check_chunk(chunk_size)
+    p = int(ravel_pytree(params)[0].shape[0])
+    if jnp.shape(cov) not in ((p, p), (p,)):
+        raise ValueError(f"cov must have shape ({p}, {p}) or ({p},), got cov.shape={jnp.shape(cov)}")
+    q = get_quantizer(q)
+    return _rtn_margins(q, params, jnp.asarray(cov), skip=hashable_skip(skip), chunk_size=chunk_size, events=events)
 
 
-def scale_margins(
-    q,
-    params: PyTree,
-    cov: Array,
-    *,
-    skip=None,
-    chunk_size: int | None = None,
-) -> tuple[Array, Array, Array]:
+def scale_margins(q, params: PyTree, cov: Array, **options) -> tuple[Array, Array, Array]:
     """Margins and spreads of the scale code's events of a discrete scale format (theory.md section 9).
 
     Absmax scales: per coordinate ``j`` the rising event ``b_up - |theta_j|`` (sd ``sqrt(Sigma_jj)``) and the
@@ -348,8 +353,8 @@ def scale_margins(
       q: the quantizer (or a preset name).
       params: ``theta_hat`` (or ``theta*``).
       cov: ``(p, p)`` asymptotic covariance ``Sigma`` (not divided by ``n``), or its ``(p,)`` diagonal.
-      skip: leaves kept in full precision (no scale).
-      chunk_size: Jacobian rows computed at once.
+      **options: the keywords of :func:`rtn_margins`: ``skip`` (leaves kept in full precision, no scale) and
+        ``chunk_size`` (Jacobian rows computed at once).
 
     Returns:
       ``(m, s, valid)``, each ``(K,)``; ``valid`` False where an event does not exist (``m``, ``s`` NaN there).
@@ -359,16 +364,7 @@ def scale_margins(
     >>> [round(v, 4) for v in m.tolist()], s.tolist()  # 2^round(log2 1.2) = 1: boundaries 2^-0.5 and 2^0.5
     ([0.4929, 0.2142], [0.5, 0.5])
     """
-    return _margins(q, params, cov, skip=skip, chunk_size=chunk_size, events="scale")
-
-
-def _margins(q, params, cov, *, skip, chunk_size, events):
-    check_chunk(chunk_size)
-    p = int(ravel_pytree(params)[0].shape[0])
-    if jnp.shape(cov) not in ((p, p), (p,)):
-        raise ValueError(f"cov must have shape ({p}, {p}) or ({p},), got cov.shape={jnp.shape(cov)}")
-    q = get_quantizer(q)
-    return _rtn_margins(q, params, jnp.asarray(cov), skip=hashable_skip(skip), chunk_size=chunk_size, events=events)
+    return rtn_margins(q, params, cov, events="scale", **options)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("skip", "chunk_size", "events"))
@@ -406,6 +402,7 @@ def rtn_differences(
     skip=None,
     weights: Array | None = None,
     chunk_size: int | None = None,
+    events: str = "all",
 ) -> tuple[Array, Array]:
     """Linearised per-example contributions to the round-to-nearest margins, for Cramer rates of RTN events.
 
@@ -420,33 +417,14 @@ def rtn_differences(
       q: the quantizer. loss_fn: one example's loss. params: ``theta_hat`` or ``theta*``.
       x: ``(m, ...)`` inputs. y: ``(m,)`` targets. weights: optional ``(m,)`` weights for ``H``.
       skip: leaves kept in full precision. chunk_size: Jacobian rows at once (default: one at a time).
+      events: ``"all"`` (the events of :func:`rtn_margins`: element events, then scale events) or ``"scale"``
+        (those of :func:`scale_margins` only).
 
     Returns:
       ``(D, valid)``: ``(K, m)`` contributions (rows of invalid events are 0) and ``(K,)`` bool.
     """
-    return _differences(q, loss_fn, params, x, y, skip=skip, weights=weights, chunk_size=chunk_size, events="all")
-
-
-def scale_differences(
-    q,
-    loss_fn: Callable[[PyTree, Array, Array], Array],
-    params: PyTree,
-    x: Array,
-    y: Array,
-    *,
-    skip=None,
-    weights: Array | None = None,
-    chunk_size: int | None = None,
-) -> tuple[Array, Array]:
-    """:func:`rtn_differences` for the scale events of :func:`scale_margins` only (Cramer rates of scale codes).
-
-    Returns:
-      ``(D, valid)``: ``(K, m)`` linearised contributions and ``(K,)`` bool.
-    """
-    return _differences(q, loss_fn, params, x, y, skip=skip, weights=weights, chunk_size=chunk_size, events="scale")
-
-
-def _differences(q, loss_fn, params, x, y, *, skip, weights, chunk_size, events):
+    if events not in MARGIN_EVENTS:
+        raise ValueError(f"events must be one of {MARGIN_EVENTS}, got events={events!r}")
     check_chunk(chunk_size)
     check_data(x, y, weights)
     return _rtn_differences(
@@ -460,6 +438,21 @@ def _differences(q, loss_fn, params, x, y, *, skip, weights, chunk_size, events)
         chunk_size=chunk_size,
         events=events,
     )
+
+
+def scale_differences(
+    q, loss_fn: Callable[[PyTree, Array, Array], Array], params: PyTree, x: Array, y: Array, **options
+) -> tuple[Array, Array]:
+    """:func:`rtn_differences` for the scale events of :func:`scale_margins` only (Cramer rates of scale codes).
+
+    Args:
+      q, loss_fn, params, x, y: as for :func:`rtn_differences`.
+      **options: its keywords ``skip``, ``weights`` and ``chunk_size``.
+
+    Returns:
+      ``(D, valid)``: ``(K, m)`` linearised contributions and ``(K,)`` bool.
+    """
+    return rtn_differences(q, loss_fn, params, x, y, events="scale", **options)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("skip", "chunk_size", "events"))

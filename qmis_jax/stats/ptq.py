@@ -279,7 +279,7 @@ def ptq_loss(
     >>> release["mu"].tolist(), int(moves)
     ([1.0], 1)
     """
-    check_glm(design, margin_loss, penalty)
+    penalty = check_glm(design, margin_loss, penalty)
     check_data(x, y, weights)
     q = get_quantizer(q)
     if q.stochastic and key is None:
@@ -296,7 +296,7 @@ def ptq_loss(
         y,
         key,
         weights,
-        None if penalty is None else jnp.asarray(penalty),
+        penalty,
         skip=hashable_skip(skip),
         max_sweeps=max_sweeps,
         design=design,
@@ -307,12 +307,14 @@ def ptq_loss(
 DEFAULT_SWEEPS = 16
 
 
-def check_glm(design, margin_loss, penalty) -> None:
-    """``design`` and ``margin_loss`` go together; a ``penalty`` needs them."""
+def check_glm(design, margin_loss, penalty) -> Array | None:
+    """``design`` and ``margin_loss`` go together; a ``penalty`` needs them. Returns the penalty as an array (or
+    None)."""
     if (design is None) != (margin_loss is None):
         raise ValueError(f"design and margin_loss go together, got design={design!r}, margin_loss={margin_loss!r}")
     if penalty is not None and design is None:
         raise ValueError("penalty applies to the GLM path only: pass design and margin_loss with it")
+    return None if penalty is None else jnp.asarray(penalty)
 
 
 @functools.partial(
@@ -333,24 +335,52 @@ def _ptq_loss(q, loss_fn, params, x, y, key, weights, penalty, *, skip, max_swee
         trial2 = pair_trial(loss_fn, unravel, x, y, w, design=design, margin_loss=margin_loss, penalty=penalty)
         return _sparse_descent(q, params, skip, theta0, unravel, init, trial2, max_sweeps)
 
-    def sweep(carry):
-        theta, state, moves, sweeps, _ = carry
+    def sweep_step(theta):
+        # the adjacent levels of a sweep are those of the release it starts from
         _, lo, up, has_lo, has_up = adjacent_levels(q, unravel(theta), params, skip)
 
         def coordinate(c, j):
-            theta, state, moved = c
-            d_lo, s_lo = trial(theta, state, j, lo[j])
-            d_up, s_up = trial(theta, state, j, up[j])
-            d_lo = jnp.where(has_lo[j] & jnp.isfinite(d_lo), d_lo, jnp.inf)
-            d_up = jnp.where(has_up[j] & jnp.isfinite(d_up), d_up, jnp.inf)
-            up_wins = d_up < d_lo
-            accept = jnp.minimum(d_lo, d_up) < 0
-            target = jnp.where(up_wins, up[j], lo[j])
-            moved_state = jax.tree.map(lambda a, b: jnp.where(up_wins, b, a), s_lo, s_up)
-            theta = jnp.where(accept, theta.at[j].set(target), theta)
-            state = jax.tree.map(lambda new, old: jnp.where(accept, new, old), moved_state, state)
-            return (theta, state, moved + accept.astype(jnp.int32)), None
+            theta, state, _ = c
+            move_lo = (has_lo[j], *trial(theta, state, j, lo[j]), theta.at[j].set(lo[j]))
+            move_up = (has_up[j], *trial(theta, state, j, up[j]), theta.at[j].set(up[j]))
+            return _take_better(c, move_lo, move_up)
 
+        return coordinate
+
+    theta, moves = _greedy_sweeps(sweep_step, theta0, init(theta0), max_sweeps)
+    return unravel(theta), moves
+
+
+def _take_better(carry, first, second):
+    """One coordinate step of a greedy descent of ``L_n``: of two candidate moves, each ``(valid, change of L_n,
+    trial state, new theta)``, take the one lowering ``L_n`` more (the first on ties) when it lowers it at all;
+    ``carry = (theta, state, moved)`` with ``moved`` the count of accepted moves. A ``lax.scan`` body."""
+    theta, state, moved = carry
+    valid_a, d_a, s_a, new_a = first
+    valid_b, d_b, s_b, new_b = second
+    d_a = jnp.where(valid_a & jnp.isfinite(d_a), d_a, jnp.inf)
+    d_b = jnp.where(valid_b & jnp.isfinite(d_b), d_b, jnp.inf)
+    b_wins = d_b < d_a
+    accept = jnp.minimum(d_a, d_b) < 0
+    target = jnp.where(b_wins, new_b, new_a)
+    moved_state = jax.tree.map(lambda a, b: jnp.where(b_wins, b, a), s_a, s_b)
+    theta = jnp.where(accept, target, theta)
+    state = jax.tree.map(lambda new, old: jnp.where(accept, new, old), moved_state, state)
+    return (theta, state, moved + accept.astype(jnp.int32)), None
+
+
+def _greedy_sweeps(sweep_step, theta0, state0, max_sweeps):
+    """Coordinate sweeps from ``theta0`` until a sweep moves nothing or ``max_sweeps`` sweeps are done.
+
+    ``sweep_step(theta)`` gives the ``lax.scan`` body (over coordinates ``j``) of a sweep that starts at ``theta``.
+
+    Returns:
+      ``(theta, moves)``: the final flat parameters and the total count of accepted moves.
+    """
+
+    def sweep(carry):
+        theta, state, moves, sweeps, _ = carry
+        coordinate = sweep_step(theta)
         (theta, state, moved), _ = jax.lax.scan(coordinate, (theta, state, jnp.int32(0)), jnp.arange(theta.shape[0]))
         return theta, state, moves + moved, sweeps + 1, moved > 0
 
@@ -358,9 +388,9 @@ def _ptq_loss(q, loss_fn, params, x, y, key, weights, penalty, *, skip, max_swee
         *_, sweeps, improving = carry
         return improving & (sweeps < max_sweeps)
 
-    carry = (theta0, init(theta0), jnp.int32(0), jnp.int32(0), jnp.asarray(True))
+    carry = (theta0, state0, jnp.int32(0), jnp.int32(0), jnp.asarray(True))
     theta, _, moves, _, _ = jax.lax.while_loop(cond, sweep, carry)
-    return unravel(theta), moves
+    return theta, moves
 
 
 def _sparse_descent(q, params, skip, theta0, unravel, init, trial2, max_sweeps):
@@ -369,49 +399,27 @@ def _sparse_descent(q, params, skip, theta0, unravel, init, trial2, max_sweeps):
     lowers ``L_n``; the partners are recomputed from the current release at every step."""
     ids, movable, alpha, sign_hat, mag = _sparse_layout(q, params, skip)
     inf = jnp.asarray(jnp.inf, theta0.dtype)
-    p = theta0.shape[0]
 
-    def sweep(carry):
-        theta, state, moves, sweeps, _ = carry
+    def coordinate(c, j):
+        theta, state, _ = c
+        kept = theta != 0
+        same = (ids == ids[j]) & movable
+        i_in = jnp.argmax(jnp.where(same & ~kept, mag, -inf))
+        has_in = jnp.any(same & ~kept)
+        j_out = jnp.argmin(jnp.where(same & kept, mag, inf))
+        has_out = jnp.any(same & kept)
+        is_kept = kept[j]
+        # move A: flip a kept entry, or swap a dropped one in (its partner j_out leaves)
+        t_a = jnp.where(is_kept, -theta[j], sign_hat[j] * alpha[j])
+        i_a = jnp.where(is_kept, j, j_out)
+        u_a = jnp.where(is_kept, -theta[j], 0.0)
+        valid_a = movable[j] & (is_kept | has_out)
+        # move B: swap a kept entry out (its partner i_in enters)
+        u_b = sign_hat[i_in] * alpha[i_in]
+        valid_b = movable[j] & is_kept & has_in
+        move_a = (valid_a, *trial2(theta, state, j, t_a, i_a, u_a), theta.at[j].set(t_a).at[i_a].set(u_a))
+        move_b = (valid_b, *trial2(theta, state, j, 0.0 * theta[j], i_in, u_b), theta.at[j].set(0.0).at[i_in].set(u_b))
+        return _take_better(c, move_a, move_b)
 
-        def coordinate(c, j):
-            theta, state, moved = c
-            kept = theta != 0
-            same = (ids == ids[j]) & movable
-            i_in = jnp.argmax(jnp.where(same & ~kept, mag, -inf))
-            has_in = jnp.any(same & ~kept)
-            j_out = jnp.argmin(jnp.where(same & kept, mag, inf))
-            has_out = jnp.any(same & kept)
-            is_kept = kept[j]
-            # move A: flip a kept entry, or swap a dropped one in (its partner j_out leaves)
-            t_a = jnp.where(is_kept, -theta[j], sign_hat[j] * alpha[j])
-            i_a = jnp.where(is_kept, j, j_out)
-            u_a = jnp.where(is_kept, -theta[j], 0.0)
-            valid_a = movable[j] & (is_kept | has_out)
-            # move B: swap a kept entry out (its partner i_in enters)
-            u_b = sign_hat[i_in] * alpha[i_in]
-            valid_b = movable[j] & is_kept & has_in
-            d_a, s_a = trial2(theta, state, j, t_a, i_a, u_a)
-            d_b, s_b = trial2(theta, state, j, 0.0 * theta[j], i_in, u_b)
-            d_a = jnp.where(valid_a & jnp.isfinite(d_a), d_a, jnp.inf)
-            d_b = jnp.where(valid_b & jnp.isfinite(d_b), d_b, jnp.inf)
-            b_wins = d_b < d_a
-            accept = jnp.minimum(d_a, d_b) < 0
-            new_a = theta.at[j].set(t_a).at[i_a].set(u_a)
-            new_b = theta.at[j].set(0.0).at[i_in].set(u_b)
-            target = jnp.where(b_wins, new_b, new_a)
-            moved_state = jax.tree.map(lambda a, b: jnp.where(b_wins, b, a), s_a, s_b)
-            theta = jnp.where(accept, target, theta)
-            state = jax.tree.map(lambda new, old: jnp.where(accept, new, old), moved_state, state)
-            return (theta, state, moved + accept.astype(jnp.int32)), None
-
-        (theta, state, moved), _ = jax.lax.scan(coordinate, (theta, state, jnp.int32(0)), jnp.arange(p))
-        return theta, state, moves + moved, sweeps + 1, moved > 0
-
-    def cond(carry):
-        *_, sweeps, improving = carry
-        return improving & (sweeps < max_sweeps)
-
-    carry = (theta0, init(theta0), jnp.int32(0), jnp.int32(0), jnp.asarray(True))
-    theta, _, moves, _, _ = jax.lax.while_loop(cond, sweep, carry)
+    theta, moves = _greedy_sweeps(lambda theta: coordinate, theta0, init(theta0), max_sweeps)
     return unravel(theta), moves
