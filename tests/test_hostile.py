@@ -44,8 +44,18 @@ def molecular():
 API_ERRORS = [
     ("audit n=0", lambda: small_audit(n=0), ValueError, r"n must be a positive integer, got 0"),
     ("audit n=2.5", lambda: small_audit(n=2.5), ValueError, r"n must be a positive integer, got 2.5"),
-    ("audit replicates<0", lambda: small_audit(replicates=-3), ValueError, r"replicates must be a positive integer, got -3"),
-    ("audit chunk_size=0", lambda: small_audit(chunk_size=0), ValueError, r"chunk_size must be a positive integer, got 0"),
+    (
+        "audit replicates<0",
+        lambda: small_audit(replicates=-3),
+        ValueError,
+        r"replicates must be a positive integer, got -3",
+    ),
+    (
+        "audit chunk_size=0",
+        lambda: small_audit(chunk_size=0),
+        ValueError,
+        r"chunk_size must be a positive integer, got 0",
+    ),
     (
         "audit population_size=0",
         lambda: small_audit(population_size=0),

@@ -33,8 +33,9 @@ def _encode_e2m1(y: Array) -> Array:
     saturating at 7 (the value 6)."""
     values = jnp.asarray(E2M1_VALUES, y.dtype)
     mids = 0.5 * (values[1:] + values[:-1])
-    below = jnp.sum(y[..., None] > mids, axis=-1)  # strictly above a midpoint: the upper value
-    at_mid = jnp.any(y[..., None] == mids, axis=-1)
+    grid = mids.reshape((1,) * y.ndim + mids.shape)  # the midpoints along a new last axis, explicitly
+    below = jnp.sum(y[..., None] > grid, axis=-1)  # strictly above a midpoint: the upper value
+    at_mid = jnp.any(y[..., None] == grid, axis=-1)
     # on a midpoint between indices i and i + 1: `below` counted i; keep it when even, else take i + 1
     idx = jnp.where(at_mid & (below % 2 == 1), below + 1, below)
     return idx.astype(y.dtype)
