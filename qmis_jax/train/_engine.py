@@ -13,7 +13,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -321,17 +320,8 @@ def fit(
     y: Array,
     *,
     weights: Array,
-    tol: float = 1e-6,
-    max_steps: int | None = None,
-    chunk_size: int | None = None,
-    memory_budget: int | None = None,
-    optimizer: optax.GradientTransformation | None = None,
-    batch_size: int | None = None,
-    shared_init: bool = True,
-    init_params: PyTree | None = None,
-    solver: str = "auto",
     warm_start: bool = True,
-    devices=None,
+    **training,
 ) -> FitResult:
     """Train ``R`` replicates on one shared pool, replicate ``r`` weighting example ``i`` by ``weights[r, i]``.
 
@@ -359,6 +349,10 @@ def fit(
       problem: the :class:`~qmis_jax.problems.Problem`.
       x: ``(N, dx)`` pool inputs. y: ``(N,)`` pool targets (0/1 for binary problems).
       weights: ``(R, N)`` non-negative weights, every row with a positive sum.
+      warm_start: convex solvers start every replicate from the fit of the whole pool with unit weights
+        (computed once per call, shared by all replicates), which saves about a third of the iterations.
+      **training: the training options, each with its default (``TRAINING_DEFAULTS``; an unknown name is a
+        ValueError):
       tol: gradient-norm tolerance (Euclidean norm of the gradient of the weighted mean loss).
       max_steps: Newton iteration cap (default 100) or the exact number of optimizer steps (default 500).
       chunk_size: replicates per compiled call (rounded up to a multiple of the device count).
@@ -370,8 +364,6 @@ def fit(
       shared_init: one initialisation ``init(k_init)`` for all replicates (else ``init(fold_in(k_init, r))``).
       init_params: a start for every replicate, overriding ``problem.init``.
       solver: ``"auto"``, ``"closed_form"``, ``"glm_lbfgs"``, ``"glm_newton"``, ``"newton"`` or ``"optax"``.
-      warm_start: convex solvers start every replicate from the fit of the whole pool with unit weights
-        (computed once per call, shared by all replicates), which saves about a third of the iterations.
       devices: devices to shard replicates over (default ``jax.local_devices()``).
 
     Returns:
@@ -385,20 +377,7 @@ def fit(
     >>> res.params["mu"][:, 0].tolist()
     [0.5, 3.0]
     """
-    opts = fit_options(
-        key,
-        problem,
-        tol=tol,
-        max_steps=max_steps,
-        chunk_size=chunk_size,
-        memory_budget=memory_budget,
-        optimizer=optimizer,
-        batch_size=batch_size,
-        shared_init=shared_init,
-        init_params=init_params,
-        solver=solver,
-        devices=devices,
-    )
+    opts = fit_options(key, problem, training)
     xh, _ = check_data(problem, x, y)
     wh = check_weights(weights, xh.shape[0])
     x = jnp.asarray(x)
@@ -442,16 +421,7 @@ def fit_fresh(
     n: int,
     replicates: int,
     start: int = 0,
-    tol: float = 1e-6,
-    max_steps: int | None = None,
-    chunk_size: int | None = None,
-    memory_budget: int | None = None,
-    optimizer: optax.GradientTransformation | None = None,
-    batch_size: int | None = None,
-    shared_init: bool = True,
-    init_params: PyTree | None = None,
-    solver: str = "auto",
-    devices=None,
+    **training,
 ) -> FitResult:
     """Train ``replicates`` models, replicate ``i`` on its own fresh data set ``problem.sample(fold_in(key, i), n)``.
 
@@ -467,8 +437,9 @@ def fit_fresh(
       key: PRNG key. problem: the problem. n: examples per replicate. replicates: ``R``.
       start: number of the first replicate: replicates ``start .. start + R - 1`` are trained, so a long run can
         be cut into chunks (and resumed) with the same results.
-      tol, max_steps, chunk_size, memory_budget, optimizer, batch_size, shared_init, init_params, solver,
-      devices: as in :func:`fit`.
+      **training: the training options of :func:`fit` (``tol``, ``max_steps``, ``chunk_size``,
+        ``memory_budget``, ``optimizer``, ``batch_size``, ``shared_init``, ``init_params``, ``solver``,
+        ``devices``).
 
     Returns:
       :class:`FitResult` with leading replicate axis ``R``.
@@ -479,23 +450,7 @@ def fit_fresh(
     >>> res.params["mu"].shape
     (3, 2)
     """
-    opts = fit_options(
-        key,
-        problem,
-        n=n,
-        replicates=replicates,
-        start=start,
-        tol=tol,
-        max_steps=max_steps,
-        chunk_size=chunk_size,
-        memory_budget=memory_budget,
-        optimizer=optimizer,
-        batch_size=batch_size,
-        shared_init=shared_init,
-        init_params=init_params,
-        solver=solver,
-        devices=devices,
-    )
+    opts = fit_options(key, problem, training, n=n, replicates=replicates, start=start)
     n, replicates = opts.n, opts.replicates
     k_init, k_batch, params0 = _start(key, problem, opts)
     x_shape = jax.eval_shape(lambda k: problem.sample(k, n), key)[0]
@@ -520,16 +475,7 @@ def fit_data(
     y: Array,
     *,
     start: int = 0,
-    tol: float = 1e-6,
-    max_steps: int | None = None,
-    chunk_size: int | None = None,
-    memory_budget: int | None = None,
-    optimizer: optax.GradientTransformation | None = None,
-    batch_size: int | None = None,
-    shared_init: bool = True,
-    init_params: PyTree | None = None,
-    solver: str = "auto",
-    devices=None,
+    **training,
 ) -> FitResult:
     """Train ``R`` replicates on their own given data sets ``x[r]``, ``y[r]`` (one data set per replicate).
 
@@ -542,27 +488,14 @@ def fit_data(
       key: PRNG key. problem: the problem.
       x: ``(R, n, dx)`` inputs. y: ``(R, n)`` targets.
       start: number of the first replicate.
-      tol, max_steps, chunk_size, memory_budget, optimizer, batch_size, shared_init, init_params, solver,
-      devices: as in :func:`fit`.
+      **training: the training options of :func:`fit` (``tol``, ``max_steps``, ``chunk_size``,
+        ``memory_budget``, ``optimizer``, ``batch_size``, ``shared_init``, ``init_params``, ``solver``,
+        ``devices``).
 
     Returns:
       :class:`FitResult` with leading replicate axis ``R``.
     """
-    opts = fit_options(
-        key,
-        problem,
-        start=start,
-        tol=tol,
-        max_steps=max_steps,
-        chunk_size=chunk_size,
-        memory_budget=memory_budget,
-        optimizer=optimizer,
-        batch_size=batch_size,
-        shared_init=shared_init,
-        init_params=init_params,
-        solver=solver,
-        devices=devices,
-    )
+    opts = fit_options(key, problem, training, start=start)
     xh, yh = np.asarray(x), np.asarray(y)
     if xh.ndim < 3 or yh.ndim != 2 or xh.shape[:2] != yh.shape:
         raise ValueError(f"x must be (R, n, dx) and y (R, n) with matching R and n, got {xh.shape} and {yh.shape}")

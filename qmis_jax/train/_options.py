@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -87,25 +88,22 @@ def _check_start(start) -> int:
     return int(start)
 
 
-def fit_options(
-    key,
-    problem,
-    *,
-    tol,
-    max_steps,
-    chunk_size,
-    memory_budget,
-    optimizer,
-    batch_size,
-    shared_init,
-    init_params,
-    solver,
-    devices,
-    start=0,
-    n=None,
-    replicates=None,
-) -> FitOptions:
-    """Check the shared arguments of the training entry points and fill in their defaults.
+TRAINING_DEFAULTS = {
+    "tol": 1e-6,
+    "max_steps": None,
+    "chunk_size": None,
+    "memory_budget": None,
+    "optimizer": None,
+    "batch_size": None,
+    "shared_init": True,
+    "init_params": None,
+    "solver": "auto",
+    "devices": None,
+}
+
+
+def fit_options(key, problem, training: Mapping[str, Any], *, start=0, n=None, replicates=None) -> FitOptions:
+    """Check the training options shared by the entry points and fill in their defaults.
 
     Checks run in a fixed order (key; the sizes ``n`` and ``replicates`` where given; ``start``; problem, ``tol``,
     solver, ``max_steps``, ``chunk_size``, ``memory_budget``, ``batch_size``, optimizer, devices), so the first bad
@@ -113,13 +111,20 @@ def fit_options(
 
     Args:
       key: the PRNG key of the call. problem: the :class:`~qmis_jax.problems.Problem`.
-      tol, max_steps, chunk_size, memory_budget, optimizer, batch_size, shared_init, init_params, solver,
-      devices, start: as in :func:`qmis_jax.train.fit` and :func:`qmis_jax.train.fit_fresh`.
-      n, replicates: sizes of :func:`qmis_jax.train.fit_fresh`; None where the entry point has none.
+      training: the options given (names of ``TRAINING_DEFAULTS``; the others keep their defaults).
+      start: the first replicate's number. n, replicates: sizes of :func:`qmis_jax.train.fit_fresh`; None where the
+        entry point has none.
 
     Returns:
       :class:`FitOptions`.
     """
+    unknown = sorted(set(training) - set(TRAINING_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown training option(s) {unknown}; valid: {', '.join(TRAINING_DEFAULTS)}")
+    t = {**TRAINING_DEFAULTS, **training}
+    tol, max_steps, chunk_size, memory_budget = t["tol"], t["max_steps"], t["chunk_size"], t["memory_budget"]
+    optimizer, batch_size, shared_init, devices = t["optimizer"], t["batch_size"], t["shared_init"], t["devices"]
+    init_params, solver = t["init_params"], t["solver"]
     check_key(key)
     if n is not None:
         n = check_positive_int("n", n)
