@@ -217,9 +217,9 @@ def _run(args: argparse.Namespace) -> int:
         sys.argv = [script] + (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else [])
         runpy.run_path(script, run_name="__main__")
         return 0
-    from qmis_jax.studies import run_audit_cli, run_molecular, run_synthetic
+    from qmis_jax.studies import run_audit_cli, run_study
 
-    runner = {"synthetic": run_synthetic, "molecular": run_molecular, "audit": run_audit_cli}[args.command]
+    runner = run_audit_cli if args.command == "audit" else run_study
     out = runner(args)
     print(f"wrote {os.path.join(out, 'report.json')}, report.md and plots")
     return 0

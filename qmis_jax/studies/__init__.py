@@ -20,8 +20,7 @@ __all__ = [
     "StoreError",
     "config_hash",
     "run_audit_cli",
-    "run_molecular",
-    "run_synthetic",
+    "run_study",
 ]
 
 
@@ -34,39 +33,6 @@ def _budget(args) -> int:
     return budget
 
 
-def _run_study(study, config_cls, args: argparse.Namespace, **options) -> str:
-    """Build a study's configuration from the parsed arguments and run it into ``args.out``.
-
-    ``options`` are the study's own arguments; the shared ones (quantizers, replicates, seed, memory budget) are
-    added here. With ``--quick`` they override the quick preset (which ignores the ones left None); otherwise
-    options left None keep the configuration's defaults.
-    """
-    options.update(quantizers=args.quantizers, replicates=args.replicates, seed=args.seed, memory_budget=_budget(args))
-    if args.quick:
-        cfg = config_cls.quick(**options)
-    else:
-        cfg = config_cls(**{k: v for k, v in options.items() if v is not None})
-    study.run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    return args.out
-
-
-def run_synthetic(args: argparse.Namespace) -> str:
-    """The synthetic study (``qmis synthetic``) from parsed arguments; returns the output directory."""
-    from qmis_jax.studies import synthetic
-
-    return _run_study(
-        synthetic,
-        synthetic.SyntheticConfig,
-        args,
-        n_values=args.n,
-        models=args.models,
-        dim=args.dim,
-        k_modes=args.k_modes,
-        ptq=args.ptq,
-        method=args.method,
-    )
-
-
 def _single_n(values) -> int | None:
     """The molecular study's one training-set size (``--n`` takes one value there)."""
     if values is None:
@@ -76,20 +42,36 @@ def _single_n(values) -> int | None:
     return values[0]
 
 
-def run_molecular(args: argparse.Namespace) -> str:
-    """The molecular study (``qmis molecular``) from parsed arguments; returns the output directory."""
-    from qmis_jax.studies import molecular
+# each study's own options, from the parsed arguments (the shared ones are added by run_study)
+def _args(args: argparse.Namespace, *names: str) -> dict:
+    return {name: getattr(args, name) for name in names}
 
-    return _run_study(
-        molecular,
-        molecular.MolecularConfig,
-        args,
-        dataset=args.dataset,
-        featurizers=args.featurizers,
-        heads=args.heads,
-        task=args.task,
-        n=_single_n(args.n),
-    )
+
+_STUDY_OPTIONS = {
+    "synthetic": lambda a: {"n_values": a.n, **_args(a, "models", "dim", "k_modes", "ptq", "method")},
+    "molecular": lambda a: {"n": _single_n(a.n), **_args(a, "dataset", "featurizers", "heads", "task")},
+}
+
+
+def run_study(args: argparse.Namespace) -> str:
+    """Run the study ``args.command`` (``qmis synthetic`` or ``qmis molecular``) into ``args.out``.
+
+    The study's own options come from ``_STUDY_OPTIONS``; the shared ones (quantizers, replicates, seed, memory
+    budget) are added here. With ``--quick`` they override the quick preset (which ignores the ones left None);
+    otherwise options left None keep the configuration's defaults.
+    """
+    import importlib
+
+    study = importlib.import_module(f"qmis_jax.studies.{args.command}")
+    options = _STUDY_OPTIONS[args.command](args)
+    options.update(quantizers=args.quantizers, replicates=args.replicates, seed=args.seed, memory_budget=_budget(args))
+    config_cls = getattr(study, f"{args.command.capitalize()}Config")
+    if args.quick:
+        cfg = config_cls.quick(**options)
+    else:
+        cfg = config_cls(**{k: v for k, v in options.items() if v is not None})
+    study.run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    return args.out
 
 
 def load_npz(path: str, what: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
