@@ -80,3 +80,18 @@ def device_peak_bytes(devices=None) -> int | None:
 def mib(value: int | None) -> float | None:
     """Bytes as MiB rounded to 0.001 (None stays None)."""
     return None if value is None else round(value / MIB, 3)
+
+
+def check_budget(memory_budget: int | None, per_replicate: int, detail: str = "") -> None:
+    """The one refusal of a budget that cannot hold a single replicate (``detail`` says what the estimate is of).
+
+    >>> check_budget(1000, 2**20, " at n=50")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: memory_budget=1000 bytes (0.000954 MiB) cannot hold one replicate, which needs about 1 MiB at n=50; ...
+    """
+    if memory_budget is not None and per_replicate > memory_budget:
+        raise ValueError(
+            f"memory_budget={memory_budget} bytes ({memory_budget / MIB:.3g} MiB) cannot hold one replicate, "
+            f"which needs about {per_replicate / MIB:.3g} MiB{detail}; raise memory_budget or lower n"
+        )

@@ -106,12 +106,8 @@ def _chunk_size(problem: Problem, n: int, replicates: int, chunk_size, memory_bu
     dx = int(np.prod(x_spec.shape[1:]))
     p = ravel_pytree(problem.init(jax.random.key(0)))[0].size
     per = _memory.replicate_bytes(n=n, p=p, dx=dx)
-    if per > memory_budget and (budget_given or chunk_size is None):
-        raise ValueError(
-            f"memory_budget={memory_budget} bytes ({memory_budget / _memory.MIB:.3g} MiB) cannot hold one replicate, "
-            f"which needs about {per / _memory.MIB:.3g} MiB at n={n} with {p} parameters; raise memory_budget or "
-            "lower n"
-        )
+    if budget_given or chunk_size is None:
+        _memory.check_budget(memory_budget, per, f" at n={n} with {p} parameters")
     if chunk_size is None:
         chunk_size = max(1, min(replicates, memory_budget // per))
     return positive_int("chunk_size", chunk_size), memory_budget, per

@@ -17,6 +17,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qmis_jax._memory import check_budget
 from qmis_jax.problems._base import Problem
 
 from . import _options, _solvers
@@ -246,11 +247,7 @@ def _plan(replicates: int, chunk_size, memory_budget, per_replicate: int, device
     per CPU device, where larger chunks gain nothing and lose cache locality), a multiple of the device count."""
     ndev = len(devices)
     if chunk_size is None:
-        if memory_budget is not None and per_replicate > memory_budget:
-            raise ValueError(
-                f"memory_budget={memory_budget} bytes ({memory_budget / 2**20:.3g} MiB) cannot hold one replicate, "
-                f"which needs about {per_replicate / 2**20:.3g} MiB; raise memory_budget or use fewer examples"
-            )
+        check_budget(memory_budget, per_replicate)
         budget = _default_budget(devices) if memory_budget is None else memory_budget
         chunk_size = max(1, budget // max(per_replicate, 1))
         if all(d.platform == "cpu" for d in devices):
