@@ -52,8 +52,9 @@ def test_a_second_audit_of_the_same_shapes_compiles_nothing():
         report = qj.audit(jax.random.key(1), PROBLEM, qs, **SETTINGS)
     assert report.ranking  # it ran
     assert counts[COMPILE] == 0, f"{counts[COMPILE]} programs compiled again"
-    # the only traces left are the plan's abstract shape checks (jax.eval_shape), which compile nothing
-    assert counts[TRACE] <= 3, f"{counts[TRACE]} programs traced again"
+    # the only traces left are abstract shape checks (jax.eval_shape of one example's loss or of a sample), which
+    # compile nothing; a program traced again would also have been compiled (or fetched) again, counted above
+    assert counts[TRACE] <= 8, f"{counts[TRACE]} programs traced again"
 
 
 def test_statistics_and_lira_share_one_program_per_quantizer():
