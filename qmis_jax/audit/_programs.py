@@ -3,9 +3,7 @@ and the two attack designs reuse them instead of compiling again."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -76,17 +74,12 @@ def utility_program(problem):
 
 
 def per_quantizer(fn: Callable[[int, str, Any], Any], qs: Mapping[str, Any]) -> list[Any]:
-    """``[fn(j, name, q) for j, (name, q) in enumerate(qs.items())]``, run on a few threads.
+    """``[fn(j, name, q) for j, (name, q) in enumerate(qs.items())]``, one quantizer after the other.
 
-    Each quantizer has its own compiled programs; compiling them is single-threaded and dominates small audits, so
-    overlapping the quantizers' compilations (and runs) uses the cores XLA leaves idle. The results do not depend on
-    the number of threads (each call is a pure function of its own keys)."""
-    items = list(enumerate(qs.items()))
-    workers = min(len(items), os.cpu_count() or 1, 8)
-    if workers <= 1:
-        return [fn(j, name, q) for j, (name, q) in items]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda item: fn(item[0], *item[1]), items))
+    Running the quantizers' programs from several Python threads at once deadlocked XLA's CPU client on two cores
+    (every thread waiting on a buffer, no thread computing), so the quantizers run in turn; each is still one
+    compiled program over all replicates of a chunk."""
+    return [fn(j, name, q) for j, (name, q) in enumerate(qs.items())]
 
 
 def replicate_keys(key: jax.Array, idx: np.ndarray) -> jax.Array:
