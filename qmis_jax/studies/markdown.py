@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qmis_jax.audit.tables import attack_table, bracket_cell, fmt, quantizer_table
+from qmis_jax.audit.tables import attack_table, bracket_cell, fmt, indicator_cell, quantizer_table, release_cell
 from qmis_jax.stats.bracket import REGIME_THRESHOLD
 from qmis_jax.studies.plots import (
     empirical_rate,
@@ -94,6 +94,30 @@ def regime_text(report: Report) -> str:
     )
 
 
+def scale_format_table(run: Report) -> list[str]:
+    """Each scaled quantizer with a float32 scale next to its E8M0 variant: release, indicator, flip rate, bracket
+    (empty when the run has no such pair)."""
+    qs = run["quantizers"]
+    pairs = [(nm, f"{nm}@e8m0") for nm in qs if "@" not in nm and f"{nm}@e8m0" in qs]
+    if not pairs:
+        return []
+    lines = [
+        "| quantizer | float32 scale: release | r | flip rate ± SE | MIS bracket | E8M0 scale: release | r "
+        "| flip rate ± SE | MIS bracket |",
+        "|---|---|---:|---|---|---|---:|---|---|",
+    ]
+    for base, var in pairs:
+        cells = []
+        for nm in (base, var):
+            q = qs[nm]
+            cells.append(
+                f"{release_cell(q)} | {indicator_cell(q)} | {fmt(q['flip_rate'])} ± {fmt(q.get('flip_rate_se'))} "
+                f"| {bracket_cell(q)}"
+            )
+        lines.append(f"| {base} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def validation_section(validation: Mapping[str, Any], figures: Sequence[str] = ()) -> list[str]:
     """Part one of the synthetic study: the validation table, the width study and the rank agreement."""
     p = validation["problem"]
@@ -120,14 +144,24 @@ def validation_section(validation: Mapping[str, Any], figures: Sequence[str] = (
             f"| {fmt(row['swap_rate'])} ({fmt(row['swap_upper'])}) | {bracket_cell(row)} | {mis} "
             f"| {fmt(row['sqrt_n_c_min'])} |"
         )
-    skipped = [nm for nm, ns in validation["sizes"].items() if not ns]
-    out += [
-        "",
+    far = validation.get("out_of_reach") or {}
+    skipped = [nm for nm, ns in validation["sizes"].items() if not ns and nm not in far]
+    notes = [
         f"The asymptotic MIS in parentheses is outside the regime (`sqrt(n) c_min < {REGIME_THRESHOLD}`): shown "
-        "for comparison only. "
-        + (f"No sweep for {', '.join(skipped)}: r = 0 at the pilot (continuous release)." if skipped else ""),
-        "",
+        "for comparison only."
     ]
+    if skipped:
+        notes.append(
+            f"No sweep for {', '.join(skipped)}: r = 0 at the pilot (a continuous release, or a release on a "
+            "decision threshold)."
+        )
+    if far:
+        notes.append(
+            f"Out of reach below n = {validation.get('n_max', '?')} (the smallest target needs a larger n): "
+            + ", ".join(f"{nm} (r = {fmt(v['r'])}, n needed {fmt(v['n_needed'])})" for nm, v in far.items())
+            + "."
+        )
+    out += ["", " ".join(notes), ""]
     if validation["width"]:
         w = validation["width"]
         out += [
@@ -194,6 +228,9 @@ def render(
         ]
         out += quantizer_table(run)
         out += ["", *_ranking_lines(run), agreement_text(run), regime_text(run), ""]
+        pairs = scale_format_table(run)
+        if pairs:
+            out += ["Float32 scales against E8M0 (power-of-two) scales, same codes otherwise:", "", *pairs, ""]
         out += ["Attacks per quantizer (held-out values feed the bracket; in-sample ones are descriptive):", ""]
         out += attack_table(run) + [""]
         diag = run.get("diagnostics")
