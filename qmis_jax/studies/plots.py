@@ -288,7 +288,7 @@ def plot_validation_bracket(points: Sequence[Mapping[str, Any]], path: str) -> s
     ax.set_xscale("log")
     ax.set_xlabel(r"$n\,r$")
     ax.set_ylabel("MIS")
-    ax.set_title("certified bracket (bar) and asymptotic MIS (dot; hollow = outside the regime)")
+    ax.set_title("certified bracket (bar), asymptotic MIS (dot; hollow: outside regime)", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
