@@ -54,8 +54,11 @@ def test_replicate_estimate_counts_its_terms():
     assert _memory.replicate_bytes(n=n, p=p, dx=dx) == 4 * (3 * n * (2 * p + 2) + 4 * n * (dx + 1) + p * p)
     assert _memory.replicate_bytes(n=n, p=p, dx=dx, itemsize=8) == 2 * _memory.replicate_bytes(n=n, p=p, dx=dx)
     # the synthetic study refuses budgets with the same estimate as the audit
-    cfg = synthetic.SyntheticConfig(n_values=(500, 2000), dim=16)
+    cfg = synthetic.SyntheticConfig(n_values=(500, 2000), dim=16, validation=False)
     assert synthetic.estimate_bytes(cfg) == _memory.replicate_bytes(n=2000, p=17, dx=16)
+    # part one (logistic in validation_dim, up to validation_n_max) counts when it is the larger
+    cfg = synthetic.SyntheticConfig(n_values=(100,), dim=4, validation_dim=8, validation_n_max=50_000)
+    assert synthetic.estimate_bytes(cfg) == _memory.replicate_bytes(n=50_000, p=9, dx=8)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")

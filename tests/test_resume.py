@@ -11,6 +11,7 @@ import pytest
 
 ARGS = [
     "synthetic",
+    "--quick",  # part one's miniature (a pilot, per-quantizer size sweeps, the width runs) and part two's overrides
     "--n",
     "100,200",
     "--replicates",
@@ -44,6 +45,12 @@ def summary(path):
                 q["attacks"]["loss"]["advantage"],
                 q["attacks"]["lira"]["auc"],
             )
+    for row in report["validation"]["rows"] + report["validation"]["width"]:
+        out[("validation", row["quantizer"], row["n"], row["replicates"])] = (
+            row["r"],
+            row["flip_rate"],
+            tuple(row["mis_bracket"]),
+        )
     return out, report["config_hash"]
 
 

@@ -28,6 +28,18 @@ from qmis_jax.store import ResultStore, config_hash, write_json
 from qmis_jax.studies import plots
 
 FEATURIZERS = ("ecfp", "atompair", "maccs", "rdkit2d")
+# E8M0 variants run next to their float32 originals (theory.md section 9): a float32 scale makes a release
+# continuous, a power-of-two scale does not
+E8M0_VARIANTS = ("int8@e8m0", "int4@e8m0", "int2@e8m0", "sign@e8m0", "ternary@e8m0", "ternary_s90@e8m0")
+
+
+def default_quantizers() -> tuple[str, ...]:
+    """The study's default quantizers: every preset, then the E8M0 variants of :data:`E8M0_VARIANTS`."""
+    from qmis_jax import quantizers as Q
+
+    return (*Q.names(), *E8M0_VARIANTS)
+
+
 HEADS = ("linear", "mlp")
 
 
@@ -56,7 +68,6 @@ class MolecularConfig:
 
 def validate(cfg: MolecularConfig) -> MolecularConfig:
     from qmis_jax import molecular as mol
-    from qmis_jax import quantizers as Q
 
     if cfg.dataset not in mol.dataset_names():
         raise KeyError(f"--dataset: unknown data set {cfg.dataset!r}; valid: {', '.join(mol.dataset_names())}")
@@ -70,7 +81,7 @@ def validate(cfg: MolecularConfig) -> MolecularConfig:
         raise ValueError(f"--replicates must be at least 4, got {cfg.replicates}")
     if cfg.n is not None and cfg.n < 8:
         raise ValueError(f"--n must be at least 8 molecules, got {cfg.n}")
-    names = cfg.quantizers or Q.names()
+    names = cfg.quantizers or default_quantizers()
     resolve_quantizers(list(names))
     return dataclasses.replace(cfg, quantizers=tuple(names))
 
@@ -116,8 +127,12 @@ def molecular_point(
         memory_budget=memory_budget,
         store=store,
     ).to_dict()
-    for entry in report["quantizers"].values():
+    from qmis_jax import quantizers as Q
+
+    for name, entry in report["quantizers"].items():
         entry["utility_fp32"] = report["trained_utility"]
+        if "release" not in entry:  # what is published: the parts that make the release continuous
+            entry["release"] = Q.release_info(qs[name], params, ptq=ptq)
     return {
         "n": n,
         "replicates": replicates,
@@ -267,7 +282,8 @@ def _plot_point(point, path, *, title):
 
 
 def render_markdown(report, figures) -> str:
-    from qmis_jax.studies.markdown import fmt
+    from qmis_jax.audit.tables import release_cell
+    from qmis_jax.studies.markdown import CONTINUITY, fmt
 
     lines = [
         f"# qmis_jax molecular study: {report['dataset']}",
@@ -276,14 +292,17 @@ def render_markdown(report, figures) -> str:
         "training pool (the pool game: it measures membership within a fixed pool and bounds nothing about "
         "the MIS of theory.md section 1). Utility on the test split.",
         "",
+        CONTINUITY,
+        "",
     ]
     for tag, point in report["points"].items():
         lines += [
             f"## {tag} (n = {point['n']}, invalid SMILES: {point['n_invalid_train']} train, "
             f"{point['n_invalid_test']} test)",
             "",
-            "| quantizer | r_hat [interval] | 1 - MIS (asymptotic) | pool-LiRA advantage [95% CI] | utility |",
-            "|---|---|---:|---|---|",
+            "| quantizer | release | r_hat [interval] | 1 - MIS (asymptotic, plug-in) | pool-LiRA advantage [95% CI] "
+            "(pool game, descriptive) | utility |",
+            "|---|---|---|---:|---|---|",
         ]
         for name in point["ranking"]:
             q = point["quantizers"][name]
@@ -291,7 +310,8 @@ def render_markdown(report, figures) -> str:
             mis = q["mis_asymptotic"]
             util = ", ".join(f"{k} {fmt(v)}" for k, v in q["utility"].items())
             lines.append(
-                f"| {name} | {fmt(q['r_hat'])} [{fmt(q['r_hat_interval'][0])}, {fmt(q['r_hat_interval'][1])}] "
+                f"| {name} | {release_cell(q)} | {fmt(q['r_hat'])} "
+                f"[{fmt(q['r_hat_interval'][0])}, {fmt(q['r_hat_interval'][1])}] "
                 f"| {fmt(None if mis is None else 1 - mis)} | {fmt(a['advantage'])} "
                 f"[{fmt(a['advantage_ci'][0])}, {fmt(a['advantage_ci'][1])}] | {util} |"
             )

@@ -27,8 +27,24 @@ def _save(fig, path: str) -> str:
     return path
 
 
+def is_continuous(q: Mapping[str, Any]) -> bool:
+    """Whether a report entry's release is continuous (a float32 scale or leaf, theory.md section 9)."""
+    rel = q.get("release") or {}
+    return bool(rel.get("continuous", q.get("continuous", False)))
+
+
+def release_style(q: Mapping[str, Any], color: str) -> dict[str, Any]:
+    """Marker keywords that tell releases apart: filled circle (discrete), hollow square (continuous)."""
+    if is_continuous(q):
+        return {"marker": "s", "mfc": "none", "mec": color, "color": color, "ls": "none"}
+    return {"marker": "o", "color": color, "ls": "none"}
+
+
 def plot_indicator(report: Report, path: str) -> str:
-    """``r_Q^n`` per quantizer: the population value (dot) and the 5-95% range of single-model audits (bar)."""
+    """``r_Q^n`` per quantizer: the population value (dot) and the 5-95% range of single-model audits (bar).
+
+    Continuous releases (``r = 0`` by theory.md section 9) are drawn with a hollow marker and labelled.
+    """
     names = list(report["ranking"])
     qs = report["quantizers"]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.5))
@@ -36,11 +52,12 @@ def plot_indicator(report: Report, path: str) -> str:
         s = qs[name]["r_single"]
         ax.plot([s["q05"], s["q95"]], [i, i], color="tab:blue", lw=3, alpha=0.5)
         ax.plot(s["median"], i, "|", color="tab:blue", ms=12)
-        ax.plot(qs[name]["r_population"], i, "o", color="black")
-    ax.set_yticks(range(len(names)), names)
+        ax.plot(qs[name]["r_population"] or 0.0, i, **release_style(qs[name], "black"))
+    ax.set_yticks(range(len(names)), [f"{nm} (continuous)" if is_continuous(qs[nm]) else nm for nm in names])
     ax.invert_yaxis()
     ax.set_xlabel(r"indicator $r_Q^n$ (larger = more secure)")
-    ax.set_title(f"{report['problem']['name']}, n = {report['n']}: population (dot), single audits 5-95% (bar)")
+    ax.set_xscale("symlog", linthresh=1e-6)
+    ax.set_title(f"{report['problem']['name']}, n = {report['n']}: population (dot; hollow = continuous), single 5-95%")
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
@@ -97,42 +114,68 @@ def plot_roc(report: Report, path: str, *, attack: str = "lira") -> str:
     return _save(fig, path)
 
 
-def indicator_attack_agreement(report: Report, *, attack: str = "lira") -> dict[str, float]:
-    """Spearman rank correlation between ``r_population`` and ``1 - advantage`` of an attack across quantizers."""
-    xs, ys = [], []
-    for q in report["quantizers"].values():
-        res = q.get("attacks", {}).get(attack)
-        if res is None:
-            continue
-        xs.append(q["r_population"])
-        ys.append(1.0 - res["advantage"])
+def heldout_advantage(q: Mapping[str, Any], attack: str) -> float | None:
+    """The attack's held-out advantage (thresholds fixed on other replicates), or None when it did not run."""
+    res = q.get("attacks", {}).get(attack)
+    if res is None or res.get("advantage_heldout") is None:
+        return None
+    return float(res["advantage_heldout"])
+
+
+def _spearman(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
     if len(xs) < 3 or np.ptp(xs) == 0 or np.ptp(ys) == 0:
         return {"spearman": float("nan"), "pvalue": float("nan"), "count": len(xs)}
     res = sps.spearmanr(xs, ys)
     return {"spearman": float(res.statistic), "pvalue": float(res.pvalue), "count": len(xs)}
 
 
+def indicator_attack_agreement(report: Report, *, attack: str = "lira") -> dict[str, float]:
+    """Spearman rank correlation between ``r_population`` and ``1 - held-out advantage`` of an attack across
+    quantizers (continuous releases count with ``r = 0``)."""
+    xs, ys = [], []
+    for q in report["quantizers"].values():
+        adv = heldout_advantage(q, attack)
+        if adv is None:
+            continue
+        xs.append(q["r_population"] or 0.0)
+        ys.append(1.0 - adv)
+    return _spearman(xs, ys)
+
+
+def indicator_bracket_agreement(report: Report, *, end: int = 0) -> dict[str, float]:
+    """Spearman rank correlation between ``r_population`` and one end of the certified MIS bracket across
+    quantizers (``end=0``: the swap-coupling lower end; ``end=1``: the held-out attacks' upper end)."""
+    xs, ys = [], []
+    for q in report["quantizers"].values():
+        b = q.get("mis_bracket")
+        if b is None:
+            continue
+        xs.append(q["r_population"] or 0.0)
+        ys.append(float(b[end]))
+    return _spearman(xs, ys)
+
+
 def plot_indicator_vs_attack(report: Report, path: str, *, attack: str = "lira") -> str:
-    """Indicator ``r_population`` against the attack's advantage, with the Spearman rank correlation."""
+    """Indicator ``r_population`` against the attack's held-out advantage (with its interval), continuous releases
+    hollow, with the Spearman rank correlation."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for j, (name, q) in enumerate(report["quantizers"].items()):
-        res = q.get("attacks", {}).get(attack)
-        if res is None:
+        adv = heldout_advantage(q, attack)
+        if adv is None:
             continue
-        lo, hi = res["advantage_ci"]
+        lo, hi = q["attacks"][attack].get("advantage_heldout_ci", (adv, adv))
         ax.errorbar(
-            q["r_population"],
-            res["advantage"],
-            yerr=[[res["advantage"] - lo], [hi - res["advantage"]]],
-            fmt="o",
-            color=f"C{j % 10}",
-            label=name,
+            q["r_population"] or 0.0,
+            adv,
+            yerr=[[max(adv - lo, 0.0)], [max(hi - adv, 0.0)]],
+            label=name + (" (continuous)" if is_continuous(q) else ""),
+            **release_style(q, f"C{j % 10}"),
         )
     rho = indicator_attack_agreement(report, attack=attack)
-    ax.set_xscale("symlog", linthresh=1e-4)
-    ax.set_xlabel(r"indicator $r_Q^n$")
-    ax.set_ylabel(f"{attack} advantage (TPR - FPR)")
-    ax.set_title(f"Does the indicator rank like the attack? Spearman {rho['spearman']:.2f}")
+    ax.set_xscale("symlog", linthresh=1e-6)
+    ax.set_xlabel(r"indicator $r_Q^n$ (0 for continuous releases)")
+    ax.set_ylabel(f"{attack} held-out advantage (TPR - FPR)")
+    ax.set_title(f"Does the indicator rank like the held-out attack? Spearman {rho['spearman']:.2f}")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -157,13 +200,15 @@ def utility_score(utility: Mapping[str, float]) -> tuple[str, float]:
 
 
 def privacy_score(q: Mapping[str, Any]) -> float:
-    """The privacy figure to maximise: the empirical MIS upper bound when attacks ran, else ``r_population``."""
-    value = q.get("mis_empirical_upper")
-    return float(value) if value is not None else float(q["r_population"])
+    """The privacy figure to maximise: the certified lower end of the MIS bracket when the report has one, else
+    ``r_population``."""
+    b = q.get("mis_bracket")
+    return float(b[0]) if b is not None else float(q["r_population"] or 0.0)
 
 
 def plot_privacy_utility(report: Report, path: str) -> str:
-    """Privacy (``1 - best section-1 attack advantage``) against utility, with the Pareto front."""
+    """The certified MIS bracket (interval; marker at its certified lower end) against utility, with the Pareto
+    front of the lower ends. Continuous releases are hollow squares."""
     names = list(report["quantizers"])
     pts, label = [], "utility"
     for name in names:
@@ -171,14 +216,99 @@ def plot_privacy_utility(report: Report, path: str) -> str:
         label, u = utility_score(q["utility"])
         pts.append((privacy_score(q), u))
     front = pareto_front(pts)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for j, (name, (p, u)) in enumerate(zip(names, pts)):
-        ax.plot(p, u, "o", color=f"C{j % 10}")
+        q = report["quantizers"][name]
+        color = f"C{j % 10}"
+        b = q.get("mis_bracket")
+        if b is not None:
+            ax.plot([b[0], b[1]], [u, u], color=color, lw=2, alpha=0.6)
+        ax.plot(p, u, **release_style(q, color))
         ax.annotate(name, (p, u), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front")
-    ax.set_xlabel("privacy: 1 - largest attack advantage (MIS upper bound)")
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front (lower ends)")
+    ax.plot([], [], "o", color="gray", label="discrete release")
+    ax.plot([], [], "s", mfc="none", mec="gray", color="gray", label="continuous release")
+    ax.set_xlabel("MIS: certified bracket, jointly 95% (marker at the lower end)")
     ax.set_ylabel(label)
     ax.set_title(f"privacy vs utility, n = {report['n']}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_rate_convergence(points: Sequence[Mapping[str, Any]], path: str) -> str:
+    """Part one of the synthetic study: ``(-log(flip rate)/n) / r`` against ``n r`` per quantizer, with the
+    flip rate's standard error carried by the delta method (``se / (n p r)``); theory.md sections 4-5 predict the
+    ratio approaches 1 from above as ``n r`` grows (the sub-exponential factors fade).
+
+    ``points``: rows with ``quantizer``, ``n``, ``r``, ``flip_rate``, ``flip_rate_se``.
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for j, name in enumerate(dict.fromkeys(p["quantizer"] for p in points)):
+        rows = sorted((p for p in points if p["quantizer"] == name and p["r"]), key=lambda p: p["n"] * p["r"])
+        xs, ys, es = [], [], []
+        for p in rows:
+            if not 0 < p["flip_rate"] < 1:
+                continue
+            xs.append(p["n"] * p["r"])
+            ys.append(-math.log(p["flip_rate"]) / p["n"] / p["r"])
+            es.append((p["flip_rate_se"] or 0.0) / (p["n"] * p["flip_rate"] * p["r"]))
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, fmt="o-", color=f"C{j % 10}", label=name, capsize=2)
+    ax.axhline(1.0, color="k", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(r"$n\,r$ (population indicator at that n)")
+    ax.set_ylabel(r"$(-\log \mathrm{flip}/n)\,/\,r$")
+    ax.set_title("Monte Carlo rate over the indicator (1 = the indicator's rate)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def plot_validation_bracket(points: Sequence[Mapping[str, Any]], path: str) -> str:
+    """Part one: the certified MIS bracket (bar) around the asymptotic MIS (filled dot in the asymptotic regime,
+    hollow outside it) against ``n r`` per quantizer.
+
+    ``points``: rows with ``quantizer``, ``n``, ``r``, ``mis_bracket``, ``mis_asymptotic``, ``asymptotic_regime``.
+    """
+    names = list(dict.fromkeys(p["quantizer"] for p in points))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for j, name in enumerate(names):
+        color = f"C{j % 10}"
+        rows = sorted((p for p in points if p["quantizer"] == name and p["r"]), key=lambda p: p["n"] * p["r"])
+        for k, p in enumerate(rows):
+            x = p["n"] * p["r"] * (1.0 + 0.04 * (j - len(names) / 2))  # small offset to keep bars apart
+            lo, hi = p["mis_bracket"]
+            ax.plot([x, x], [lo, hi], color=color, lw=2, alpha=0.6, label=name if k == 0 else None)
+            mis = p.get("mis_asymptotic")
+            if mis is not None:
+                style = {"mfc": color} if p.get("asymptotic_regime") else {"mfc": "none"}
+                ax.plot(x, mis, "o", mec=color, **style)
+    ax.set_xscale("log")
+    ax.set_xlabel(r"$n\,r$")
+    ax.set_ylabel("MIS")
+    ax.set_title("certified bracket (bar), asymptotic MIS (dot; hollow: outside regime)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_bracket_width(rows: Sequence[Mapping[str, Any]], path: str) -> str:
+    """Part one: the bracket's width and ends against the replicate count (same quantizer and n).
+
+    ``rows``: ``replicates`` and ``mis_bracket`` per run.
+    """
+    rows = sorted(rows, key=lambda r: r["replicates"])
+    reps = [r["replicates"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.plot(reps, [r["mis_bracket"][1] - r["mis_bracket"][0] for r in rows], "o-", color="k", label="width")
+    ax.plot(reps, [r["mis_bracket"][0] for r in rows], "^--", color="C0", label="lower end (swap coupling)")
+    ax.plot(reps, [r["mis_bracket"][1] for r in rows], "v--", color="C1", label="upper end (held-out attacks)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("replicates")
+    ax.set_ylabel("MIS")
+    ax.set_title("the bracket narrows with the replicate count, not with n")
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
