@@ -134,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--k-modes", type=_positive_int("--k-modes"), default=None, help="Gaussian modes per class (default 4)"
     )
-    s.add_argument("--quick", action="store_true", help="small sizes that finish in about a minute")
+    s.add_argument("--quick", action="store_true", help="small sizes that finish in a few minutes")
+    s.add_argument(
+        "--no-validation",
+        action="store_true",
+        help="skip part one (the low-dimensional validation of the theory) and run only the paper's setting",
+    )
     s.add_argument("--ptq", choices=("loss", "rtn"), default="loss", help="post-training procedure (default loss)")
     s.add_argument(
         "--method", choices=("gaussian", "cramer"), default="gaussian", help="rate of the indicator (default gaussian)"

@@ -27,14 +27,14 @@ import pytest
 from qmis_jax._memory import replicate_bytes
 from qmis_jax.studies.markdown import render
 
+pytestmark = pytest.mark.slow  # subprocess runs on 1 and 4 host devices
+
 RTOL, ATOL = 1e-5, 1e-9
 
 SCRIPT = """
 import json, sys
 import jax
 import qmis_jax as qj
-
-pytestmark = pytest.mark.slow  # subprocess runs on 1 and 4 host devices
 
 report = qj.audit(
     jax.random.key(0),

@@ -48,7 +48,11 @@ def _args(args: argparse.Namespace, *names: str) -> dict:
 
 
 _STUDY_OPTIONS = {
-    "synthetic": lambda a: {"n_values": a.n, **_args(a, "models", "dim", "k_modes", "ptq", "method")},
+    "synthetic": lambda a: {
+        "n_values": a.n,
+        "validation": False if a.no_validation else None,
+        **_args(a, "models", "dim", "k_modes", "ptq", "method"),
+    },
     "molecular": lambda a: {"n": _single_n(a.n), **_args(a, "dataset", "featurizers", "heads", "task")},
 }
 
