@@ -3,7 +3,7 @@
 - One persistent compilation cache shared by this process and the subprocesses that the command-line, resume,
   device and notebook tests start (they compile the same programs again otherwise).
 - Strict numerics: implicit rank promotion raises (a broadcast between arrays of different ranks must be written
-  out), as equinox and other careful JAX libraries test.
+  out), as equinox and other careful JAX libraries test; the command-line subprocesses run with JAX's default.
 - One ``x64`` fixture: 64-bit floats for the test that asks for it (``pytestmark =
   pytest.mark.usefixtures("x64")`` for a whole module).
 """
@@ -13,10 +13,11 @@ import tempfile
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="qmis-jax-test-xla-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "warn")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")  # this process only; the CLI subprocesses keep the default
 
 
 @pytest.fixture

@@ -120,7 +120,8 @@ def molecular_problem(
     else:
 
         def eta_fn(params, x):
-            h = act(x @ params["w1"] + params["b1"])
+            bias = params["b1"].reshape((1,) * (x.ndim - 1) + (-1,))  # over the rows of a batch, explicitly
+            h = act(x @ params["w1"] + bias)
             return h @ params["w2"][:, 0] + params["b2"][0]
 
         def penalty(params):

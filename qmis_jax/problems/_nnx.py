@@ -30,6 +30,8 @@ def pure_module(module: nnx.Module) -> tuple[Callable[[Any, Array], Array], Any]
         leaves = jax.tree.leaves(p)
         if len(leaves) != n_leaves:
             raise ValueError(f"params has {len(leaves)} arrays, the module has {n_leaves}")
-        return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)(x)
+        # the module's own code (flax layers add a bias by rank promotion) runs under JAX's default rule
+        with jax.numpy_rank_promotion("allow"):
+            return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)(x)
 
     return apply, params
