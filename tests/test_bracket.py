@@ -249,7 +249,7 @@ def _fp_replicate(key, shape):
     s0sq, s1sq = 1.0 / n, (n - 1) / n**2
 
     def llr(pts):
-        return -jnp.sum((release - pts / n) ** 2, axis=1) / (2 * s1sq) + jnp.sum(release**2) / (2 * s0sq)
+        return -jnp.sum((release[None, :] - pts / n) ** 2, axis=1) / (2 * s1sq) + jnp.sum(release**2) / (2 * s0sq)
 
     return jnp.any(release != swapped), llr(z), llr(fresh)
 
