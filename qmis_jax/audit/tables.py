@@ -100,16 +100,15 @@ def quantizer_table(report: Report) -> list[str]:
     """
     attacks = [
         a
-        for a in ("loss", "lira", "lira_offline")
+        for a in ("loss", "lira", "lira_offline", "rmia", "rmia_offline")
         if any(a in q.get("attacks", {}) for q in report["quantizers"].values())
     ]
-    lines = [
+    lines = _head(
         "| rank | quantizer | release | MIS bracket [95%] | indicator r | r_single median [q05, q95] "
-        "| sqrt(n) c_min | MIS (asymptotic) | flip rate ± SE (MC) | flip (predicted) | swap rate (95% upper) | "
-        + "".join(f"{a} held-out advantage [95% CI] | " for a in attacks)
-        + "utility |",
-        "|---:|---|---|---|---:|---|---:|---:|---|---:|---|" + "---|" * len(attacks) + "---|",
-    ]
+        "| sqrt(n) c_min | MIS (asymptotic) | flip rate ± SE (MC) | flip (predicted) | swap rate (95% upper) | ",
+        "|---:|---|---|---|---:|---|---:|---:|---|---:|---|",
+        [f"{a} held-out advantage [95% CI]" for a in attacks],
+    )
     for i, name in enumerate(report["ranking"], 1):
         q = report["quantizers"][name]
         s = q["r_single"]
@@ -121,6 +120,12 @@ def quantizer_table(report: Report) -> list[str]:
             f"| {cells}{_utility_cell(q['utility'])} |"
         )
     return lines
+
+
+def _head(first: str, rule: str, attack_columns: list[str]) -> list[str]:
+    """A table's header and rule: the fixed columns, one column per attack, then utility."""
+    cells = "".join(f"{c} | " for c in attack_columns)
+    return [first + cells + "utility |", rule + "---|" * len(attack_columns) + "---|"]
 
 
 def attack_table(report: Report) -> list[str]:
@@ -148,12 +153,11 @@ def attack_table(report: Report) -> list[str]:
 def single_model_table(report: Report) -> list[str]:
     """Markdown table of a single-model audit (:func:`qmis_jax.audit_model`): one row per quantizer."""
     attacks = sorted({a for q in report["quantizers"].values() for a in q.get("attacks", {})})
-    lines = [
-        "| rank | quantizer | r_hat | interval | 1 - MIS (asymptotic, plug-in) | release | "
-        + "".join(f"{a} advantage (pool game) | " for a in attacks)
-        + "utility |",
-        "|---:|---|---:|---|---:|---|" + "---|" * len(attacks) + "---|",
-    ]
+    lines = _head(
+        "| rank | quantizer | r_hat | interval | 1 - MIS (asymptotic, plug-in) | release | ",
+        "|---:|---|---:|---|---:|---|",
+        [f"{a} advantage (pool game)" for a in attacks],
+    )
     for i, name in enumerate(report["ranking"], 1):
         q = report["quantizers"][name]
         lo, hi = q["r_hat_interval"]
