@@ -30,18 +30,22 @@ quickstart = [
     ),
     (
         "code",
-        "for name in ['fp32', 'int8', 'int4', 'ternary', 'sign']:\n"
-        "    a = qj.stats.single_model_indicator(qj.quantizers.get(name), problem, params, x, y)\n"
-        "    mis = qj.stats.mis_asymptotic(800, a.delta, a.sigma, a.valid,\n"
-        "                                  continuous=qj.quantizers.get(name).continuous)\n"
+        "for name in ['fp32', 'int4', 'int4@e8m0', 'sign', 'sign@e8m0']:\n"
+        "    a = qj.stats.single_model_indicator(name, problem, params, x, y)\n"
+        "    continuous = qj.quantizers.is_continuous(name)\n"
+        "    mis = qj.stats.mis_asymptotic(800, a.delta, a.sigma, a.valid, continuous=continuous)\n"
         "    lo, hi = (float(v) for v in a.r_interval)\n"
-        "    r = float(a.r_hat)\n"
-        "    print(f'{name:8s} r_hat = {r:.4f}  [{lo:.4f}, {hi:.4f}]  1 - MIS ~ {1 - float(mis.mis):.3g}')",
+        "    release = 'continuous' if continuous else 'discrete'\n"
+        "    print(f'{name:10s} {release:10s} r_hat = {float(a.r_hat):.3g}  [{lo:.3g}, {hi:.3g}]  '\n"
+        "          f'1 - MIS ~ {1 - float(mis.mis):.3g}')",
     ),
     (
         "md",
-        "`r_hat = 0` means no exponential security: fp32 keeps continuous coordinates, so one training point "
-        "always moves the release a little. A larger `r_hat` means the release is locked on its codebook point.",
+        "`r_hat = 0` means no exponential security: fp32 keeps continuous coordinates, and `int4` or `sign` publish "
+        "a float32 scale (`max|w| / 7`, `mean|w|`), a continuous function of the weights, so one training point "
+        "always moves the release a little (`1 - MIS` is then `nan`: no exponential approximation). With an E8M0 "
+        "scale (`@e8m0`, a power of two) the release is discrete, and a larger `r_hat` means it is locked on its "
+        "codebook point.",
     ),
 ]
 
@@ -55,7 +59,7 @@ synthetic = [
         "code",
         "import jax\n\nimport qmis_jax as qj\n\n"
         "problem = qj.problems.logistic_mixture(dim=16, k_modes=2)\n"
-        "report = qj.audit(jax.random.key(0), problem, ['fp32', 'int8', 'int4', 'ternary', 'sign'],\n"
+        "report = qj.audit(jax.random.key(0), problem, ['fp32', 'int4', 'int4@e8m0', 'sign', 'sign@e8m0'],\n"
         "                  n=400, replicates=64)\n"
         "print(report)",
     ),
@@ -64,9 +68,11 @@ synthetic = [
         "d = report.to_dict()\n"
         "for name in d['ranking']:\n"
         "    q = d['quantizers'][name]\n"
-        "    lira = q['attacks']['lira']['advantage']\n"
-        "    print(f\"{name:8s} r = {q['r_population']:.4f}  flips {q['flip_rate']:.3f} \"\n"
-        "          f\"(predicted {q['flip_rate_predicted']:.3f})  LiRA adv {lira:.3f}\")",
+        "    lira = q['attacks']['lira']['advantage_heldout']\n"
+        "    release = 'continuous' if q['continuous'] else 'discrete'\n"
+        "    lo, hi = q['mis_bracket']  # certified, jointly 95%: the number to read\n"
+        "    print(f\"{name:10s} {release:10s} MIS in [{lo:.3f}, {hi:.3f}]  r = {q['r_population']:.3g}  \"\n"
+        "          f\"flips {q['flip_rate']:.3f}  LiRA held-out advantage {lira:.3f}\")",
     ),
 ]
 
