@@ -78,6 +78,78 @@ def molecular_problem(
     Returns:
       A :class:`Problem` whose ``config`` records the head, ``l2``, the sampling law and ``data.info``.
     """
+    l2 = _check_arguments(data, head=head, hidden=hidden, l2=l2, activation=activation)
+    task = data.task
+    x_pool = jnp.asarray(data.x_train)
+    y_pool = jnp.asarray(data.y_train)
+    n_pool, f = x_pool.shape
+    margin_loss = _margin_loss(task)
+    act = _ACTIVATIONS[activation]
+
+    def sample(key, n):
+        idx = jax.random.randint(key, (n,), 0, n_pool)
+        return x_pool[idx], y_pool[idx]
+
+    eta_fn, penalty, init = _head_functions(head, f=f, hidden=hidden, l2=l2, act=act)
+
+    def loss(params, x_i, y_i):
+        return margin_loss(eta_fn(params, x_i[None, :])[0], y_i) + penalty(params)
+
+    if task == "binary":
+
+        def predict(params, x):
+            return jax.nn.sigmoid(eta_fn(params, x))
+
+    else:
+
+        def predict(params, x):
+            return eta_fn(params, x)
+
+    design = glm_margin_loss = ridge = solve = None
+    if head == "linear":
+
+        def design(x):
+            x = jnp.asarray(x)
+            return jnp.concatenate([jnp.ones((x.shape[0], 1), x.dtype), x], axis=1)
+
+        glm_margin_loss = margin_loss
+        ridge = jnp.concatenate([jnp.zeros((1,)), jnp.full((f,), l2)]) if l2 > 0 else None
+
+    if head == "linear" and task == "regression":
+        solve = _ridge_solve(f, l2)
+
+    config = {
+        "head": head,
+        "l2": l2,
+        "penalty": "(l2 / 2) * sum of squared weights (biases unpenalised), added to every example's loss",
+        "loss": "logistic" if task == "binary" else "squared / 2 on standardized targets",
+        "sampling": "n draws uniformly with replacement from the training pool (its empirical law)",
+        "n_pool": int(n_pool),
+        "n_features": int(f),
+        "data": data.info,
+    }
+    if head == "mlp":
+        config.update(hidden=int(hidden), activation=activation, init="LeCun normal weights, zero biases")
+    dataset = data.info.get("dataset", {}).get("name", "molecular")
+    return Problem(
+        name=f"molecular_{head}",
+        sample=sample,
+        init=init,
+        loss=loss,
+        predict=predict,
+        task=task,
+        convex=head == "linear",
+        config={"dataset": dataset, "featurizer": data.info.get("featurizer"), **config},
+        solve=solve,
+        design=design,
+        margin_loss=glm_margin_loss,
+        penalty=ridge,
+        population=None,
+    )
+
+
+def _check_arguments(data, *, head: str, hidden, l2, activation: str) -> float:
+    """Check the arguments of :func:`molecular_problem`; return the ridge strength with its default filled in."""
     if not isinstance(data, MolecularData):
         raise ValueError(f"data: expected a MolecularData from prepare(), got {type(data).__name__}")
     if head not in _HEADS:
@@ -91,20 +163,13 @@ def molecular_problem(
     if isinstance(l2, bool) or not isinstance(l2, int | float) or not math.isfinite(l2) or l2 < 0:
         raise ValueError(f"l2: must be a finite number >= 0, got {l2!r}")
     l2 = float(l2)
-    task = data.task
-    if task not in ("regression", "binary"):
-        raise ValueError(f"data: task must be 'regression' or 'binary', got {task!r}")
+    if data.task not in ("regression", "binary"):
+        raise ValueError(f"data: task must be 'regression' or 'binary', got {data.task!r}")
+    return l2
 
-    x_pool = jnp.asarray(data.x_train)
-    y_pool = jnp.asarray(data.y_train)
-    n_pool, f = x_pool.shape
-    margin_loss = _margin_loss(task)
-    act = _ACTIVATIONS[activation]
 
-    def sample(key, n):
-        idx = jax.random.randint(key, (n,), 0, n_pool)
-        return x_pool[idx], y_pool[idx]
-
+def _head_functions(head: str, *, f: int, hidden: int, l2: float, act):
+    """``(eta_fn, penalty, init)`` of the linear or MLP head (see :func:`molecular_problem`)."""
     if head == "linear":
 
         def eta_fn(params, x):
@@ -136,67 +201,21 @@ def molecular_problem(
                 "w2": jax.random.normal(k2, (hidden, 1)) / math.sqrt(hidden),
             }
 
-    def loss(params, x_i, y_i):
-        return margin_loss(eta_fn(params, x_i[None, :])[0], y_i) + penalty(params)
+    return eta_fn, penalty, init
 
-    if task == "binary":
 
-        def predict(params, x):
-            return jax.nn.sigmoid(eta_fn(params, x))
+def _ridge_solve(f: int, l2: float):
+    """The closed-form weighted ridge fit of the linear regression head."""
 
-    else:
+    def solve(x, y, w):
+        """Weighted ridge: minimise ``sum_i w_i l_i / sum_i w_i`` in closed form (minimum-norm if l2 = 0)."""
+        z = jnp.concatenate([jnp.ones((x.shape[0], 1), x.dtype), x], axis=1)
+        wsum = jnp.sum(w)
+        a = (z * w[:, None]).T @ z / wsum
+        rhs = (z * w[:, None]).T @ y / wsum
+        pen = jnp.concatenate([jnp.zeros((1,)), jnp.full((f,), l2)]).astype(a.dtype)
+        a = a + jnp.diag(pen)
+        theta = jnp.linalg.solve(a, rhs) if l2 > 0 else jnp.linalg.pinv(a, hermitian=True) @ rhs
+        return {"b": theta[:1], "w": theta[1:, None]}
 
-        def predict(params, x):
-            return eta_fn(params, x)
-
-    design = glm_margin_loss = ridge = solve = None
-    if head == "linear":
-
-        def design(x):
-            x = jnp.asarray(x)
-            return jnp.concatenate([jnp.ones((x.shape[0], 1), x.dtype), x], axis=1)
-
-        glm_margin_loss = margin_loss
-        ridge = jnp.concatenate([jnp.zeros((1,)), jnp.full((f,), l2)]) if l2 > 0 else None
-
-    if head == "linear" and task == "regression":
-
-        def solve(x, y, w):
-            """Weighted ridge: minimise ``sum_i w_i l_i / sum_i w_i`` in closed form (minimum-norm if l2 = 0)."""
-            z = jnp.concatenate([jnp.ones((x.shape[0], 1), x.dtype), x], axis=1)
-            wsum = jnp.sum(w)
-            a = (z * w[:, None]).T @ z / wsum
-            rhs = (z * w[:, None]).T @ y / wsum
-            pen = jnp.concatenate([jnp.zeros((1,)), jnp.full((f,), l2)]).astype(a.dtype)
-            a = a + jnp.diag(pen)
-            theta = jnp.linalg.solve(a, rhs) if l2 > 0 else jnp.linalg.pinv(a, hermitian=True) @ rhs
-            return {"b": theta[:1], "w": theta[1:, None]}
-
-    config = {
-        "head": head,
-        "l2": l2,
-        "penalty": "(l2 / 2) * sum of squared weights (biases unpenalised), added to every example's loss",
-        "loss": "logistic" if task == "binary" else "squared / 2 on standardized targets",
-        "sampling": "n draws uniformly with replacement from the training pool (its empirical law)",
-        "n_pool": int(n_pool),
-        "n_features": int(f),
-        "data": data.info,
-    }
-    if head == "mlp":
-        config.update(hidden=int(hidden), activation=activation, init="LeCun normal weights, zero biases")
-    dataset = data.info.get("dataset", {}).get("name", "molecular")
-    return Problem(
-        name=f"molecular_{head}",
-        sample=sample,
-        init=init,
-        loss=loss,
-        predict=predict,
-        task=task,
-        convex=head == "linear",
-        config={"dataset": dataset, "featurizer": data.info.get("featurizer"), **config},
-        solve=solve,
-        design=design,
-        margin_loss=glm_margin_loss,
-        penalty=ridge,
-        population=None,
-    )
+    return solve
