@@ -209,13 +209,20 @@ def logistic_fresh(args, peak):
         "logistic_d128", replicates, seconds, compile_s, flops, peak, baselines,
         design="fresh data per replicate: generation inside our program and the sequential ones, not sklearn's",
         data_generation_seconds=round(data_s, 4),
-        n=n, dim=128, tol=tol, solver="glm_lbfgs", iterations_mean=float(np.mean(res.steps)),
-        iterations_max=int(np.max(res.steps)), converged=float(np.mean(res.converged)),
-        max_loss_gap_vs_sklearn=worst,
+        **_glm_fit_fields(res, n=n, tol=tol), max_loss_gap_vs_sklearn=worst,
         baseline_note=f"baselines timed on {SUBSET} replicates and extrapolated linearly to {replicates}; "
         "sequential_jax is fit_fresh with chunk_size=1 (the same program, one replicate per call), "
         "sequential_jax_newton the same with solver='glm_newton'",
     )  # fmt: skip
+
+
+def _glm_fit_fields(res, *, n, tol):
+    """What the logistic workloads record of their fit: sizes, solver, iterations and convergence."""
+    steps = np.asarray(res.steps)
+    return {
+        "n": n, "dim": 128, "tol": tol, "solver": "glm_lbfgs", "iterations_mean": float(np.mean(steps)),
+        "iterations_max": int(np.max(steps)), "converged": float(np.mean(res.converged)),
+    }  # fmt: skip
 
 
 def _pool(replicates, n, seed=0):
@@ -257,9 +264,7 @@ def logistic_pool(args, peak):
     return record(
         "logistic_d128_pool", replicates, seconds, compile_s, flops, peak, baselines,
         design="pool of 2n = 2000, each replicate's n = 1000 members by 0/1 weights (baselines fit the members)",
-        n=n, dim=128, tol=tol, solver="glm_lbfgs", iterations_mean=float(np.mean(res.steps)),
-        iterations_max=int(np.max(res.steps)), converged=float(np.mean(res.converged)),
-        max_loss_gap_vs_sklearn=worst,
+        **_glm_fit_fields(res, n=n, tol=tol), max_loss_gap_vs_sklearn=worst,
         baseline_note=f"baselines timed on {SUBSET} replicates and extrapolated linearly to {replicates}; "
         "sequential_jax is fit with chunk_size=1 (the same program, one replicate per call, the shared pilot "
         "included)",
