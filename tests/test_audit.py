@@ -53,6 +53,14 @@ def test_report_schema_is_json_and_complete(gaussian_report):
     for attack in ("loss", "lira"):
         assert {"advantage", "advantage_ci", "auc", "tpr_at_1pct_fpr"} <= set(q["attacks"][attack])
     assert d["ranking"][0] == "grid"  # the quantized release is the more secure
+    # every probability, advantage and bound of the report lies in [0, 1] (theory.md sections 5, 7 and 10)
+    for entry in d["quantizers"].values():
+        values = [entry[k] for k in ("flip_rate", "flip_rate_predicted", "flip_union_bound", "mis_asymptotic")]
+        values += [*entry["mis_bracket"], entry["mis_empirical_upper"], entry["swap"]["upper"]]
+        for res in entry["attacks"].values():
+            values += [res["advantage"], res["advantage_heldout"], res["advantage_bound"], res["auc"]]
+            values += [*res["advantage_ci"], *res["advantage_heldout_ci"]]
+        assert all(v is None or 0.0 <= v <= 1.0 for v in values), entry
 
 
 def test_gaussian_mean_indicator_flip_rate_and_mis(gaussian_report):

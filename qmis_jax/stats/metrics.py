@@ -242,7 +242,8 @@ class AttackMetrics(NamedTuple):
     heldout_replicates: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict: floats, ints and lists (infinite thresholds become ``None``)."""
+        """JSON-friendly dict: floats, ints and lists (infinite thresholds become ``None``). Its
+        ``advantage_heldout`` is clipped to ``[0, 1]`` (``advantage_heldout_mean`` keeps the signed estimate)."""
 
         def finite(v):
             return float(v) if np.isfinite(v) else None
@@ -250,7 +251,9 @@ class AttackMetrics(NamedTuple):
         return {
             "advantage": float(self.advantage),
             "advantage_ci": [float(v) for v in self.advantage_ci],
-            "advantage_heldout": float(self.advantage_heldout),
+            # an advantage in a report lies in [0, 1]: the signed, unbiased mean is kept beside it
+            "advantage_heldout": _clip01(self.advantage_heldout),
+            "advantage_heldout_mean": float(self.advantage_heldout),
             "advantage_heldout_ci": [float(v) for v in self.advantage_heldout_ci],
             "auc": float(self.auc),
             "tpr_at_1pct_fpr": float(self.tpr_at_1pct_fpr),
