@@ -154,14 +154,14 @@ def single_model_table(report: Report) -> list[str]:
     """Markdown table of a single-model audit (:func:`qmis_jax.audit_model`): one row per quantizer."""
     attacks = sorted({a for q in report["quantizers"].values() for a in q.get("attacks", {})})
     lines = _head(
-        "| rank | quantizer | r_hat | interval | 1 - MIS (asymptotic, plug-in) | release | ",
+        "| rank | quantizer | r_hat | interval | 1 - MIS (asymptotic, plug-in; - outside its regime) | release | ",
         "|---:|---|---:|---|---:|---|",
         [f"{a} advantage (pool game)" for a in attacks],
     )
     for i, name in enumerate(report["ranking"], 1):
         q = report["quantizers"][name]
         lo, hi = q["r_hat_interval"]
-        mis = q.get("mis_asymptotic")
+        mis = q.get("mis_asymptotic") if q.get("asymptotic_regime") else None  # only in its regime
         cells = "".join(f"{_pool_cell(q, a)} | " for a in attacks)
         lines.append(
             f"| {i} | {name} | {fmt(q['r_hat'])} | [{fmt(lo)}, {fmt(hi)}] | {fmt(None if mis is None else 1 - mis)} "
