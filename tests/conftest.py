@@ -2,8 +2,8 @@
 
 - One persistent compilation cache shared by this process and the subprocesses that the command-line, resume,
   device and notebook tests start (they compile the same programs again otherwise).
-- Implicit rank promotion warns (a broadcast between arrays of different ranks should be written out); the
-  package's own code passes with it raising, some reference computations of the tests do not yet.
+- Implicit rank promotion raises: a broadcast between arrays of different ranks is written out, in the package and
+  in the tests' own reference computations.
 - One ``x64`` fixture: 64-bit floats for the test that asks for it (``pytestmark =
   pytest.mark.usefixtures("x64")`` for a whole module).
 """
@@ -17,7 +17,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_numpy_rank_promotion", "warn")  # this process only; the CLI subprocesses keep the default
+jax.config.update("jax_numpy_rank_promotion", "raise")  # this process only; the CLI subprocesses keep the default
 
 
 @pytest.fixture
