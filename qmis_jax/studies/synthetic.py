@@ -264,6 +264,23 @@ def ranking_agreement(report: dict[str, Any], attacks: Sequence[str]) -> dict[st
     return out
 
 
+def study_audit(cfg: SyntheticConfig, key, problem, qs, *, n, replicates, store, tag, bar) -> dict[str, Any]:
+    """One audit of the study, its stages stored under ``tag``; returns the report's dictionary."""
+    return audit(
+        key,
+        problem,
+        qs,
+        n=n,
+        replicates=replicates,
+        ptq=cfg.ptq,
+        method=cfg.method,
+        attacks=cfg.attacks,
+        memory_budget=cfg.memory_budget,
+        store=store.prefixed(tag + "."),
+        progress=None if bar is None else (lambda stage, done: bar.set_postfix_str(f"{tag} {stage} {done}")),
+    ).to_dict()
+
+
 def run_validation(cfg: SyntheticConfig, store: ResultStore, key: jax.Array, bar=None) -> dict[str, Any]:
     """Part one of the study (see the module docstring); returns its dictionary for ``report.json``."""
     problem = problems.logistic_mixture(dim=cfg.validation_dim, k_modes=cfg.k_modes, seed=cfg.seed)
@@ -272,19 +289,8 @@ def run_validation(cfg: SyntheticConfig, store: ResultStore, key: jax.Array, bar
 
     def one(tag, n, qnames, replicates, k):
         def compute():
-            return audit(
-                k,
-                problem,
-                validation_quantizer_set(cfg, qnames, n),
-                n=n,
-                replicates=replicates,
-                ptq=cfg.ptq,
-                method=cfg.method,
-                attacks=cfg.attacks,
-                memory_budget=cfg.memory_budget,
-                store=store.prefixed(tag + "."),
-                progress=None if bar is None else (lambda stage, done: bar.set_postfix_str(f"{tag} {stage} {done}")),
-            ).to_dict()
+            qs = validation_quantizer_set(cfg, qnames, n)
+            return study_audit(cfg, k, problem, qs, n=n, replicates=replicates, store=store, tag=tag, bar=bar)
 
         if bar is not None:
             bar.set_description(tag)
@@ -391,20 +397,9 @@ def run(
         bar.set_description(tag)
 
         def compute(model=model, n=n, problem=problem, tag=tag):
-            report = audit(
-                jax.random.fold_in(jax.random.fold_in(key, MODELS.index(model)), n),
-                problem,
-                quantizer_set(cfg, n),
-                n=n,
-                replicates=cfg.replicates,
-                ptq=cfg.ptq,
-                method=cfg.method,
-                attacks=cfg.attacks,
-                memory_budget=cfg.memory_budget,
-                store=store.prefixed(tag + "."),
-                progress=lambda stage, done: bar.set_postfix_str(f"{stage} {done}"),
-            )
-            return report.to_dict()
+            k = jax.random.fold_in(jax.random.fold_in(key, MODELS.index(model)), n)
+            qs = quantizer_set(cfg, n)
+            return study_audit(cfg, k, problem, qs, n=n, replicates=cfg.replicates, store=store, tag=tag, bar=bar)
 
         run_report = store.get_or_compute_json(f"report-{tag}", compute)
         runs.append(run_report)

@@ -122,9 +122,6 @@ def fit_options(key, problem, training: Mapping[str, Any], *, start=0, n=None, r
     if unknown:
         raise ValueError(f"unknown training option(s) {unknown}; valid: {', '.join(TRAINING_DEFAULTS)}")
     t = {**TRAINING_DEFAULTS, **training}
-    tol, max_steps, chunk_size, memory_budget = t["tol"], t["max_steps"], t["chunk_size"], t["memory_budget"]
-    optimizer, batch_size, shared_init, devices = t["optimizer"], t["batch_size"], t["shared_init"], t["devices"]
-    init_params, solver = t["init_params"], t["solver"]
     check_key(key)
     if n is not None:
         n = check_positive_int("n", n)
@@ -132,33 +129,19 @@ def fit_options(key, problem, training: Mapping[str, Any], *, start=0, n=None, r
         replicates = check_positive_int("replicates", replicates)
     start = _check_start(start)
     check_problem(problem)
-    tol = check_tol(tol)
-    solver = resolve_solver(problem, solver)
-    max_steps = check_positive_int("max_steps", max_steps, allow_none=True)
-    if max_steps is None:
-        max_steps = DEFAULT_OPTAX_STEPS if solver == "optax" else DEFAULT_NEWTON_STEPS
-    check_positive_int("chunk_size", chunk_size, allow_none=True)
-    check_positive_int("memory_budget", memory_budget, allow_none=True)
-    check_positive_int("batch_size", batch_size, allow_none=True)
-    if optimizer is None:
-        optimizer = default_optimizer()
-    elif not isinstance(optimizer, optax.GradientTransformation):
-        raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
-    devices = tuple(jax.local_devices() if devices is None else devices)
-    if not devices:
+    t["tol"] = check_tol(t["tol"])
+    t["solver"] = resolve_solver(problem, t["solver"])
+    t["max_steps"] = check_positive_int("max_steps", t["max_steps"], allow_none=True)
+    if t["max_steps"] is None:
+        t["max_steps"] = DEFAULT_OPTAX_STEPS if t["solver"] == "optax" else DEFAULT_NEWTON_STEPS
+    for name in ("chunk_size", "memory_budget", "batch_size"):
+        check_positive_int(name, t[name], allow_none=True)
+    if t["optimizer"] is None:
+        t["optimizer"] = default_optimizer()
+    elif not isinstance(t["optimizer"], optax.GradientTransformation):
+        raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(t['optimizer']).__name__}")
+    t["devices"] = tuple(jax.local_devices() if t["devices"] is None else t["devices"])
+    if not t["devices"]:
         raise ValueError("devices must hold at least one device")
-    return FitOptions(
-        solver=solver,
-        tol=tol,
-        max_steps=max_steps,
-        optimizer=optimizer,
-        devices=devices,
-        chunk_size=chunk_size,
-        memory_budget=memory_budget,
-        batch_size=batch_size,
-        shared_init=bool(shared_init),
-        init_params=init_params,
-        start=start,
-        n=n,
-        replicates=replicates,
-    )
+    t["shared_init"] = bool(t["shared_init"])
+    return FitOptions(**t, start=start, n=n, replicates=replicates)
