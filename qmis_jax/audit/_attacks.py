@@ -19,7 +19,6 @@ import numpy as np
 
 from qmis_jax import stats, train
 from qmis_jax.problems import Problem
-from qmis_jax.stats.attacks import FIX_VARIANCE_BELOW
 from qmis_jax.stats.options import IndicatorOptions
 from qmis_jax.store import Store
 
@@ -129,7 +128,7 @@ def pool_design_scores(
 
         def one(j, name, q):
             keys = replicate_keys(jax.random.fold_in(key_quantize, 2000 + j), np.arange(replicates))
-            release = release_program(q, problem, indicator)(res.params, px, py, weights, keys)
+            release = release_program(q, problem, indicator, shared=True)(res.params, px, py, weights, keys)
             return stats.score_from_loss(loss_program(problem, True)(release, px, py), problem.task)
 
         return dict(zip(quantizers, per_quantizer(one, quantizers)))
@@ -198,13 +197,6 @@ def _with_roc_extras(metrics: dict[str, Any], sc: Scores) -> dict[str, Any]:
     return metrics
 
 
-def _lira_matrix(scores, membership, shadow, online: bool) -> np.ndarray:
-    """LiRA's likelihood-ratio statistic of every (replicate, target), fitted on the shadow rows."""
-    fix = int(np.sum(shadow)) < FIX_VARIANCE_BELOW
-    fit = stats.fit_lira(jnp.asarray(scores), jnp.asarray(membership), shadow=jnp.asarray(shadow), fix_variance=fix)
-    return np.asarray(stats.lira_scores(jnp.asarray(scores), fit, online=online))
-
-
 def _rmia(emb: Embedded, name: str, shadow, online: bool, key, bound_level) -> tuple[dict, np.ndarray]:
     """RMIA of one quantizer (offline: its scaling ``a`` tuned on the shadow replicates), its metrics and matrix."""
     args = (emb.log_px[name], emb.log_pz[name], emb.membership)
@@ -225,10 +217,15 @@ def _embedded_attacks(plan, problem, pop, store, progress, bound_level, results,
         for attack in plan.attacks:
             if attack in LIRA_ATTACKS:
                 online = attack == "lira"
-                metrics = stats.lira_metrics(
-                    emb.scores[name], emb.membership, shadow=shadow, online=online, key=key, bound_level=bound_level
+                metrics, matrix = stats.lira_metrics(
+                    emb.scores[name],
+                    emb.membership,
+                    shadow=shadow,
+                    online=online,
+                    key=key,
+                    bound_level=bound_level,
+                    return_matrix=True,
                 )
-                matrix = _lira_matrix(emb.scores[name], emb.membership, shadow, online)
             elif attack in RMIA_ATTACKS:
                 metrics, matrix = _rmia(emb, name, shadow, attack == "rmia", key, bound_level)
             else:

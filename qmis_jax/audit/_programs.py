@@ -18,29 +18,16 @@ from qmis_jax.stats.options import IndicatorOptions
 
 
 @functools.lru_cache(maxsize=256)
-def release_program(q, problem, opts: IndicatorOptions):
-    """jit(vmap) of the release on one shared pool with per-replicate membership weights (the pool design)."""
+def release_program(q, problem, opts: IndicatorOptions, shared: bool = False):
+    """jit(vmap) over replicates of the release alone (:func:`~qmis_jax.stats.ptq_release`), on per-replicate data
+    ``(R, n, ...)`` (the swap coupling), or on one shared pool with per-replicate membership weights (``shared``,
+    the pool design)."""
 
     def one(params, x, y, w, key):
-        if opts.ptq == "rtn":
-            return stats.ptq_rtn(q, params, key=key, skip=opts.skip)
-        release, _ = stats.ptq_loss(
-            q,
-            problem.loss,
-            params,
-            x,
-            y,
-            key=key,
-            skip=opts.skip,
-            weights=w,
-            max_sweeps=opts.max_sweeps,
-            design=problem.design,
-            margin_loss=problem.margin_loss,
-            penalty=problem.penalty,
-        )
-        return release
+        return stats.ptq_release(q, problem, params, x, y, key=key, weights=w, options=opts)
 
-    return jax.jit(jax.vmap(one, in_axes=(0, None, None, 0, 0)))
+    in_axes = (0, None, None, 0, 0) if shared else (0, 0, 0, None, 0)
+    return jax.jit(jax.vmap(one, in_axes=in_axes))
 
 
 @functools.lru_cache(maxsize=256)

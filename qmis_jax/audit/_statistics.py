@@ -15,7 +15,7 @@ from qmis_jax.store import Store
 
 from ._plan import AuditPlan
 from ._population import Population
-from ._programs import loss_program, per_quantizer, replicate_keys, single_program, utility_program
+from ._programs import loss_program, per_quantizer, release_program, replicate_keys, single_program, utility_program
 from ._train import Trained
 
 
@@ -62,11 +62,11 @@ def _chunk_statistics(plan: AuditPlan, problem: Problem, params, idx: np.ndarray
         keys = replicate_keys(jax.random.fold_in(plan.keys.quantize, j + 1), idx)
         program = single_program(q, problem, opts)
         single, same = program(params, x, y, keys, pop.audits[name].codes)
-        swapped, _ = program(params_s, xs, ys, keys, pop.audits[name].codes)
+        swapped = release_program(q, problem, opts)(params_s, xs, ys, None, keys)
         continuous = stats.no_exponential_security(q, opts.ptq, pop.theta_star, opts.skip)
         flipped = jnp.ones_like(same) if continuous else ~same
         part = {
-            f"{name}.swap_changed": _releases_differ(single.release, swapped.release),
+            f"{name}.swap_changed": _releases_differ(single.release, swapped),
             f"{name}.r_hat": single.r_hat,
             f"{name}.r_lo": single.r_interval[:, 0],
             f"{name}.r_hi": single.r_interval[:, 1],

@@ -34,6 +34,7 @@ __all__ = [
     "fit_lira",
     "lira",
     "lira_fallbacks",
+    "lira_matrix",
     "lira_metrics",
     "lira_pool",
     "lira_scores",
@@ -452,6 +453,24 @@ def lira(scores, membership, *, shadow, online: bool = True, fix_variance: bool 
       ValueError: on malformed inputs, when every replicate is a shadow, or when no target has two shadow scores
         on a side the test needs (fewer than two shadows, for instance).
     """
+    lr, member, sh, fallbacks = lira_matrix(scores, membership, shadow=shadow, online=online, fix_variance=fix_variance)
+    ev_member, ev_lr = member[~sh], lr[~sh]
+    return LiraResult(jnp.asarray(ev_lr[ev_member]), jnp.asarray(ev_lr[~ev_member]), fallbacks)
+
+
+def lira_matrix(scores, membership, *, shadow, online: bool = True, fix_variance: bool = False):
+    """LiRA's statistic for every (replicate, target) pair, with the design checked once (as in :func:`lira`).
+
+    Args:
+      scores, membership, shadow, online, fix_variance: as in :func:`lira`.
+
+    Returns:
+      ``(matrix, membership, shadow, fallbacks)``: the ``(R, T)`` statistic (shadow rows are in-sample), the
+      membership ``(R, T)`` and shadow ``(R,)`` masks as NumPy bools, and the :class:`LiraFallbacks`.
+
+    Raises:
+      ValueError: as :func:`lira`.
+    """
     scores = jnp.asarray(scores)
     member, sh = _check_design(scores.shape, membership, shadow)
     if not bool(jnp.all(jnp.isfinite(scores))):
@@ -470,12 +489,8 @@ def lira(scores, membership, *, shadow, online: bool = True, fix_variance: bool 
             f"shadow: no target has >= 2 out-shadow replicates to estimate a variance from (most: "
             f"{int(n_out.max())}, with {int(sh.sum())} shadow(s)); use more shadows"
         )
-    lr = _lira_matrix(scores, jnp.asarray(member), jnp.asarray(sh), bool(online), bool(fix_variance))
-    ev = ~sh
-    ev_member = member[ev]
-    ev_lr = np.asarray(lr)[ev]
-    fallbacks = _count_fallbacks(member, sh, bool(online), bool(fix_variance))
-    return LiraResult(jnp.asarray(ev_lr[ev_member]), jnp.asarray(ev_lr[~ev_member]), fallbacks)
+    lr = np.asarray(_lira_matrix(scores, jnp.asarray(member), jnp.asarray(sh), bool(online), bool(fix_variance)))
+    return lr, np.asarray(member), np.asarray(sh), _count_fallbacks(member, sh, bool(online), bool(fix_variance))
 
 
 def lira_pool(scores, membership, *, shadow, online: bool = True, fix_variance: bool = False) -> LiraResult:
@@ -503,8 +518,16 @@ FIX_VARIANCE_BELOW = 64
 
 
 def lira_metrics(
-    scores, membership, *, shadow, key: Array, online: bool = True, pool: bool = False, bound_level=None
-) -> dict:
+    scores,
+    membership,
+    *,
+    shadow,
+    key: Array,
+    online: bool = True,
+    pool: bool = False,
+    bound_level=None,
+    return_matrix: bool = False,
+):
     """LiRA on one quantizer's scores -> the :func:`~qmis_jax.stats.attack_metrics` dictionary, with the fallback
     counts of the fit.
 
@@ -522,18 +545,22 @@ def lira_metrics(
       online: fit both sides (online LiRA) or only the non-member side (offline).
       pool: the pool design.
       bound_level: one-sided level of ``advantage_bound`` (theory.md section 10: ``bracket_levels(J)[1]``).
+      return_matrix: also return the ``(R, T)`` statistic of every pair (:func:`lira_matrix`).
+
+    Returns:
+      the metrics' dictionary, or ``(dictionary, matrix)`` with ``return_matrix``.
     """
-    from .metrics import attack_metrics, lira_metrics_by_replicate
+    from .metrics import attack_metrics, attack_metrics_embedded
 
     fix = int(np.sum(np.asarray(shadow))) < FIX_VARIANCE_BELOW
+    lr, member, sh, fallbacks = lira_matrix(scores, membership, shadow=shadow, online=online, fix_variance=fix)
+    ev_lr, ev_member = lr[~sh], member[~sh]
     if pool:
-        result = lira_pool(scores, membership, shadow=shadow, online=online, fix_variance=fix)
-        metrics, fallbacks = attack_metrics(*result, key=key, bound_level=bound_level), result.fallbacks
+        pair = jnp.asarray(ev_lr[ev_member]), jnp.asarray(ev_lr[~ev_member])
+        metrics = attack_metrics(*pair, key=key, bound_level=bound_level)
     else:
-        metrics, fallbacks = lira_metrics_by_replicate(
-            scores, membership, shadow=shadow, online=online, fix_variance=fix, key=key, bound_level=bound_level
-        )
+        metrics = attack_metrics_embedded(ev_lr, ev_member, key=key, bound_level=bound_level)
     out = metrics.to_dict()
     out["fallbacks"] = fallbacks.to_dict()
     out["fixed_variance"] = fix
-    return out
+    return (out, lr) if return_matrix else out

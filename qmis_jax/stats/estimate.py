@@ -186,6 +186,53 @@ def _glm(problem, differences: str) -> dict[str, Any]:
     return {"design": None, "margin_loss": None, "penalty": None}
 
 
+def _release(q, problem, params, x, y, weights, key, opts: IndicatorOptions):
+    """The release and its loss-PTQ move count (0 for RTN); pure, ``vmap``-safe."""
+    if opts.ptq == "rtn":
+        return ptq_rtn(q, params, key=key, skip=opts.skip), jnp.int32(0)
+    glm = _glm(problem, opts.differences)
+    return ptq_loss(
+        q, problem.loss, params, x, y, key=key, skip=opts.skip, weights=weights, max_sweeps=opts.max_sweeps, **glm
+    )
+
+
+def ptq_release(
+    q,
+    problem,
+    params: PyTree,
+    x: Array,
+    y: Array,
+    *,
+    key: Array | None = None,
+    weights: Array | None = None,
+    options: IndicatorOptions | None = None,
+    **indicator,
+) -> PyTree:
+    """The release :func:`single_model_indicator` audits, alone: loss PTQ on ``(x, y)`` (with ``weights``) or
+    round-to-nearest, as ``options.ptq`` says, without the indicator's statistics.
+
+    Args:
+      q, problem, params, x, y, key, weights, options, **indicator: as in :func:`single_model_indicator`.
+
+    Returns:
+      the release, a pytree like ``params``; ``vmap`` it over replicates like :func:`single_model_indicator`.
+
+    >>> import jax
+    >>> from qmis_jax.problems import gaussian_mean
+    >>> from qmis_jax.quantizers import uniform
+    >>> problem = gaussian_mean(mu=[0.3])
+    >>> x, y = problem.sample(jax.random.key(0), 500)
+    >>> params = problem.solve(x, y, y + 1)
+    >>> release = ptq_release(uniform(step=1.0), problem, params, x, y)
+    >>> bool(jax.numpy.all(release == single_model_indicator(uniform(step=1.0), problem, params, x, y).release))
+    True
+    """
+    opts = _indicator_options(options, indicator)
+    q = _get_quantizer(q)
+    check_data(x, y, weights)
+    return _release(q, problem, params, x, y, weights, key, opts)[0]
+
+
 def _statistics(q, problem, params, x, y, weights, key, opts: IndicatorOptions, select=None, rtn_samples=False):
     """Release, ``(delta, sigma, valid)``, the samples ``D`` (or None), moves and an ok flag.
 
@@ -197,9 +244,7 @@ def _statistics(q, problem, params, x, y, weights, key, opts: IndicatorOptions, 
     skip, chunk_size = opts.skip, opts.chunk_size
     if opts.ptq == "loss":
         xs, ys, ws = (x, y, weights) if select is None else (*select, None)
-        release, n_moves = ptq_loss(
-            q, problem.loss, params, xs, ys, key=key, skip=skip, weights=ws, max_sweeps=opts.max_sweeps, **glm
-        )
+        release, n_moves = _release(q, problem, params, xs, ys, ws, key, opts)
         moves = competitors(q, release, params, skip=skip)
         D = loss_differences(problem.loss, release, moves, x, y, **glm, chunk_size=chunk_size, method=opts.differences)
         valid = moves.valid
@@ -221,8 +266,7 @@ def _statistics(q, problem, params, x, y, weights, key, opts: IndicatorOptions, 
             chunk_size=chunk_size,
         )
     else:
-        release = ptq_rtn(q, params, key=key, skip=skip)
-        n_moves = jnp.int32(0)
+        release, n_moves = _release(q, problem, params, x, y, weights, key, opts)
         cov, ok = sandwich_covariance_flagged(problem.loss, params, x, y, weights=weights)
         delta, sigma, valid = rtn_margins(q, params, cov, skip=skip, chunk_size=chunk_size)
         D = None

@@ -506,14 +506,10 @@ def lira_metrics_by_replicate(
       ``(metrics, fallbacks)``: :class:`AttackMetrics` and the fit's
       :class:`~qmis_jax.stats.attacks.LiraFallbacks`.
     """
-    from .attacks import fit_lira, lira, lira_scores
+    from .attacks import lira_matrix
 
-    checked = lira(scores, membership, shadow=shadow, online=online, fix_variance=fix_variance)
-    sh = np.asarray(shadow, bool)
-    mem = np.asarray(membership, bool)
-    fit = fit_lira(jnp.asarray(scores), jnp.asarray(mem), shadow=jnp.asarray(sh), fix_variance=fix_variance)
-    lr = np.asarray(lira_scores(jnp.asarray(scores), fit, online=online))
+    lr, mem, sh, fallbacks = lira_matrix(scores, membership, shadow=shadow, online=online, fix_variance=fix_variance)
     metrics = attack_metrics_embedded(
         lr[~sh], mem[~sh], level=level, key=key, max_roc_points=max_roc_points, bound_level=bound_level
     )
-    return metrics, checked.fallbacks
+    return metrics, fallbacks
