@@ -57,16 +57,18 @@ def test_a_second_audit_of_the_same_shapes_compiles_nothing():
     assert counts[TRACE] <= 8, f"{counts[TRACE]} programs traced again"
 
 
-def test_statistics_and_lira_share_one_program_per_quantizer():
-    """The fresh-data statistics and the embedded-target LiRA chunks have the same shapes, so each quantizer's
-    single-model program is traced once for both (and once more never)."""
+def test_statistics_and_lira_share_one_release_program_per_quantizer():
+    """The swap coupling of the fresh-data statistics and the embedded-target LiRA chunks have the same shapes, so
+    each quantizer's release program is traced once for both, and its single-model program once."""
     _programs.single_program.cache_clear()
+    _programs.release_program.cache_clear()
     qj.audit(jax.random.key(2), PROBLEM, ["int4", "ternary"], **SETTINGS)
     opts = IndicatorOptions()
     for name in ("int4", "ternary"):
-        program = _programs.single_program(qj.quantizers.get(name), PROBLEM, opts)
-        assert program._cache_size() == 1, name
+        for make in (_programs.single_program, _programs.release_program):
+            assert make(qj.quantizers.get(name), PROBLEM, opts)._cache_size() == 1, (name, make.__name__)
     assert _programs.single_program.cache_info().currsize == 2
+    assert _programs.release_program.cache_info().currsize == 2
 
 
 @pytest.mark.parametrize("chunk_size", [3, 8])

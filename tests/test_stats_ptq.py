@@ -284,3 +284,32 @@ def test_validation_errors():
         rtn_margins(q, params, jnp.eye(2), events="element")
     with pytest.raises(ValueError, match="events"):
         rtn_differences(q, problem.loss, params, x, y, events="element")
+
+
+@pytest.mark.parametrize("name", ["int2", "sign", "ternary_s33", "int4_stochastic"])
+def test_batched_loss_ptq_gives_the_releases_of_one_model_at_a_time(name):
+    """ptq_loss_batched (settled models leave the batch) against ptq_loss run on each model alone: same releases
+    and move counts, on 40 models whose sweep counts differ (so the batch is compacted twice)."""
+    from qmis_jax.quantizers import get
+    from qmis_jax.stats import ptq_loss_batched
+
+    q, r, n = get(name), 40, 150
+    data = [_logistic_data(n, seed) for seed in range(r)]
+    x = jnp.asarray(np.stack([d[0] for d in data]))
+    y = jnp.asarray(np.stack([d[1] for d in data]))
+    params = {"b": jnp.asarray(BETA[:1] + 0.01 * np.arange(r)[:, None]), "w": jnp.asarray(np.tile(BETA[1:], (r, 1)))}
+    keys = jax.random.split(jax.random.key(3), r)
+    glm = dict(design=LOGISTIC.design, margin_loss=LOGISTIC.margin_loss)
+    releases, moves = ptq_loss_batched(q, LOGISTIC.loss, params, x, y, keys=keys, **glm)
+    flat_params = jax.vmap(lambda p: ravel_pytree(p)[0])(params)
+    flat_releases = jax.vmap(lambda p: ravel_pytree(p)[0])(releases)
+    unravel = ravel_pytree(jax.tree.map(lambda a: a[0], params))[1]
+    for i in range(r):
+        alone, m = ptq_loss(q, LOGISTIC.loss, unravel(flat_params[i]), x[i], y[i], key=keys[i], **glm)
+        assert int(moves[i]) == int(m), i
+        np.testing.assert_array_equal(ravel_pytree(alone)[0], flat_releases[i])
+    assert len(set(np.asarray(moves).tolist())) > 2  # the models needed different numbers of moves
+    with pytest.raises(ValueError, match="keys"):
+        ptq_loss_batched(get("int4_stochastic"), LOGISTIC.loss, params, x, y, **glm)
+    with pytest.raises(ValueError, match=r"\(R, n\)"):
+        ptq_loss_batched(q, LOGISTIC.loss, params, x[0], y[0], keys=keys, **glm)

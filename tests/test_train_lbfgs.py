@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
+from qmis_jax._loops import compacting_while
 from qmis_jax.problems import logistic_mixture
 from qmis_jax.train import SOLVERS, fit, fit_fresh, replicate_data
-from qmis_jax.train._solvers import compacting_while
 
 LOGISTIC = logistic_mixture(dim=8, k_modes=2)
 

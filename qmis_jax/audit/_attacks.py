@@ -24,7 +24,7 @@ from qmis_jax.store import Store
 
 from ._plan import SECTION1_ATTACKS, AuditPlan
 from ._population import Population
-from ._programs import loss_program, per_quantizer, release_program, replicate_keys, single_program
+from ._programs import loss_program, per_quantizer, release_program, replicate_keys
 from ._statistics import ReplicateStats
 
 LIRA_ATTACKS = ("lira", "lira_offline")
@@ -58,8 +58,8 @@ class Embedded(NamedTuple):
 def embedded_target_scores(plan: AuditPlan, problem: Problem, pop: Population, store: Store, progress) -> Embedded:
     """Every quantizer's releases on the targets (and on fresh population points), with the membership.
 
-    The releases come from the same compiled program as the fresh-data statistics (same shapes), so the
-    embedded-target design compiles nothing new per quantizer."""
+    The releases come from the same compiled release program as the swap coupling of the fresh-data statistics
+    (same shapes), so the embedded-target design compiles nothing new per quantizer."""
     n, k = plan.n, plan.lira_targets
     k_targets, k_member, k_fresh, k_fit = jax.random.split(plan.keys.lira, 4)
     tx, ty = problem.sample(k_targets, 2 * k)
@@ -78,13 +78,13 @@ def embedded_target_scores(plan: AuditPlan, problem: Problem, pop: Population, s
 
             def one(j, label, q):
                 keys = replicate_keys(jax.random.fold_in(plan.keys.quantize, 1000 + j), idx)
-                single, _ = single_program(q, problem, plan.indicator)(params, x, y, keys, pop.audits[label].codes)
-                loss_t = loss_program(problem, True)(single.release, tx, ty)
+                release = release_program(q, problem, plan.indicator)(params, x, y, keys)
+                loss_t = loss_program(problem, True)(release, tx, ty)
                 return {
                     f"{label}.score": stats.score_from_loss(loss_t, problem.task),
                     f"{label}.log_px": stats.rmia_probability(loss_t, task=problem.task),
                     f"{label}.log_pz": stats.rmia_probability(
-                        loss_program(problem, True)(single.release, zx, zy), task=problem.task
+                        loss_program(problem, True)(release, zx, zy), task=problem.task
                     ),
                 }
 

@@ -19,24 +19,27 @@ from qmis_jax.stats.options import IndicatorOptions
 
 @functools.lru_cache(maxsize=256)
 def release_program(q, problem, opts: IndicatorOptions, shared: bool = False):
-    """jit(vmap) over replicates of the release alone (:func:`~qmis_jax.stats.ptq_release`), on per-replicate data
-    ``(R, n, ...)`` (the swap coupling), or on one shared pool with per-replicate membership weights (``shared``,
-    the pool design)."""
+    """jit of the releases alone: on per-replicate data ``(R, n, ...)`` (the swap coupling, the embedded-target
+    design) by :func:`~qmis_jax.stats.ptq_release_batched`, whose settled replicates leave the batch; or, with
+    ``shared``, ``vmap`` on one shared pool with per-replicate membership weights (the pool design)."""
+    if not shared:
+        return jax.jit(lambda params, x, y, keys: stats.ptq_release_batched(q, problem, params, x, y, keys=keys,
+                                                                            options=opts)[0])  # fmt: skip
 
-    def one(params, x, y, w, key):
+    def one(params, w, key, x, y):
         return stats.ptq_release(q, problem, params, x, y, key=key, weights=w, options=opts)
 
-    in_axes = (0, None, None, 0, 0) if shared else (0, 0, 0, None, 0)
-    return jax.jit(jax.vmap(one, in_axes=in_axes))
+    return jax.jit(lambda params, x, y, w, keys: jax.vmap(one, in_axes=(0, 0, 0, None, None))(params, w, keys, x, y))
 
 
 @functools.lru_cache(maxsize=256)
 def single_program(q, problem, opts: IndicatorOptions):
-    """jit(vmap) over replicates of the single-model audit, each release's codes compared to ``pop_codes``
-    (one program per quantizer, shared by the fresh-data statistics and the embedded-target LiRA chunks)."""
+    """jit over replicates of the single-model audit: the releases at once
+    (:func:`~qmis_jax.stats.ptq_release_batched`), then per replicate the indicator, each release's codes compared
+    to ``pop_codes`` (one program per quantizer, shared by every chunk of the fresh-data statistics)."""
 
-    def one(params, x, y, key, pop_codes):
-        single = stats.single_model_indicator(q, problem, params, x, y, key=key, options=opts)
+    def one(params, x, y, key, pop_codes, released):
+        single = stats.single_model_indicator(q, problem, params, x, y, key=key, options=opts, released=released)
         codes = _quantizers.tree_codes(q, single.release, params, skip=opts.skip)
         same = functools.reduce(
             jnp.logical_and,
@@ -44,7 +47,11 @@ def single_program(q, problem, opts: IndicatorOptions):
         )
         return single, same
 
-    return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, None)))
+    def program(params, x, y, keys, pop_codes):
+        released = stats.ptq_release_batched(q, problem, params, x, y, keys=keys, options=opts)
+        return jax.vmap(one, in_axes=(0, 0, 0, 0, None, 0))(params, x, y, keys, pop_codes, released)
+
+    return jax.jit(program)
 
 
 @functools.lru_cache(maxsize=64)

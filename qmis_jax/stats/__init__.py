@@ -42,6 +42,7 @@ from .estimate import (
     no_exponential_security,
     population_indicator,
     ptq_release,
+    ptq_release_batched,
     single_model_indicator,
     single_model_indicator_batched,
 )
@@ -70,7 +71,7 @@ from .metrics import (
 )
 from .mis import MIS_METHODS, MisApprox, mis_asymptotic
 from .options import IndicatorOptions
-from .ptq import ptq_loss, ptq_rtn
+from .ptq import ptq_loss, ptq_loss_batched, ptq_rtn
 from .rates import CramerRate, cramer_rate, gaussian_rate, indicator
 from .rmia import RmiaResult, rmia, rmia_probability, rmia_scores, rmia_tune_a
 from .roc import EpsilonBound, auc_convex_hull, epsilon_lower_bound, roc_convex_hull, tpr_at_fpr
@@ -145,7 +146,9 @@ __all__ = [
     "pool_membership",
     "population_indicator",
     "ptq_loss",
+    "ptq_loss_batched",
     "ptq_release",
+    "ptq_release_batched",
     "ptq_rtn",
     "rank_quantizers",
     "rmia",

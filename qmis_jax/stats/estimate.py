@@ -44,7 +44,7 @@ from .margins import (
 )
 from .mis import mis_asymptotic
 from .options import PTQ_METHODS, IndicatorOptions
-from .ptq import ptq_loss, ptq_rtn
+from .ptq import ptq_loss, ptq_loss_batched, ptq_rtn
 from .rates import cramer_rate, gaussian_rate, indicator
 from .sandwich import check_chunk, check_data, sandwich_covariance_flagged
 
@@ -196,6 +196,27 @@ def _release(q, problem, params, x, y, weights, key, opts: IndicatorOptions):
     )
 
 
+def ptq_release_batched(q, problem, params: PyTree, x: Array, y: Array, *, keys=None, options: IndicatorOptions):
+    """:func:`ptq_release` of ``R`` models on their own data sets at once, with the move counts: loss PTQ by
+    :func:`~qmis_jax.stats.ptq.ptq_loss_batched` (settled models leave the batch), RTN by ``vmap``.
+
+    Args:
+      q, problem: as in :func:`single_model_indicator`. params: ``R`` stacked models. x: ``(R, n, ...)``.
+      y: ``(R, n)``. keys: ``(R,)`` keys of a stochastic quantizer. options: :class:`IndicatorOptions`.
+
+    Returns:
+      ``(releases, n_moves)``, to pass one replicate at a time as ``released`` of :func:`single_model_indicator`.
+    """
+    q = _get_quantizer(q)
+    if options.ptq == "rtn":
+        releases = jax.vmap(lambda p, k: ptq_rtn(q, p, key=k, skip=options.skip))(params, keys)
+        return releases, jnp.zeros(jnp.shape(y)[0], jnp.int32)
+    glm = _glm(problem, options.differences)
+    return ptq_loss_batched(
+        q, problem.loss, params, x, y, keys=keys, skip=options.skip, max_sweeps=options.max_sweeps, **glm
+    )
+
+
 def ptq_release(
     q,
     problem,
@@ -233,18 +254,21 @@ def ptq_release(
     return _release(q, problem, params, x, y, weights, key, opts)[0]
 
 
-def _statistics(q, problem, params, x, y, weights, key, opts: IndicatorOptions, select=None, rtn_samples=False):
+def _statistics(
+    q, problem, params, x, y, weights, key, opts: IndicatorOptions, select=None, rtn_samples=False, released=None
+):
     """Release, ``(delta, sigma, valid)``, the samples ``D`` (or None), moves and an ok flag.
 
     ``select``: an optional sample ``(x_s, y_s)`` on which the loss-PTQ release is chosen, the gaps being estimated
     on ``(x, y)`` (theory.md section 6: on one sample ``delta_k >= 0`` by construction). ``rtn_samples``: also
     return the RTN events' linearised contributions ``D`` (their correlations enter the joint flip probability).
+    ``released``: ``(release, n_moves)`` already computed (:func:`_release` or its batched form) instead of the PTQ.
     """
     glm = _glm(problem, opts.differences)
     skip, chunk_size = opts.skip, opts.chunk_size
     if opts.ptq == "loss":
         xs, ys, ws = (x, y, weights) if select is None else (*select, None)
-        release, n_moves = _release(q, problem, params, xs, ys, ws, key, opts)
+        release, n_moves = _release(q, problem, params, xs, ys, ws, key, opts) if released is None else released
         moves = competitors(q, release, params, skip=skip)
         D = loss_differences(problem.loss, release, moves, x, y, **glm, chunk_size=chunk_size, method=opts.differences)
         valid = moves.valid
@@ -266,7 +290,7 @@ def _statistics(q, problem, params, x, y, weights, key, opts: IndicatorOptions, 
             chunk_size=chunk_size,
         )
     else:
-        release, n_moves = _release(q, problem, params, x, y, weights, key, opts)
+        release, n_moves = _release(q, problem, params, x, y, weights, key, opts) if released is None else released
         cov, ok = sandwich_covariance_flagged(problem.loss, params, x, y, weights=weights)
         delta, sigma, valid = rtn_margins(q, params, cov, skip=skip, chunk_size=chunk_size)
         D = None
@@ -305,6 +329,7 @@ def single_model_indicator(
     key: Array | None = None,
     weights: Array | None = None,
     options: IndicatorOptions | None = None,
+    released: tuple[PyTree, Array] | None = None,
     **indicator,
 ) -> SingleAudit:
     """Single-model audit: plug-in ``r_hat`` and an interval from one trained model and its training set.
@@ -334,6 +359,8 @@ def single_model_indicator(
       options: the indicator's settings (:class:`~qmis_jax.stats.IndicatorOptions`: ``ptq``, ``method``, ``z``,
         ``skip``, ``max_sweeps``, ``chunk_size``, ``cap`` (Cramer cap, default ``log(n)``), ``differences``
         (``"exact"``, or the ``"taylor"`` form for large models, section 6 "Cost")).
+      released: ``(release, n_moves)`` of this model already computed on this data with these options
+        (:func:`ptq_release_batched`), used instead of running the PTQ again.
       **indicator: or those fields as keywords (``ptq="rtn"``...), not both.
 
     Returns:
@@ -351,13 +378,14 @@ def single_model_indicator(
     opts = _indicator_options(options, indicator)
     q = _get_quantizer(q)
     check_data(x, y, weights)
-    return _single_core(q, problem, params, x, y, weights, key, opts)
+    return _single_core(q, problem, params, x, y, weights, key, opts, released)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 7))
-def _single_core(q, problem, params, x, y, weights, key, opts: IndicatorOptions):
+def _single_core(q, problem, params, x, y, weights, key, opts: IndicatorOptions, released=None):
     n, z, method, cap = x.shape[0], opts.z, opts.method, opts.cap
-    release, delta, sigma, valid, D, n_moves, ok = _statistics(q, problem, params, x, y, weights, key, opts)
+    stats_ = _statistics(q, problem, params, x, y, weights, key, opts, released=released)
+    release, delta, sigma, valid, D, n_moves, ok = stats_
     dtype = delta.dtype
     n_eff = _effective_n(weights, n, dtype)
     half = jnp.where(valid, z * sigma / jnp.sqrt(n_eff), 0.0)

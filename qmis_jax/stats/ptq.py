@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from qmis_jax._loops import compacting_while
 from qmis_jax.quantizers import get as get_quantizer
 from qmis_jax.quantizers import quantize_tree, tree_codes, tree_neighbors
 from qmis_jax.quantizers.tree import _flatten
@@ -31,7 +32,7 @@ from .sandwich import check_data, hashable_skip, normalized_weights
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["ptq_loss", "ptq_rtn"]
+__all__ = ["ptq_loss", "ptq_loss_batched", "ptq_rtn"]
 
 
 def ptq_rtn(q, params: PyTree, *, key: Array | None = None, skip=None) -> PyTree:
@@ -284,10 +285,7 @@ def ptq_loss(
     q = get_quantizer(q)
     if q.stochastic and key is None:
         raise ValueError(f"key is required: quantizer {q.name!r} rounds stochastically, got key=None")
-    if max_sweeps is None:
-        max_sweeps = DEFAULT_SWEEPS
-    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or max_sweeps < 0:
-        raise ValueError(f"max_sweeps must be a non-negative int or None, got max_sweeps={max_sweeps!r}")
+    max_sweeps = _check_sweeps(max_sweeps)
     return _ptq_loss(
         q,
         loss_fn,
@@ -307,6 +305,14 @@ def ptq_loss(
 DEFAULT_SWEEPS = 16
 
 
+def _check_sweeps(max_sweeps) -> int:
+    if max_sweeps is None:
+        return DEFAULT_SWEEPS
+    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or max_sweeps < 0:
+        raise ValueError(f"max_sweeps must be a non-negative int or None, got max_sweeps={max_sweeps!r}")
+    return max_sweeps
+
+
 def check_glm(design, margin_loss, penalty) -> Array | None:
     """``design`` and ``margin_loss`` go together; a ``penalty`` needs them. Returns the penalty as an array (or
     None)."""
@@ -317,25 +323,23 @@ def check_glm(design, margin_loss, penalty) -> Array | None:
     return None if penalty is None else jnp.asarray(penalty)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnums=(0, 1),
-    static_argnames=("skip", "max_sweeps", "design", "margin_loss"),
-)
-def _ptq_loss(q, loss_fn, params, x, y, key, weights, penalty, *, skip, max_sweeps, design, margin_loss):
+def _descent(q, loss_fn, params, x, y, key, weights, penalty, *, skip, design, margin_loss):
+    """The pieces of one model's loss-PTQ descent: ``(theta0, unravel, init, sweep)``, with ``theta0`` the flat
+    round-to-nearest start, ``init(theta) -> state`` and ``sweep(theta, state) -> (theta, state, moved)`` one sweep
+    over the coordinates (None for a continuous quantizer, which has no adjacent levels)."""
     release0 = quantize_tree(q, params, key=key, skip=skip)
     theta0, unravel = ravel_pytree(release0)
     dtype = jnp.result_type(theta0, jnp.float32)
     theta0 = theta0.astype(dtype)
     w = normalized_weights(weights, x.shape[0], dtype)
     init, trial = coordinate_trial(loss_fn, unravel, x, y, w, design=design, margin_loss=margin_loss, penalty=penalty)
-    if q.continuous:  # no adjacent levels: the release is round-to-nearest
-        return unravel(theta0), jnp.int32(0)
+    if q.continuous:
+        return theta0, unravel, init, None
     if is_sparse_ternary(q):
         trial2 = pair_trial(loss_fn, unravel, x, y, w, design=design, margin_loss=margin_loss, penalty=penalty)
-        return _sparse_descent(q, params, skip, theta0, unravel, init, trial2, max_sweeps)
+        return theta0, unravel, init, _sparse_sweep(q, params, skip, trial2)
 
-    def sweep_step(theta):
+    def sweep(theta, state):
         # the adjacent levels of a sweep are those of the release it starts from
         _, lo, up, has_lo, has_up = adjacent_levels(q, unravel(theta), params, skip)
 
@@ -345,10 +349,117 @@ def _ptq_loss(q, loss_fn, params, x, y, key, weights, penalty, *, skip, max_swee
             move_up = (has_up[j], *trial(theta, state, j, up[j]), theta.at[j].set(up[j]))
             return _take_better(c, move_lo, move_up)
 
-        return coordinate
+        return _scan_coordinates(coordinate, theta, state)
 
-    theta, moves = _greedy_sweeps(sweep_step, theta0, init(theta0), max_sweeps)
+    return theta0, unravel, init, sweep
+
+
+def _scan_coordinates(coordinate, theta, state):
+    """One sweep: ``coordinate`` (a :func:`_take_better` step) over every coordinate in order."""
+    (theta, state, moved), _ = jax.lax.scan(coordinate, (theta, state, jnp.int32(0)), jnp.arange(theta.shape[0]))
+    return theta, state, moved
+
+
+@functools.partial(
+    jax.jit,
+    static_argnums=(0, 1),
+    static_argnames=("skip", "max_sweeps", "design", "margin_loss"),
+)
+def _ptq_loss(q, loss_fn, params, x, y, key, weights, penalty, *, skip, max_sweeps, design, margin_loss):
+    glm = dict(skip=skip, design=design, margin_loss=margin_loss)
+    theta0, unravel, init, sweep = _descent(q, loss_fn, params, x, y, key, weights, penalty, **glm)
+    if sweep is None:  # no adjacent levels: the release is round-to-nearest
+        return unravel(theta0), jnp.int32(0)
+    theta, moves = _greedy_sweeps(sweep, theta0, init(theta0), max_sweeps)
     return unravel(theta), moves
+
+
+def ptq_loss_batched(
+    q,
+    loss_fn: Callable[[PyTree, Array, Array], Array],
+    params: PyTree,
+    x: Array,
+    y: Array,
+    *,
+    keys: Array | None = None,
+    skip=None,
+    weights: Array | None = None,
+    max_sweeps: int | None = None,
+    design: Callable[[Array], Array] | None = None,
+    margin_loss: Callable[[Array, Array], Array] | None = None,
+    penalty: Array | None = None,
+) -> tuple[PyTree, Array]:
+    """:func:`ptq_loss` of ``R`` models at once, each on its own data: the same releases as ``jax.vmap(ptq_loss)``,
+    without every model waiting for the slowest.
+
+    A vmapped ``while_loop`` sweeps every model as long as the one that needs the most sweeps (most settle in a
+    few, some take ``max_sweeps``); here the models still moving are gathered into smaller batches as the others
+    settle (:func:`~qmis_jax._loops.compacting_while`), and each model's sweeps are those of :func:`ptq_loss`.
+
+    Args:
+      q, loss_fn, skip, max_sweeps, design, margin_loss, penalty: as in :func:`ptq_loss`.
+      params: ``R`` stacked models (leading axis). x: ``(R, n, ...)``. y: ``(R, n)``.
+      keys: ``(R,)`` PRNG keys of a stochastic quantizer. weights: optional ``(R, n)`` example weights.
+
+    Returns:
+      ``(releases, n_moves)``: the stacked releases and the ``(R,)`` int32 move counts.
+    """
+    penalty = check_glm(design, margin_loss, penalty)
+    q = get_quantizer(q)
+    if q.stochastic and keys is None:
+        raise ValueError(f"keys is required: quantizer {q.name!r} rounds stochastically, got keys=None")
+    max_sweeps = _check_sweeps(max_sweeps)
+    if jnp.ndim(x) < 2 or jnp.ndim(y) != 2:
+        raise ValueError(f"x must be (R, n, ...) and y (R, n), got x.shape={jnp.shape(x)}, y.shape={jnp.shape(y)}")
+    check_data(x[0], y[0], None if weights is None else weights[0])
+    glm = dict(skip=hashable_skip(skip), max_sweeps=max_sweeps, design=design, margin_loss=margin_loss)
+    return _ptq_loss_batched(q, loss_fn, params, x, y, keys, weights, penalty, **glm)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnums=(0, 1),
+    static_argnames=("skip", "max_sweeps", "design", "margin_loss"),
+)
+def _ptq_loss_batched(q, loss_fn, params, x, y, keys, weights, penalty, *, skip, max_sweeps, design, margin_loss):
+    glm = dict(skip=skip, design=design, margin_loss=margin_loss)
+
+    def descent(m):
+        return _descent(q, loss_fn, m["params"], m["x"], m["y"], m["key"], m["w"], penalty, **glm)
+
+    def start(m):
+        theta0, _, init, _ = descent(m)
+        return theta0, init(theta0)
+
+    def unravel(m, theta):
+        return descent(m)[1](theta)
+
+    members = {"params": params, "x": x, "y": y, "key": keys, "w": weights}
+    theta0, state0 = jax.vmap(start)(members)
+    if q.continuous:
+        return jax.vmap(unravel)(members, theta0), jnp.zeros(theta0.shape[0], jnp.int32)
+
+    def active(c):
+        return c["improving"] & (c["sweeps"] < max_sweeps)
+
+    def member_step(c):
+        theta, state, moved = descent(c["m"])[3](c["theta"], c["state"])
+        new = {**c, "theta": theta, "state": state, "moves": c["moves"] + moved, "sweeps": c["sweeps"] + 1}
+        new["improving"] = moved > 0
+        go = active(c)
+        return jax.tree.map(lambda a, b: jnp.where(go, a, b), new, c)
+
+    size = theta0.shape[0]
+    carry = {
+        "m": members,
+        "theta": theta0,
+        "state": state0,
+        "moves": jnp.zeros(size, jnp.int32),
+        "sweeps": jnp.zeros(size, jnp.int32),
+        "improving": jnp.ones(size, bool),
+    }
+    carry = compacting_while(jax.vmap(member_step), carry, active)
+    return jax.vmap(unravel)(members, carry["theta"]), carry["moves"]
 
 
 def _take_better(carry, first, second):
@@ -369,19 +480,18 @@ def _take_better(carry, first, second):
     return (theta, state, moved + accept.astype(jnp.int32)), None
 
 
-def _greedy_sweeps(sweep_step, theta0, state0, max_sweeps):
-    """Coordinate sweeps from ``theta0`` until a sweep moves nothing or ``max_sweeps`` sweeps are done.
+def _greedy_sweeps(sweep, theta0, state0, max_sweeps):
+    """Sweeps from ``theta0`` until one moves nothing or ``max_sweeps`` sweeps are done.
 
-    ``sweep_step(theta)`` gives the ``lax.scan`` body (over coordinates ``j``) of a sweep that starts at ``theta``.
+    ``sweep(theta, state) -> (theta, state, moved)`` is one sweep over the coordinates.
 
     Returns:
       ``(theta, moves)``: the final flat parameters and the total count of accepted moves.
     """
 
-    def sweep(carry):
+    def body(carry):
         theta, state, moves, sweeps, _ = carry
-        coordinate = sweep_step(theta)
-        (theta, state, moved), _ = jax.lax.scan(coordinate, (theta, state, jnp.int32(0)), jnp.arange(theta.shape[0]))
+        theta, state, moved = sweep(theta, state)
         return theta, state, moves + moved, sweeps + 1, moved > 0
 
     def cond(carry):
@@ -389,19 +499,20 @@ def _greedy_sweeps(sweep_step, theta0, state0, max_sweeps):
         return improving & (sweeps < max_sweeps)
 
     carry = (theta0, state0, jnp.int32(0), jnp.int32(0), jnp.asarray(True))
-    theta, _, moves, _, _ = jax.lax.while_loop(cond, sweep, carry)
+    theta, _, moves, _, _ = jax.lax.while_loop(cond, body, carry)
     return theta, moves
 
 
-def _sparse_descent(q, params, skip, theta0, unravel, init, trial2, max_sweeps):
-    """Loss-PTQ sweeps of a sparse-ternary release: flips and swaps of :func:`sparse_moves`, the nonzero count of
-    every leaf held fixed (theory.md section 9). For each coordinate the better of its two moves is taken when it
-    lowers ``L_n``; the partners are recomputed from the current release at every step."""
+def _sparse_sweep(q, params, skip, trial2):
+    """One loss-PTQ sweep of a sparse-ternary release, ``sweep(theta, state) -> (theta, state, moved)``: flips and
+    swaps of :func:`sparse_moves`, the nonzero count of every leaf held fixed (theory.md section 9). For each
+    coordinate the better of its two moves is taken when it lowers ``L_n``; the partners are recomputed from the
+    current release at every step."""
     ids, movable, alpha, sign_hat, mag = _sparse_layout(q, params, skip)
-    inf = jnp.asarray(jnp.inf, theta0.dtype)
 
     def coordinate(c, j):
         theta, state, _ = c
+        inf = jnp.asarray(jnp.inf, theta.dtype)
         kept = theta != 0
         same = (ids == ids[j]) & movable
         i_in = jnp.argmax(jnp.where(same & ~kept, mag, -inf))
@@ -421,5 +532,4 @@ def _sparse_descent(q, params, skip, theta0, unravel, init, trial2, max_sweeps):
         move_b = (valid_b, *trial2(theta, state, j, 0.0 * theta[j], i_in, u_b), theta.at[j].set(0.0).at[i_in].set(u_b))
         return _take_better(c, move_a, move_b)
 
-    theta, moves = _greedy_sweeps(lambda theta: coordinate, theta0, init(theta0), max_sweeps)
-    return unravel(theta), moves
+    return lambda theta, state: _scan_coordinates(coordinate, theta, state)

@@ -17,6 +17,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qmis_jax._loops import compacting_while
 from qmis_jax._memory import check_budget
 from qmis_jax.problems._base import Problem
 
@@ -226,7 +227,7 @@ def _program(problem, solver, fresh, n, max_steps, optimizer, batch_size, shared
 
         state = jax.vmap(init)(idx, w)
         for _ in range(2):  # as in glm_lbfgs: a second round where the exact gradient is still above tol
-            state, _ = _solvers.compacting_while(step, (state, w), lambda c: ~c[0].done)
+            state, _ = compacting_while(step, (state, w), lambda c: ~c[0].done)
             state = jax.vmap(refresh)(state, w)
         sol = _solvers.Solution(jax.vmap(unravel)(state.theta), state.gn, state.gn <= tol, state.step)
         return sol
