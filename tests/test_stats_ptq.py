@@ -313,3 +313,5 @@ def test_batched_loss_ptq_gives_the_releases_of_one_model_at_a_time(name):
         ptq_loss_batched(get("int4_stochastic"), LOGISTIC.loss, params, x, y, **glm)
     with pytest.raises(ValueError, match=r"\(R, n\)"):
         ptq_loss_batched(q, LOGISTIC.loss, params, x[0], y[0], keys=keys, **glm)
+    with pytest.raises(ValueError, match="unknown option.*sweeps"):
+        ptq_loss_batched(q, LOGISTIC.loss, params, x, y, keys=keys, sweeps=3, **glm)

@@ -217,18 +217,7 @@ def ptq_release_batched(q, problem, params: PyTree, x: Array, y: Array, *, keys=
     )
 
 
-def ptq_release(
-    q,
-    problem,
-    params: PyTree,
-    x: Array,
-    y: Array,
-    *,
-    key: Array | None = None,
-    weights: Array | None = None,
-    options: IndicatorOptions | None = None,
-    **indicator,
-) -> PyTree:
+def ptq_release(q, problem, params, x, y, *, key=None, weights=None, options=None, **indicator) -> PyTree:
     """The release :func:`single_model_indicator` audits, alone: loss PTQ on ``(x, y)`` (with ``weights``) or
     round-to-nearest, as ``options.ptq`` says, without the indicator's statistics.
 

@@ -354,17 +354,19 @@ def _descent(q, loss_fn, params, x, y, key, weights, penalty, *, skip, design, m
     return theta0, unravel, init, sweep
 
 
+# the quantizer, the loss and the loss-PTQ settings are static; params, data, keys, weights and penalty traced
+_ptq_jit = functools.partial(
+    jax.jit, static_argnums=(0, 1), static_argnames=("skip", "max_sweeps", "design", "margin_loss")
+)
+
+
 def _scan_coordinates(coordinate, theta, state):
     """One sweep: ``coordinate`` (a :func:`_take_better` step) over every coordinate in order."""
     (theta, state, moved), _ = jax.lax.scan(coordinate, (theta, state, jnp.int32(0)), jnp.arange(theta.shape[0]))
     return theta, state, moved
 
 
-@functools.partial(
-    jax.jit,
-    static_argnums=(0, 1),
-    static_argnames=("skip", "max_sweeps", "design", "margin_loss"),
-)
+@_ptq_jit
 def _ptq_loss(q, loss_fn, params, x, y, key, weights, penalty, *, skip, max_sweeps, design, margin_loss):
     glm = dict(skip=skip, design=design, margin_loss=margin_loss)
     theta0, unravel, init, sweep = _descent(q, loss_fn, params, x, y, key, weights, penalty, **glm)
@@ -374,21 +376,7 @@ def _ptq_loss(q, loss_fn, params, x, y, key, weights, penalty, *, skip, max_swee
     return unravel(theta), moves
 
 
-def ptq_loss_batched(
-    q,
-    loss_fn: Callable[[PyTree, Array, Array], Array],
-    params: PyTree,
-    x: Array,
-    y: Array,
-    *,
-    keys: Array | None = None,
-    skip=None,
-    weights: Array | None = None,
-    max_sweeps: int | None = None,
-    design: Callable[[Array], Array] | None = None,
-    margin_loss: Callable[[Array, Array], Array] | None = None,
-    penalty: Array | None = None,
-) -> tuple[PyTree, Array]:
+def ptq_loss_batched(q, loss_fn, params, x, y, *, keys=None, weights=None, **options) -> tuple[PyTree, Array]:
     """:func:`ptq_loss` of ``R`` models at once, each on its own data: the same releases as ``jax.vmap(ptq_loss)``,
     without every model waiting for the slowest.
 
@@ -397,30 +385,31 @@ def ptq_loss_batched(
     settle (:func:`~qmis_jax._loops.compacting_while`), and each model's sweeps are those of :func:`ptq_loss`.
 
     Args:
-      q, loss_fn, skip, max_sweeps, design, margin_loss, penalty: as in :func:`ptq_loss`.
+      q, loss_fn: as in :func:`ptq_loss`.
       params: ``R`` stacked models (leading axis). x: ``(R, n, ...)``. y: ``(R, n)``.
       keys: ``(R,)`` PRNG keys of a stochastic quantizer. weights: optional ``(R, n)`` example weights.
+      **options: ``skip``, ``max_sweeps``, ``design``, ``margin_loss``, ``penalty`` of :func:`ptq_loss`.
 
     Returns:
       ``(releases, n_moves)``: the stacked releases and the ``(R,)`` int32 move counts.
     """
-    penalty = check_glm(design, margin_loss, penalty)
+    unknown = sorted(set(options) - {"skip", "max_sweeps", "design", "margin_loss", "penalty"})
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; valid: skip, max_sweeps, design, margin_loss, penalty")
+    design, margin_loss = options.get("design"), options.get("margin_loss")
+    penalty = check_glm(design, margin_loss, options.get("penalty"))
     q = get_quantizer(q)
     if q.stochastic and keys is None:
         raise ValueError(f"keys is required: quantizer {q.name!r} rounds stochastically, got keys=None")
-    max_sweeps = _check_sweeps(max_sweeps)
+    max_sweeps = _check_sweeps(options.get("max_sweeps"))
     if jnp.ndim(x) < 2 or jnp.ndim(y) != 2:
         raise ValueError(f"x must be (R, n, ...) and y (R, n), got x.shape={jnp.shape(x)}, y.shape={jnp.shape(y)}")
     check_data(x[0], y[0], None if weights is None else weights[0])
-    glm = dict(skip=hashable_skip(skip), max_sweeps=max_sweeps, design=design, margin_loss=margin_loss)
+    glm = dict(skip=hashable_skip(options.get("skip")), max_sweeps=max_sweeps, design=design, margin_loss=margin_loss)
     return _ptq_loss_batched(q, loss_fn, params, x, y, keys, weights, penalty, **glm)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnums=(0, 1),
-    static_argnames=("skip", "max_sweeps", "design", "margin_loss"),
-)
+@_ptq_jit
 def _ptq_loss_batched(q, loss_fn, params, x, y, keys, weights, penalty, *, skip, max_sweeps, design, margin_loss):
     glm = dict(skip=skip, design=design, margin_loss=margin_loss)
 
