@@ -59,16 +59,15 @@ def test_a_second_audit_of_the_same_shapes_compiles_nothing():
 
 def test_statistics_and_lira_share_one_release_program_per_quantizer():
     """The swap coupling of the fresh-data statistics and the embedded-target LiRA chunks have the same shapes, so
-    each quantizer's release program is traced once for both and for the statistics' own releases, and its
-    indicator program once."""
-    _programs.indicator_program.cache_clear()
+    each quantizer's release program is traced once for both, and its single-model program once."""
+    _programs.single_program.cache_clear()
     _programs.release_program.cache_clear()
     qj.audit(jax.random.key(2), PROBLEM, ["int4", "ternary"], **SETTINGS)
     opts = IndicatorOptions()
     for name in ("int4", "ternary"):
-        for make in (_programs.indicator_program, _programs.release_program):
+        for make in (_programs.single_program, _programs.release_program):
             assert make(qj.quantizers.get(name), PROBLEM, opts)._cache_size() == 1, (name, make.__name__)
-    assert _programs.indicator_program.cache_info().currsize == 2
+    assert _programs.single_program.cache_info().currsize == 2
     assert _programs.release_program.cache_info().currsize == 2
 
 

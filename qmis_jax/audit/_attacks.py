@@ -78,7 +78,7 @@ def embedded_target_scores(plan: AuditPlan, problem: Problem, pop: Population, s
 
             def one(j, label, q):
                 keys = replicate_keys(jax.random.fold_in(plan.keys.quantize, 1000 + j), idx)
-                release, _ = release_program(q, problem, plan.indicator)(params, x, y, keys)
+                release = release_program(q, problem, plan.indicator)(params, x, y, keys)
                 loss_t = loss_program(problem, True)(release, tx, ty)
                 return {
                     f"{label}.score": stats.score_from_loss(loss_t, problem.task),

@@ -19,13 +19,12 @@ from qmis_jax.stats.options import IndicatorOptions
 
 @functools.lru_cache(maxsize=256)
 def release_program(q, problem, opts: IndicatorOptions, shared: bool = False):
-    """jit of the releases alone: on per-replicate data ``(R, n, ...)`` (the statistics, the swap coupling, the
-    embedded-target design) by :func:`~qmis_jax.stats.ptq_release_batched`, whose settled replicates leave the
-    batch, returning ``(releases, n_moves)``; or, with ``shared``, ``vmap`` on one shared pool with per-replicate
-    membership weights (the pool design), returning the releases."""
+    """jit of the releases alone: on per-replicate data ``(R, n, ...)`` (the swap coupling, the embedded-target
+    design) by :func:`~qmis_jax.stats.ptq_release_batched`, whose settled replicates leave the batch; or, with
+    ``shared``, ``vmap`` on one shared pool with per-replicate membership weights (the pool design)."""
     if not shared:
         return jax.jit(lambda params, x, y, keys: stats.ptq_release_batched(q, problem, params, x, y, keys=keys,
-                                                                            options=opts))  # fmt: skip
+                                                                            options=opts)[0])  # fmt: skip
 
     def one(params, w, key, x, y):
         return stats.ptq_release(q, problem, params, x, y, key=key, weights=w, options=opts)
@@ -34,9 +33,10 @@ def release_program(q, problem, opts: IndicatorOptions, shared: bool = False):
 
 
 @functools.lru_cache(maxsize=256)
-def indicator_program(q, problem, opts: IndicatorOptions):
-    """jit(vmap) over replicates of the single-model indicator of releases already computed, each release's codes
-    compared to ``pop_codes``."""
+def single_program(q, problem, opts: IndicatorOptions):
+    """jit over replicates of the single-model audit: the releases at once
+    (:func:`~qmis_jax.stats.ptq_release_batched`), then per replicate the indicator, each release's codes compared
+    to ``pop_codes`` (one program per quantizer, shared by every chunk of the fresh-data statistics)."""
 
     def one(params, x, y, key, pop_codes, released):
         single = stats.single_model_indicator(q, problem, params, x, y, key=key, options=opts, released=released)
@@ -47,14 +47,11 @@ def indicator_program(q, problem, opts: IndicatorOptions):
         )
         return single, same
 
-    return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, None, 0)))
+    def program(params, x, y, keys, pop_codes):
+        released = stats.ptq_release_batched(q, problem, params, x, y, keys=keys, options=opts)
+        return jax.vmap(one, in_axes=(0, 0, 0, 0, None, 0))(params, x, y, keys, pop_codes, released)
 
-
-def single_program(q, problem, opts: IndicatorOptions):
-    """The single-model audit of a chunk: its releases (:func:`release_program`, compiled once for this and for the
-    swap and embedded-target releases), then their indicators (:func:`indicator_program`)."""
-    release, indicator = release_program(q, problem, opts), indicator_program(q, problem, opts)
-    return lambda params, x, y, keys, pop_codes: indicator(params, x, y, keys, pop_codes, release(params, x, y, keys))
+    return jax.jit(program)
 
 
 @functools.lru_cache(maxsize=64)

@@ -62,7 +62,7 @@ def _chunk_statistics(plan: AuditPlan, problem: Problem, params, idx: np.ndarray
         keys = replicate_keys(jax.random.fold_in(plan.keys.quantize, j + 1), idx)
         program = single_program(q, problem, opts)
         single, same = program(params, x, y, keys, pop.audits[name].codes)
-        swapped, _ = release_program(q, problem, opts)(params_s, xs, ys, keys)
+        swapped = release_program(q, problem, opts)(params_s, xs, ys, keys)
         continuous = stats.no_exponential_security(q, opts.ptq, pop.theta_star, opts.skip)
         flipped = jnp.ones_like(same) if continuous else ~same
         part = {
