@@ -36,7 +36,10 @@ def release_program(q, problem, opts: IndicatorOptions, shared: bool = False):
 def single_program(q, problem, opts: IndicatorOptions):
     """jit over replicates of the single-model audit: the releases at once
     (:func:`~qmis_jax.stats.ptq_release_batched`), then per replicate the indicator, each release's codes compared
-    to ``pop_codes`` (one program per quantizer, shared by every chunk of the fresh-data statistics)."""
+    to ``pop_codes`` (one program per quantizer, shared by every chunk of the fresh-data statistics).
+
+    The releases stay inside this program: run as a separate release program whose outputs feed an indicator
+    program, the audit hung in XLA's CPU client (about one audit in three on two cores, every thread idle)."""
 
     def one(params, x, y, key, pop_codes, released):
         single = stats.single_model_indicator(q, problem, params, x, y, key=key, options=opts, released=released)
