@@ -10,6 +10,8 @@ import pytest
 
 from qmis_jax.quantizers import from_qwix, from_qwix_rules, quantize_tree_qwix
 
+pytestmark = pytest.mark.slow  # qwix recipes against qwix, bit for bit
+
 CONFIGS = [
     dict(qtype=jnp.int8),
     dict(qtype=jnp.int4),

@@ -286,6 +286,7 @@ def test_validation_errors():
         rtn_differences(q, problem.loss, params, x, y, events="element")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["int2", "sign", "ternary_s33", "int4_stochastic"])
 def test_batched_loss_ptq_gives_the_releases_of_one_model_at_a_time(name):
     """ptq_loss_batched (settled models leave the batch) against ptq_loss run on each model alone: same releases

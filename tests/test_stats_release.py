@@ -12,6 +12,8 @@ from qmis_jax.stats.estimate import population_indicator, single_model_indicator
 from qmis_jax.stats.margins import rtn_margins, scale_margins
 from qmis_jax.train import fit
 
+pytestmark = pytest.mark.slow  # the release model on every preset and scale format
+
 
 @pytest.fixture(autouse=True, scope="module")
 def x64():

@@ -65,6 +65,7 @@ def test_lbfgs_converged_flag_certifies_the_returned_gradient():
     assert norms.max() <= tol + 5e-7
 
 
+@pytest.mark.slow
 def test_newton_and_lbfgs_reach_sklearn_optimum(x64):
     key = jax.random.key(4)
     newton = fit_fresh(key, LOGISTIC, n=300, replicates=4, tol=1e-10, solver="glm_newton")
