@@ -208,9 +208,8 @@ def ptq_release_batched(q, problem, params: PyTree, x: Array, y: Array, *, keys=
       ``(releases, n_moves)``, to pass one replicate at a time as ``released`` of :func:`single_model_indicator`.
     """
     q = _get_quantizer(q)
-    if options.ptq == "rtn":
-        releases = jax.vmap(lambda p, k: ptq_rtn(q, p, key=k, skip=options.skip))(params, keys)
-        return releases, jnp.zeros(jnp.shape(y)[0], jnp.int32)
+    if options.ptq == "rtn":  # nothing to wait for: the one-model release, vmapped
+        return jax.vmap(lambda p, xx, yy, k: _release(q, problem, p, xx, yy, None, k, options))(params, x, y, keys)
     glm = _glm(problem, options.differences)
     return ptq_loss_batched(
         q, problem.loss, params, x, y, keys=keys, skip=options.skip, max_sweeps=options.max_sweeps, **glm
