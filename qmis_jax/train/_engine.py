@@ -178,14 +178,24 @@ def _program(problem, solver, fresh, n, max_steps, optimizer, batch_size, shared
             tol=tol,
         )
 
+    def by_microbatch(one, per_replicate):
+        """``vmap(one)`` over the chunk, or on CPU ``microbatch`` replicates at a time (``lax.map``), each device
+        looping over its own share: the sharded axis stays a vmapped one."""
+        if microbatch is None:
+            return jax.vmap(one)(*per_replicate)
+        rows = jax.tree.map(lambda a: a.reshape(ndev, -1, *a.shape[1:]), per_replicate)
+        out = jax.vmap(lambda row: jax.lax.map(lambda r: one(*r), row, batch_size=microbatch))(rows)
+        return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), out)
+
     if fresh == "data":
 
-        def chunk_data(idx, x, y, params0, k_init, k_batch, tol):
+        def chunk_data(idx, x, y, params0, k_init, k_batch, tol, start, precond):
             def one_data(i, xi, yi):
                 design = problem.design(xi) if glm else None
-                return train_one(i, xi, yi, jnp.ones_like(yi), design, None, params0, k_init, k_batch, tol, None, None)
+                return train_one(i, xi, yi, jnp.ones_like(yi), design, None, params0, k_init, k_batch, tol, start,
+                                 precond)  # fmt: skip
 
-            return jax.vmap(one_data)(idx, x, y)
+            return by_microbatch(one_data, (idx, x, y))
 
         return jax.jit(chunk_data)
 
@@ -197,11 +207,7 @@ def _program(problem, solver, fresh, n, max_steps, optimizer, batch_size, shared
                 design = problem.design(x) if glm else None
                 return train_one(i, x, y, jnp.ones_like(y), design, None, params0, k_init, k_batch, tol, start, precond)
 
-            if microbatch is None:
-                return jax.vmap(one)(idx)
-            rows = idx.reshape(ndev, -1)  # one row per device: the sharded axis stays a vmapped one
-            out = jax.vmap(lambda row: jax.lax.map(one, row, batch_size=microbatch))(rows)
-            return jax.tree.map(lambda a: a.reshape(idx.shape[0], *a.shape[2:]), out)
+            return by_microbatch(one, (idx,))
 
         return jax.jit(chunk)
 
@@ -278,7 +284,7 @@ def _compiled(problem, opts: FitOptions, fresh, n: int):
     """The cached compiled chunk program of these options (:func:`_program`)."""
     cpu = all(d.platform == "cpu" for d in opts.devices)
     microbatch = CPU_MICROBATCH_FIXED_STEPS if opts.solver == "optax" else CPU_MICROBATCH
-    microbatch = microbatch if cpu and fresh is True else None
+    microbatch = microbatch if cpu and fresh else None
     return _program(
         problem, opts.solver, fresh, n, opts.max_steps, opts.optimizer, opts.batch_size, opts.shared_init, microbatch,
         len(opts.devices),
@@ -479,8 +485,15 @@ def fit_data(
 
     The embedded-target design of theory.md section 7 builds such sets (a random half of fixed targets plus fresh
     points). Replicate ``r`` is numbered ``start + r``: its initialisation and minibatch keys are
-    ``fold_in(k, start + r)`` of ``k_init, k_batch = split(key)``, so a chunk trained alone equals the same
-    replicates inside a larger call. Convex GLMs use damped Newton from the initialisation (no shared pilot).
+    ``fold_in(k, start + r)`` of ``k_init, k_batch = split(key)``, so a chunk trained alone gives the same
+    replicates as a larger call (up to rounding: XLA may round batched kernels differently per batch size).
+
+    Convex GLMs (``"glm_lbfgs"``) train as in :func:`fit_fresh`: L-BFGS from the fit of a pilot sample of ``4 n``
+    points drawn from the problem's law with ``split(key, 3)[2]``, preconditioned by that fit's inverse Hessian, so
+    the pilot depends on the key and ``n`` only, never on the data or the chunking; each replicate still stops at
+    its own gradient-norm tolerance on its own data. Where ``4 n`` exceeds 65536 points the pilot would cost as
+    much as the fits, and each replicate runs damped Newton from the initialisation instead. On CPU devices
+    replicates train a few at a time inside a chunk, as in :func:`fit_fresh`.
 
     Args:
       key: PRNG key. problem: the problem.
@@ -510,7 +523,11 @@ def fit_data(
     per = bytes_per_replicate(opts.solver, n=n, dx=dx, p=p, itemsize=xh.dtype.itemsize, fresh=True, features=False)
     chunk = _chunk(opts, xh.shape[0], per)
     program = _compiled(problem, opts, "data", n)
-    shared = (params0, k_init, k_batch, jnp.asarray(opts.tol, xh.dtype))
+    tol = jnp.asarray(opts.tol, xh.dtype)
+    start_theta = precond = None
+    if PILOT_FACTOR * n <= PILOT_MAX:  # beyond, the pilot would cost as much as the fits it speeds up
+        start_theta, precond = _pilot(problem, opts, True, n, True, key, params0, tol)
+    shared = (params0, k_init, k_batch, tol, start_theta, precond)
     return _run(program, xh.shape[0], chunk, opts.devices, [xh, yh.astype(xh.dtype)], shared, offset=opts.start)
 
 
