@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._softplus import softplus
 from ..problems._base import Problem
 from .data import MolecularData
 
@@ -31,7 +30,7 @@ def _margin_loss(task: str):
 
         def margin_loss(eta, y):
             """Logistic loss ``log(1 + exp(eta)) - y eta``."""
-            return softplus(eta) - y * eta
+            return jax.nn.softplus(eta) - y * eta
 
     else:
 

@@ -8,8 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qmis_jax._softplus import softplus
-
 from ._checks import finite, positive_int
 
 Array = jax.Array
@@ -96,4 +94,4 @@ def mixture_sampler(centres: np.ndarray):
 
 def logistic_margin_loss(eta: Array, y: Array) -> Array:
     """Logistic loss ``softplus(-(2y - 1) eta) = log(1 + exp(eta)) - y eta`` for ``y`` in {0, 1}, computed stably."""
-    return softplus(-(2.0 * y - 1.0) * eta)
+    return jnp.logaddexp(0.0, -(2.0 * y - 1.0) * eta)
