@@ -296,8 +296,9 @@ def _pilot(problem, opts: FitOptions, fresh: bool, n: int, warm_start: bool, *ar
     return _pilot_program(problem, opts.solver, fresh, n, opts.max_steps, warm_start)(*args)
 
 
-def _run(program, replicates, chunk, devices, per_rep, shared, offset: int = 0) -> FitResult:
-    """Run ``program`` over replicate chunks; pad the last chunk with copies of its last replicate.
+def _run(program, replicates, chunk, devices, per_rep, shared, offset: int = 0, numbers=None) -> FitResult:
+    """Run ``program`` over replicate chunks; pad the last chunk with copies of its last replicate. Replicate
+    ``r`` is numbered ``offset + r``, or ``numbers[r]`` where given.
 
     Slicing and padding happen on host copies (NumPy), so no small eager programs are compiled per chunk shape.
     """
@@ -308,7 +309,8 @@ def _run(program, replicates, chunk, devices, per_rep, shared, offset: int = 0) 
     for start in range(0, replicates, chunk):
         idx = np.arange(start, min(start + chunk, replicates))
         idx = np.concatenate([idx, np.full(chunk - idx.size, idx[-1])]).astype(np.int32)
-        args = [idx + np.int32(offset)] + [a[idx] for a in per_rep]
+        label = idx + np.int32(offset) if numbers is None else np.asarray(numbers, np.int32)[idx]
+        args = [label] + [a[idx] for a in per_rep]
         outs.append(program(*jax.device_put(args, split), *shared))
     if len(outs) == 1 and chunk == replicates:
         sol = outs[0]
@@ -491,7 +493,8 @@ def fit_data(
     Convex GLMs (``"glm_lbfgs"``) train as in :func:`fit_fresh`: L-BFGS from the fit of a pilot sample of ``4 n``
     points drawn from the problem's law with ``split(key, 3)[2]``, preconditioned by that fit's inverse Hessian, so
     the pilot depends on the key and ``n`` only, never on the data or the chunking; each replicate still stops at
-    its own gradient-norm tolerance on its own data. Where ``4 n`` exceeds 65536 points the pilot would cost as
+    its own gradient-norm tolerance on its own data, and a replicate that L-BFGS leaves above it (data far from
+    the problem's law) is retrained by damped Newton. Where ``4 n`` exceeds 65536 points the pilot would cost as
     much as the fits, and each replicate runs damped Newton from the initialisation instead. On CPU devices
     replicates train a few at a time inside a chunk, as in :func:`fit_fresh`.
 
@@ -524,11 +527,35 @@ def fit_data(
     chunk = _chunk(opts, xh.shape[0], per)
     program = _compiled(problem, opts, "data", n)
     tol = jnp.asarray(opts.tol, xh.dtype)
-    start_theta = precond = None
-    if PILOT_FACTOR * n <= PILOT_MAX:  # beyond, the pilot would cost as much as the fits it speeds up
-        start_theta, precond = _pilot(problem, opts, True, n, True, key, params0, tol)
-    shared = (params0, k_init, k_batch, tol, start_theta, precond)
-    return _run(program, xh.shape[0], chunk, opts.devices, [xh, yh.astype(xh.dtype)], shared, offset=opts.start)
+    yh = yh.astype(xh.dtype)
+    if opts.solver != "glm_lbfgs" or PILOT_FACTOR * n > PILOT_MAX:  # a pilot as costly as the fits: Newton
+        shared = (params0, k_init, k_batch, tol, None, None)
+        return _run(program, xh.shape[0], chunk, opts.devices, [xh, yh], shared, offset=opts.start)
+    start_theta, precond = _pilot(problem, opts, True, n, True, key, params0, tol)
+    res = _run(program, xh.shape[0], chunk, opts.devices, [xh, yh], (params0, k_init, k_batch, tol, start_theta,
+               precond), offset=opts.start)  # fmt: skip
+    return _newton_where_unconverged(res, problem, opts, n, chunk, xh, yh, (params0, k_init, k_batch, tol))
+
+
+def _newton_where_unconverged(res: FitResult, problem, opts: FitOptions, n, chunk, xh, yh, shared) -> FitResult:
+    """Retrain by damped Newton (from the initialisation) the replicates that L-BFGS from the pilot left above the
+    tolerance: a data set far from the problem's law (the pilot's) can leave the shared preconditioner so wrong
+    that the line search runs out of floating-point resolution. Each replicate's method depends only on its own
+    data, so the chunking still does not matter."""
+    bad = np.flatnonzero(~np.asarray(res.converged))
+    if bad.size == 0:
+        return res
+    program = _compiled(problem, opts._replace(solver="glm_newton"), "data", n)
+    redo = _run(program, bad.size, min(chunk, bad.size), opts.devices, [xh[bad], yh[bad]],
+                (*shared, None, None), numbers=bad + opts.start)  # fmt: skip
+    return jax.tree.map(lambda a, b: _put(a, bad, b), res, redo)
+
+
+def _put(a, where, b):
+    """``a`` with rows ``where`` replaced by ``b`` (host copies)."""
+    out = np.array(a)
+    out[where] = np.asarray(b)
+    return jnp.asarray(out)
 
 
 def replicate_data(key: Array, problem: Problem, *, n: int, index) -> tuple[Array, Array]:

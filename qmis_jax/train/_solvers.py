@@ -91,9 +91,11 @@ def backtrack(value_at: Callable[[Array], Array], f0: Array, gd: Array, skip: Ar
     return backtrack_value(value_at, f0, gd, skip)[0]
 
 
-def _halving(test: Callable[[Array], tuple[Array, Array]], fallback: Array, skip) -> tuple[Array, Array]:
-    """The first ``a`` in ``1, 1/2, ..., 2^-(LINE_SEARCH_STEPS - 1)`` whose ``test(a) -> (ok, value)`` holds, and
-    that value; ``(0, fallback)`` when none does, ``(1, fallback)`` with ``skip`` (no trial made)."""
+def backtrack_value(
+    value_at: Callable[[Array], Array], f0: Array, gd: Array, skip: Array | bool = False
+) -> tuple[Array, Array]:
+    """:func:`backtrack` that also returns the objective at the step taken (``f0`` when skipped or failed)."""
+    one = jnp.ones((), f0.dtype)
 
     def cond(c):
         j, _, _, ok = c
@@ -101,41 +103,13 @@ def _halving(test: Callable[[Array], tuple[Array, Array]], fallback: Array, skip
 
     def body(c):
         j, a, _, _ = c
-        ok, val = test(a)
-        return j + 1, jnp.where(ok, a, 0.5 * a), jnp.where(ok, val, fallback), ok
+        val = value_at(a)
+        ok = (val <= f0 + ARMIJO_C * a * gd) & jnp.isfinite(val)
+        return j + 1, jnp.where(ok, a, 0.5 * a), jnp.where(ok, val, f0), ok
 
-    init = (jnp.zeros((), jnp.int32), jnp.ones((), fallback.dtype), fallback, jnp.asarray(skip, bool))
+    init = (jnp.zeros((), jnp.int32), one, f0, jnp.asarray(skip, bool))
     _, a, val, ok = jax.lax.while_loop(cond, body, init)
     return jnp.where(ok, a, 0.0), val
-
-
-def backtrack_value(
-    value_at: Callable[[Array], Array], f0: Array, gd: Array, skip: Array | bool = False
-) -> tuple[Array, Array]:
-    """:func:`backtrack` that also returns the objective at the step taken (``f0`` when skipped or failed)."""
-
-    def armijo(a):
-        val = value_at(a)
-        return (val <= f0 + ARMIJO_C * a * gd) & jnp.isfinite(val), val
-
-    return _halving(armijo, f0, skip)
-
-
-def backtrack_slope(slope_at: Callable[[Array], Array], gd: Array, skip: Array | bool = False) -> Array:
-    """Largest step in ``1, 1/2, ...`` where the slope along the direction has fallen to ``|slope| <= 0.9 |gd|``
-    (``gd < 0`` the slope at 0); 0 when none does, 1 with ``skip``.
-
-    The line search where the objective's decrease is below its floating-point resolution: values no longer
-    order the steps, but slopes keep their resolution. On a convex line a step passes when it lies within
-    ``[0.1, 1.9]`` times the line minimiser (exactly so for a quadratic), so an overlong direction (a
-    preconditioner fitted to other data) is shortened instead of stalling the solver.
-    """
-
-    def curvature(a):
-        slope = slope_at(a)
-        return (jnp.abs(slope) <= 0.9 * jnp.abs(gd)) & jnp.isfinite(slope), slope
-
-    return _halving(curvature, gd, skip)[0]
 
 
 def _newton_loop(
@@ -315,17 +289,14 @@ def glm_lbfgs_step(
     gd = s.g @ d
     xd = design @ d
     tiny = -gd <= 10 * eps * (1 + jnp.abs(s.f))
-    # The objective at the step comes from the line search; below its resolution (tiny) it is kept as it is, and
-    # the step is chosen on the slope along d instead (backtrack_slope), where the Armijo test would be noise.
+    # The objective at the step comes from the line search; below its resolution (tiny) it is kept as it is.
     alpha, f = backtrack_value(lambda a: wn @ margin_loss(s.eta + a * xd, y), s.f, gd, skip=tiny | s.done)
-    alpha_tiny = backtrack_slope(lambda a: wn @ (m1(s.eta + a * xd, y) * xd), gd, skip=~tiny | s.done)
-    alpha = jnp.where(tiny, alpha_tiny, alpha)
     theta, eta = s.theta + alpha * d, s.eta + alpha * xd
     g = (wn * m1(eta, y)) @ design
     gn = jnp.linalg.norm(g)
-    # A tiny step is also refused where the gradient grows more than twofold (quasi-Newton gradient norms need not
-    # fall monotonically; the iteration cap bounds the rest).
-    accept = (alpha > 0) & jnp.where(tiny, gn < 2 * s.gn, True) & jnp.isfinite(f) & jnp.isfinite(gn)
+    # Below the objective's resolution the Armijo test is noise: a full step is kept unless the gradient grows
+    # (quasi-Newton gradient norms need not fall monotonically; the iteration cap bounds the rest).
+    accept = jnp.where(tiny, gn < 2 * s.gn, alpha > 0) & jnp.isfinite(f) & jnp.isfinite(gn)
     sv, yv = theta - s.theta, g - s.g
     sy = sv @ yv
     keep = accept & (sy > eps * jnp.linalg.norm(sv) * jnp.linalg.norm(yv)) & (sy > 0)
@@ -380,12 +351,10 @@ def glm_lbfgs(
     pairs correct the difference between it and the replicate's own curvature, and no per-replicate Hessian
     (``2 n p^2`` flops) is ever formed. An iteration costs two passes over the design (``X d`` for the line search,
     ``X^T r`` for the gradient; the margins are updated as ``eta + a X d``): ``4 n p`` flops against ``2 n p^2``
-    for one Newton Hessian. Armijo backtracking on the margins (:func:`backtrack`), or, once the predicted decrease
-    is below the objective's floating-point resolution, on the slope along the direction
-    (:func:`backtrack_slope`), so a preconditioner fitted to other data (a pilot sample) cannot stall the solver;
-    a pair with ``s.y <= 0`` is skipped and a rejected step restarts from ``-precond g`` (stops if that fails too).
-    When the loop ends the gradient is recomputed from ``X theta`` and the loop resumes if that exact gradient is
-    above ``tol``, so ``converged`` certifies the returned parameters.
+    for one Newton Hessian. Armijo backtracking on the margins (:func:`backtrack`); a pair with ``s.y <= 0`` is
+    skipped and a rejected step restarts from ``-precond g`` (stops if that fails too). When the loop ends the
+    gradient is recomputed from ``X theta`` and the loop resumes if that exact gradient is above ``tol``, so
+    ``converged`` certifies the returned parameters.
 
     Args:
       theta0: ``(p,)`` start. design: ``(N, p)``. y, w: ``(N,)``; ``w >= 0`` with a positive sum.
