@@ -178,15 +178,6 @@ def _program(problem, solver, fresh, n, max_steps, optimizer, batch_size, shared
             tol=tol,
         )
 
-    def by_microbatch(one, per_replicate):
-        """``vmap(one)`` over the chunk, or on CPU ``microbatch`` replicates at a time (``lax.map``), each device
-        looping over its own share: the sharded axis stays a vmapped one."""
-        if microbatch is None:
-            return jax.vmap(one)(*per_replicate)
-        rows = jax.tree.map(lambda a: a.reshape(ndev, -1, *a.shape[1:]), per_replicate)
-        out = jax.vmap(lambda row: jax.lax.map(lambda r: one(*r), row, batch_size=microbatch))(rows)
-        return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), out)
-
     if fresh == "data":
 
         def chunk_data(idx, x, y, params0, k_init, k_batch, tol, start, precond):
@@ -195,7 +186,11 @@ def _program(problem, solver, fresh, n, max_steps, optimizer, batch_size, shared
                 return train_one(i, xi, yi, jnp.ones_like(yi), design, None, params0, k_init, k_batch, tol, start,
                                  precond)  # fmt: skip
 
-            return by_microbatch(one_data, (idx, x, y))
+            if microbatch is None:
+                return jax.vmap(one_data)(idx, x, y)
+            rows = jax.tree.map(lambda a: a.reshape(ndev, -1, *a.shape[1:]), (idx, x, y))  # as in chunk below
+            out = jax.vmap(lambda row: jax.lax.map(lambda r: one_data(*r), row, batch_size=microbatch))(rows)
+            return jax.tree.map(lambda a: a.reshape(idx.shape[0], *a.shape[2:]), out)
 
         return jax.jit(chunk_data)
 
@@ -207,7 +202,11 @@ def _program(problem, solver, fresh, n, max_steps, optimizer, batch_size, shared
                 design = problem.design(x) if glm else None
                 return train_one(i, x, y, jnp.ones_like(y), design, None, params0, k_init, k_batch, tol, start, precond)
 
-            return by_microbatch(one, (idx,))
+            if microbatch is None:
+                return jax.vmap(one)(idx)
+            rows = idx.reshape(ndev, -1)  # one row per device: the sharded axis stays a vmapped one
+            out = jax.vmap(lambda row: jax.lax.map(one, row, batch_size=microbatch))(rows)
+            return jax.tree.map(lambda a: a.reshape(idx.shape[0], *a.shape[2:]), out)
 
         return jax.jit(chunk)
 
