@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 
 from qmis_jax._loops import compacting_while
 from qmis_jax.problems import logistic_mixture
-from qmis_jax.train import SOLVERS, fit, fit_data, fit_fresh, replicate_data
+from qmis_jax.train import SOLVERS, fit, fit_fresh, replicate_data
 
 LOGISTIC = logistic_mixture(dim=8, k_modes=2)
 
@@ -63,27 +63,6 @@ def test_lbfgs_converged_flag_certifies_the_returned_gradient():
     # float32 arithmetic against float64: the reported norm agrees to a few 1e-7, and stays below tol.
     np.testing.assert_allclose(np.asarray(res.grad_norm), norms, atol=5e-7)
     assert norms.max() <= tol + 5e-7
-
-
-def test_fit_data_lbfgs_certifies_each_replicate_and_ignores_the_chunking():
-    # fit_data trains by L-BFGS from a pilot drawn from the problem's law; each replicate must still reach its
-    # own optimum (gradient norm recomputed in NumPy float64), and a chunk trained alone must give the same
-    # replicates as the whole call (the pilot depends on the key and n only, not on the chunk's data): equal up to
-    # float32 rounding, which XLA's batched kernels may order differently for other batch sizes
-    key, tol = jax.random.key(5), 1e-5
-    xs, ys = replicate_data(jax.random.key(6), LOGISTIC, n=400, index=np.arange(10))
-    xs = xs.at[3].multiply(2.5)  # a data set far from the pilot's law: only slower, still certified
-    whole = fit_data(key, LOGISTIC, xs, ys, tol=tol)
-    assert bool(jnp.all(whole.converged))
-    x64, y64 = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
-    theta = np.c_[np.asarray(whole.params["b"], np.float64), np.asarray(whole.params["w"][..., 0], np.float64)]
-    norms = [np.linalg.norm(_mean_grad(theta[r], x64[r], y64[r], np.ones(400))) for r in range(10)]
-    assert max(norms) <= tol + 5e-7
-    part = fit_data(key, LOGISTIC, xs[4:9], ys[4:9], start=4, chunk_size=2, tol=tol)
-    for a, b in zip(jax.tree.leaves(part.params), jax.tree.leaves(whole.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b)[4:9], rtol=0, atol=1e-6)
-    newton = fit_data(key, LOGISTIC, xs, ys, tol=tol, solver="glm_newton")
-    np.testing.assert_allclose(np.asarray(whole.params["w"]), np.asarray(newton.params["w"]), atol=2e-4)
 
 
 @pytest.mark.slow

@@ -180,17 +180,12 @@ def _program(problem, solver, fresh, n, max_steps, optimizer, batch_size, shared
 
     if fresh == "data":
 
-        def chunk_data(idx, x, y, params0, k_init, k_batch, tol, start, precond):
+        def chunk_data(idx, x, y, params0, k_init, k_batch, tol):
             def one_data(i, xi, yi):
                 design = problem.design(xi) if glm else None
-                return train_one(i, xi, yi, jnp.ones_like(yi), design, None, params0, k_init, k_batch, tol, start,
-                                 precond)  # fmt: skip
+                return train_one(i, xi, yi, jnp.ones_like(yi), design, None, params0, k_init, k_batch, tol, None, None)
 
-            if microbatch is None:
-                return jax.vmap(one_data)(idx, x, y)
-            rows = jax.tree.map(lambda a: a.reshape(ndev, -1, *a.shape[1:]), (idx, x, y))  # as in chunk below
-            out = jax.vmap(lambda row: jax.lax.map(lambda r: one_data(*r), row, batch_size=microbatch))(rows)
-            return jax.tree.map(lambda a: a.reshape(idx.shape[0], *a.shape[2:]), out)
+            return jax.vmap(one_data)(idx, x, y)
 
         return jax.jit(chunk_data)
 
@@ -283,7 +278,7 @@ def _compiled(problem, opts: FitOptions, fresh, n: int):
     """The cached compiled chunk program of these options (:func:`_program`)."""
     cpu = all(d.platform == "cpu" for d in opts.devices)
     microbatch = CPU_MICROBATCH_FIXED_STEPS if opts.solver == "optax" else CPU_MICROBATCH
-    microbatch = microbatch if cpu and fresh else None
+    microbatch = microbatch if cpu and fresh is True else None
     return _program(
         problem, opts.solver, fresh, n, opts.max_steps, opts.optimizer, opts.batch_size, opts.shared_init, microbatch,
         len(opts.devices),
@@ -295,9 +290,8 @@ def _pilot(problem, opts: FitOptions, fresh: bool, n: int, warm_start: bool, *ar
     return _pilot_program(problem, opts.solver, fresh, n, opts.max_steps, warm_start)(*args)
 
 
-def _run(program, replicates, chunk, devices, per_rep, shared, offset: int = 0, numbers=None) -> FitResult:
-    """Run ``program`` over replicate chunks; pad the last chunk with copies of its last replicate. Replicate
-    ``r`` is numbered ``offset + r``, or ``numbers[r]`` where given.
+def _run(program, replicates, chunk, devices, per_rep, shared, offset: int = 0) -> FitResult:
+    """Run ``program`` over replicate chunks; pad the last chunk with copies of its last replicate.
 
     Slicing and padding happen on host copies (NumPy), so no small eager programs are compiled per chunk shape.
     """
@@ -308,8 +302,7 @@ def _run(program, replicates, chunk, devices, per_rep, shared, offset: int = 0, 
     for start in range(0, replicates, chunk):
         idx = np.arange(start, min(start + chunk, replicates))
         idx = np.concatenate([idx, np.full(chunk - idx.size, idx[-1])]).astype(np.int32)
-        label = idx + np.int32(offset) if numbers is None else np.asarray(numbers, np.int32)[idx]
-        args = [label] + [a[idx] for a in per_rep]
+        args = [idx + np.int32(offset)] + [a[idx] for a in per_rep]
         outs.append(program(*jax.device_put(args, split), *shared))
     if len(outs) == 1 and chunk == replicates:
         sol = outs[0]
@@ -486,16 +479,8 @@ def fit_data(
 
     The embedded-target design of theory.md section 7 builds such sets (a random half of fixed targets plus fresh
     points). Replicate ``r`` is numbered ``start + r``: its initialisation and minibatch keys are
-    ``fold_in(k, start + r)`` of ``k_init, k_batch = split(key)``, so a chunk trained alone gives the same
-    replicates as a larger call (up to rounding: XLA may round batched kernels differently per batch size).
-
-    Convex GLMs (``"glm_lbfgs"``) train as in :func:`fit_fresh`: L-BFGS from the fit of a pilot sample of ``4 n``
-    points drawn from the problem's law with ``split(key, 3)[2]``, preconditioned by that fit's inverse Hessian, so
-    the pilot depends on the key and ``n`` only, never on the data or the chunking; each replicate still stops at
-    its own gradient-norm tolerance on its own data, and a replicate that L-BFGS leaves above it (data far from
-    the problem's law) is retrained by damped Newton. Where ``4 n`` exceeds 65536 points the pilot would cost as
-    much as the fits, and each replicate runs damped Newton from the initialisation instead. On CPU devices
-    replicates train a few at a time inside a chunk, as in :func:`fit_fresh`.
+    ``fold_in(k, start + r)`` of ``k_init, k_batch = split(key)``, so a chunk trained alone equals the same
+    replicates inside a larger call. Convex GLMs use damped Newton from the initialisation (no shared pilot).
 
     Args:
       key: PRNG key. problem: the problem.
@@ -525,36 +510,8 @@ def fit_data(
     per = bytes_per_replicate(opts.solver, n=n, dx=dx, p=p, itemsize=xh.dtype.itemsize, fresh=True, features=False)
     chunk = _chunk(opts, xh.shape[0], per)
     program = _compiled(problem, opts, "data", n)
-    tol = jnp.asarray(opts.tol, xh.dtype)
-    yh = yh.astype(xh.dtype)
-    if opts.solver != "glm_lbfgs" or PILOT_FACTOR * n > PILOT_MAX:  # a pilot as costly as the fits: Newton
-        shared = (params0, k_init, k_batch, tol, None, None)
-        return _run(program, xh.shape[0], chunk, opts.devices, [xh, yh], shared, offset=opts.start)
-    start_theta, precond = _pilot(problem, opts, True, n, True, key, params0, tol)
-    res = _run(program, xh.shape[0], chunk, opts.devices, [xh, yh], (params0, k_init, k_batch, tol, start_theta,
-               precond), offset=opts.start)  # fmt: skip
-    return _newton_where_unconverged(res, problem, opts, n, chunk, xh, yh, (params0, k_init, k_batch, tol))
-
-
-def _newton_where_unconverged(res: FitResult, problem, opts: FitOptions, n, chunk, xh, yh, shared) -> FitResult:
-    """Retrain by damped Newton (from the initialisation) the replicates that L-BFGS from the pilot left above the
-    tolerance: a data set far from the problem's law (the pilot's) can leave the shared preconditioner so wrong
-    that the line search runs out of floating-point resolution. Each replicate's method depends only on its own
-    data, so the chunking still does not matter."""
-    bad = np.flatnonzero(~np.asarray(res.converged))
-    if bad.size == 0:
-        return res
-    program = _compiled(problem, opts._replace(solver="glm_newton"), "data", n)
-    redo = _run(program, bad.size, min(chunk, bad.size), opts.devices, [xh[bad], yh[bad]],
-                (*shared, None, None), numbers=bad + opts.start)  # fmt: skip
-    return jax.tree.map(lambda a, b: _put(a, bad, b), res, redo)
-
-
-def _put(a, where, b):
-    """``a`` with rows ``where`` replaced by ``b`` (host copies)."""
-    out = np.array(a)
-    out[where] = np.asarray(b)
-    return jnp.asarray(out)
+    shared = (params0, k_init, k_batch, jnp.asarray(opts.tol, xh.dtype))
+    return _run(program, xh.shape[0], chunk, opts.devices, [xh, yh.astype(xh.dtype)], shared, offset=opts.start)
 
 
 def replicate_data(key: Array, problem: Problem, *, n: int, index) -> tuple[Array, Array]:
