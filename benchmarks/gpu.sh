@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The replicate engine on a GPU against one CPU core (about 10 minutes).
 #   bash benchmarks/gpu.sh [OUT_FILE]        (default benchmarks/results_gpu.jsonl)
-# 1. installs jax[cuda12] when jax has no GPU backend;
+# 1. installs jax[cuda12] at the pinned version (scripts/constraints.txt) when jax has no GPU backend;
 # 2. runs the training workloads of `run.py --quick` on the GPU (correctness checked first, baselines skipped);
 # 3. runs the same workloads on the CPU pinned to one core (taskset, one XLA thread);
 # 4. appends one JSON line per workload: GPU and one-core seconds, the per-replicate speedup (goal >= 100x), the
@@ -13,9 +13,10 @@ out="${1:-benchmarks/results_gpu.jsonl}"
 work="${TMPDIR:-/tmp}/qmis_gpu_bench.$$"
 mkdir -p "$work"
 if ! "$py" -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")' 2>/dev/null; then
-  "$py" -m pip install --quiet "jax[cuda12]"
+  "$py" -m pip install --quiet -c scripts/constraints.txt "jax[cuda12]==0.9.2"
 fi
-"$py" -c 'import optax, flax, chex, sklearn' 2>/dev/null || "$py" -m pip install --quiet optax flax chex scikit-learn
+"$py" -c 'import optax, flax, chex, sklearn' 2>/dev/null ||
+  "$py" -m pip install --quiet -c scripts/constraints.txt optax flax chex scikit-learn
 "$py" -c 'import jax; print("backend:", jax.default_backend(), jax.devices())'
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" XLA_PYTHON_CLIENT_PREALLOCATE=false
 only="logistic_d128,logistic_d128_pool,mlp_d128"

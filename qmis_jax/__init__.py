@@ -10,10 +10,12 @@ quantizers on privacy and utility.
 >>> report = qj.audit(jax.random.key(0), problem, ["fp32", "int4"], n=100, replicates=64)  # doctest: +SKIP
 """
 
-from qmis_jax import problems, quantizers, stats, store, train
+from qmis_jax import _runtime, problems, quantizers, stats, store, train
 from qmis_jax._cache import enable_compilation_cache
 from qmis_jax._version import __version__
 from qmis_jax.audit import AuditReport, audit, audit_model
+
+_runtime.warn_if_affected()  # an affected jaxlib on the CPU backend (decided without starting a backend)
 
 __all__ = [
     "AuditReport",

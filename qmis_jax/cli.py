@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -64,6 +65,16 @@ def _memory_size(text: str) -> int:
         ) from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"--stall-timeout must be a number of seconds >= 0 (0: off), got {text!r}")
+    return value
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -94,6 +105,20 @@ def _common(p: argparse.ArgumentParser, *, default_out: str) -> None:
         "chunks, and a run where one replicate alone needs more is refused (default 2G)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument(
+        "--stall-timeout",
+        type=_seconds,
+        default=None,
+        help="seconds without progress after which the run writes every thread's stack to --out, says where it "
+        "stopped and exits with status 3 (continue with --resume); 0 turns it off (default 1800, or "
+        "$QMIS_JAX_STALL_TIMEOUT)",
+    )
+    p.add_argument(
+        "--allow-affected-jaxlib",
+        action="store_true",
+        help="run even on a jaxlib whose CPU linear algebra can deadlock (0.10.0 - 0.11.0; also "
+        "QMIS_JAX_ALLOW_AFFECTED_JAXLIB=1); the verified runtime is jax==0.9.2 jaxlib==0.9.2",
+    )
 
 
 def _study_parser(sub, name: str, *, help: str, description: str, n_help: str, replicates_help: str):
@@ -219,17 +244,29 @@ def _run(args: argparse.Namespace) -> int:
         sys.argv = [script] + (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else [])
         runpy.run_path(script, run_name="__main__")
         return 0
+    from qmis_jax import _runtime, _watchdog
     from qmis_jax.studies import run_audit_cli, run_study
 
+    risk = _runtime.deadlock_risk()
+    if risk is not None and not (args.allow_affected_jaxlib or _runtime.override_allowed()):
+        raise ValueError(f"{risk}; or run anyway with --allow-affected-jaxlib ({_runtime.ALLOW_ENV}=1)")
     runner = run_audit_cli if args.command == "audit" else run_study
-    out = runner(args)
+    timeout = _watchdog.default_timeout() if args.stall_timeout is None else args.stall_timeout
+    with _watchdog.Watchdog(args.out, timeout=timeout, command=_resume_command(args.argv)):
+        out = runner(args)
     print(f"wrote {os.path.join(out, 'report.json')}, report.md and plots")
     return 0
+
+
+def _resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues this run: the same arguments with ``--resume``."""
+    return " ".join(["qmis", *(shlex.quote(a) for a in argv if a != "--resume"), "--resume"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qmis`` console script; returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help, or a one-line usage error already printed
@@ -242,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    args.argv = argv
     try:
         from qmis_jax._cache import enable_compilation_cache
 

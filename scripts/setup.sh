@@ -18,10 +18,10 @@ if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   echo "setup.sh: Python 3.11 or newer is needed ($py is $("$py" --version 2>&1))" >&2; exit 2
 fi
 [ -x .venv/bin/python ] || "$py" -m venv .venv
-stamp=".venv/.qmis-install-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)-${extras//,/_}"
+stamp=".venv/.qmis-install-$(cat pyproject.toml scripts/setup.sh scripts/constraints.txt | sha1sum | cut -c1-12)-${extras//,/_}"
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[$extras]"
+  .venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e ".[$extras]"
   # MoleculeACE's 30 ChEMBL sets are read as files; its declared dependencies would replace RDKit with an old
   # build, so it is installed without them (the package itself is never imported).
   .venv/bin/python -m pip install --quiet --no-deps "moleculeace==3.0.0"

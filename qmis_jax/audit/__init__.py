@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 
+from qmis_jax import _runtime, _watchdog
 from qmis_jax.problems import Problem
 from qmis_jax.stats.options import IndicatorOptions
 from qmis_jax.store import MemoryStore, Store
@@ -138,9 +139,27 @@ def audit(
         n_boot=n_boot,
     )
     store = MemoryStore() if store is None else store
-    progress = progress or (lambda stage, done: None)
+    _runtime.check_backend()
+    _runtime.release_if_crowded()
+    programs_before = _runtime.counters().compiled
+    progress = _with_heartbeat(progress)
     trained = train_replicates(the_plan, problem, store, progress)
     pop = population_stage(the_plan, problem, progress)
     per_rep = statistics_stage(the_plan, problem, trained, pop, store, progress)
     attack_results, raw_scores = attack_stage(the_plan, problem, pop, per_rep, store, progress)
-    return report_stage(the_plan, problem, trained, pop, per_rep, attack_results, raw_scores)
+    return report_stage(
+        the_plan, problem, trained, pop, per_rep, attack_results, raw_scores, programs_before=programs_before
+    )
+
+
+def _with_heartbeat(progress: Callable[[str, int], None] | None) -> Callable[[str, int], None]:
+    """``progress`` that also tells the stall watchdog of the progress, and releases compiled programs when their
+    memory mappings crowd the process (see :mod:`qmis_jax._runtime`)."""
+
+    def report(stage: str, done: int) -> None:
+        _watchdog.beat(f"{stage} {done}")
+        _runtime.release_if_crowded()
+        if progress is not None:
+            progress(stage, done)
+
+    return report

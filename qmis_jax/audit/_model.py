@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qmis_jax import _runtime, stats
 from qmis_jax import quantizers as _quantizers
-from qmis_jax import stats
 from qmis_jax._checks import check_data, check_fits_model, check_key, positive_int
 from qmis_jax._version import __version__
 from qmis_jax.problems import Problem, utility
@@ -118,6 +118,7 @@ def audit_model(
         raise ValueError(f"problem must be a qmis_jax.problems.Problem, got {type(problem).__name__}")
     opts = IndicatorOptions(ptq=ptq, method=method, z=z, skip=skip, max_sweeps=max_sweeps)
     qs = resolve_quantizers(quantizers)
+    _runtime.check_backend()
     xh, yh = check_data(problem, x, y)
     check_fits_model(problem, params, xh, yh)
     if xh.shape[0] < 2:

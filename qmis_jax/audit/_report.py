@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from qmis_jax import _memory, stats
+from qmis_jax import _memory, _runtime, stats
 from qmis_jax import quantizers as _quantizers
 from qmis_jax._version import __version__
 from qmis_jax.problems import Problem
@@ -96,6 +96,7 @@ def environment() -> dict[str, Any]:
     return {
         "qmis_jax": __version__,
         "jax": jax.__version__,
+        "jaxlib": _runtime.jaxlib_version(),
         "numpy": np.__version__,
         "python": platform.python_version(),
         "device_kind": devices[0].device_kind,
@@ -218,7 +219,7 @@ def _config(plan: AuditPlan, problem: Problem) -> dict[str, Any]:
     }
 
 
-def _diagnostics(plan: AuditPlan, trained: Trained) -> dict[str, Any]:
+def _diagnostics(plan: AuditPlan, trained: Trained, programs_before: int) -> dict[str, Any]:
     return {
         "replicates_not_converged": int(np.sum(~trained.converged)),
         "max_grad_norm": float(np.max(trained.grad_norm)),
@@ -228,11 +229,20 @@ def _diagnostics(plan: AuditPlan, trained: Trained) -> dict[str, Any]:
         "replicate_estimate_mib": _memory.mib(plan.replicate_bytes),
         "peak_rss_mib": _memory.mib(_memory.peak_rss_bytes()),
         "device_peak_mib": _memory.mib(_memory.device_peak_bytes()),
+        **_runtime.diagnostics(programs_before),
     }
 
 
 def report_stage(
-    plan: AuditPlan, problem: Problem, trained: Trained, pop: Population, per_rep: ReplicateStats, attacks, raw
+    plan: AuditPlan,
+    problem: Problem,
+    trained: Trained,
+    pop: Population,
+    per_rep: ReplicateStats,
+    attacks,
+    raw,
+    *,
+    programs_before: int = 0,
 ) -> AuditReport:
     """Assemble the report: entries, ranking with paired intervals, configuration, diagnostics, environment."""
     entries = {name: _entry(plan, name, pop, per_rep, attacks[name]) for name in plan.quantizers}
@@ -256,7 +266,7 @@ def report_stage(
         "by the empirical MIS upper bound of the attacks",
         "ranking_intervals": intervals,
         "trained_utility": trained_utility,
-        "diagnostics": _diagnostics(plan, trained),
+        "diagnostics": _diagnostics(plan, trained, programs_before),
         "environment": environment(),
         "config": config,
     }

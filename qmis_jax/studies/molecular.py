@@ -26,6 +26,7 @@ from qmis_jax.audit import audit_model, environment, resolve_quantizers
 from qmis_jax.problems import Problem
 from qmis_jax.store import ResultStore, config_hash, write_json
 from qmis_jax.studies import plots
+from qmis_jax.studies._points import study_diagnostics, study_point
 
 FEATURIZERS = ("ecfp", "atompair", "maccs", "rdkit2d")
 # E8M0 variants run next to their float32 originals (theory.md section 9): a float32 scale makes a release
@@ -207,7 +208,7 @@ def run(cfg: MolecularConfig, out: str, *, resume: bool = False, progress: bool 
             point["featurizer"], point["head"] = feat, head
             return point
 
-        results[tag] = store.get_or_compute_json(f"point-{tag}", compute)
+        results[tag] = study_point(store, f"point-{tag}", compute)
         bar.update(1)
     bar.close()
     return write_outputs(out, cfg, config, results)
@@ -246,6 +247,7 @@ def write_outputs(out, cfg, config, results) -> dict[str, Any]:
         "points": results,
         "pareto": {tag: pareto_table(p) for tag, p in results.items()},
         "environment": environment(),
+        "diagnostics": study_diagnostics({}),
         "study_config": config,
     }
     write_json(os.path.join(out, "report.json"), report)

@@ -43,6 +43,7 @@ from qmis_jax._progress import progress_bar
 from qmis_jax.audit import audit, environment
 from qmis_jax.store import ResultStore, config_hash, write_json
 from qmis_jax.studies import markdown, plots
+from qmis_jax.studies._points import study_diagnostics, study_point
 
 MODELS = ("logistic", "mlp")
 GRIDS = ("grid_fixed", "grid_adaptive")
@@ -294,7 +295,7 @@ def run_validation(cfg: SyntheticConfig, store: ResultStore, key: jax.Array, bar
 
         if bar is not None:
             bar.set_description(tag)
-        return store.get_or_compute_json(f"report-{tag}", compute)
+        return study_point(store, f"report-{tag}", compute)
 
     pilot = one("validation-pilot", cfg.validation_pilot_n, names, reps, jax.random.fold_in(key, 0))
     sizes: dict[str, list[int]] = {}
@@ -401,7 +402,7 @@ def run(
             qs = quantizer_set(cfg, n)
             return study_audit(cfg, k, problem, qs, n=n, replicates=cfg.replicates, store=store, tag=tag, bar=bar)
 
-        run_report = store.get_or_compute_json(f"report-{tag}", compute)
+        run_report = study_point(store, f"report-{tag}", compute)
         runs.append(run_report)
         if on_point is not None:
             on_point(run_report)
@@ -460,6 +461,7 @@ def write_outputs(
     report["study_config"] = config
     report["study_config_hash"] = config_hash(config)
     report["environment"] = environment()
+    report["diagnostics"] = study_diagnostics(main["diagnostics"])
     report["indicator_vs_lira"] = plots.indicator_attack_agreement(main, attack="lira")
     report["runs"] = list(runs)
     report["validation"] = validation
