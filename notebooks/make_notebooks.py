@@ -31,9 +31,9 @@ quickstart = [
     (
         "code",
         "for name in ['fp32', 'int4', 'int4@e8m0', 'sign', 'sign@e8m0']:\n"
-        "    a = qj.stats.single_model_indicator(name, problem, params, x, y)\n"
+        "    a = qj.indicator.single_model_indicator(name, problem, params, x, y)\n"
         "    continuous = qj.quantizers.is_continuous(name)\n"
-        "    mis = qj.stats.mis_asymptotic(800, a.delta, a.sigma, a.valid, continuous=continuous)\n"
+        "    mis = qj.indicator.mis_asymptotic(800, a.delta, a.sigma, a.valid, continuous=continuous)\n"
         "    lo, hi = (float(v) for v in a.r_interval)\n"
         "    release = 'continuous' if continuous else 'discrete'\n"
         "    print(f'{name:10s} {release:10s} r_hat = {float(a.r_hat):.3g}  [{lo:.3g}, {hi:.3g}]  '\n"
@@ -96,7 +96,7 @@ molecular = [
         "code",
         "for name in ['fp32', 'int8', 'int4', 'ternary', 'sign']:\n"
         "    q = qj.quantizers.get(name)\n"
-        "    a = qj.stats.single_model_indicator(q, problem, params, x, y)\n"
+        "    a = qj.indicator.single_model_indicator(q, problem, params, x, y)\n"
         "    xt, yt = jnp.asarray(data.x_test), jnp.asarray(data.y_test)\n"
         "    acc = qj.problems.utility(problem, a.release, xt, yt)\n"
         "    print(f\"{name:8s} r_hat = {float(a.r_hat):.4f}  test accuracy = {float(acc['accuracy']):.3f}\")",
@@ -251,7 +251,7 @@ audit_your_model = [
         "## Scores for jax_privacy\n\nThe LOSS attack's scores of a release (higher = member): minus its "
         "per-example loss, computed from `problem.loss` on the training split (members) and on the test split "
         "(non-members). `jax_privacy.auditing.CanaryScoreAuditor` takes them as they are; its `attack_auroc()` is "
-        "the area under the ROC's convex hull, our `qj.stats.auc_convex_hull`. The plain AUC is the report's "
+        "the area under the ROC's convex hull, our `qj.attacks.auc_convex_hull`. The plain AUC is the report's "
         "(the same scores). No epsilon lower bound here: every pair shares the one release of the one model, so "
         "the pairs are not independent trials, and the game is the pool game anyway.",
     ),
@@ -264,12 +264,12 @@ audit_your_model = [
         "    CanaryScoreAuditor = None\n"
         "    print('jax_privacy is not installed (the interop extra is missing): our figures only')\n\n"
         "for name in ['int4', 'int4@e8m0', 'sign@e8m0']:\n"
-        "    release, _ = qj.stats.ptq_loss(name, problem.loss, params, x_train, y_train)  # the audited release\n"
+        "    release, _ = qj.indicator.ptq_loss(name, problem.loss, params, x_train, y_train)  # the audited release\n"
         "    members = -np.asarray(per_example_loss(release, x_train, y_train))\n"
         "    nonmembers = -np.asarray(per_example_loss(release, x_test, y_test))\n"
-        "    hull = qj.stats.auc_convex_hull(members, nonmembers)\n"
+        "    hull = qj.attacks.auc_convex_hull(members, nonmembers)\n"
         "    plain = report[name]['attacks']['loss_pool']['auc']\n"
-        "    tpr0 = qj.stats.tpr_at_fpr(members, nonmembers, fpr=0.0)\n"
+        "    tpr0 = qj.attacks.tpr_at_fpr(members, nonmembers, fpr=0.0)\n"
         "    line = f'{name:10s} AUC {plain:.4f}  convex hull {hull:.4f}  TPR at 0% FPR {tpr0:.4f}'\n"
         "    if CanaryScoreAuditor is not None:\n"
         "        auroc = CanaryScoreAuditor(members, nonmembers).attack_auroc()\n"

@@ -10,7 +10,7 @@ quantizers on privacy and utility.
 >>> report = qj.audit(jax.random.key(0), problem, ["fp32", "int4"], n=100, replicates=64)  # doctest: +SKIP
 """
 
-from qmis_jax import _runtime, problems, quantizers, stats, store, train
+from qmis_jax import _runtime, attacks, indicator, problems, quantizers, stats, store, train
 from qmis_jax._cache import enable_compilation_cache
 from qmis_jax._version import __version__
 from qmis_jax.audit import AuditReport, audit, audit_model
@@ -20,9 +20,11 @@ _runtime.warn_if_affected()  # an affected jaxlib on the CPU backend (decided wi
 __all__ = [
     "AuditReport",
     "__version__",
+    "attacks",
     "audit",
     "audit_model",
     "enable_compilation_cache",
+    "indicator",
     "problems",
     "quantizers",
     "stats",

@@ -1,4 +1,4 @@
-"""Tests of qmis_jax.stats.attacks: LOSS, LiRA statistic, membership designs, LiRA fits and scores."""
+"""Tests of qmis_jax.attacks.lira: LOSS, LiRA statistic, membership designs, LiRA fits and scores."""
 
 import jax
 import jax.numpy as jnp
@@ -6,21 +6,9 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from qmis_jax.stats.attacks import (
-    LiraFallbacks,
-    LiraFit,
-    embedded_target_membership,
-    fit_lira,
-    lira,
-    lira_fallbacks,
-    lira_pool,
-    lira_scores,
-    loss_attack,
-    pool_membership,
-    score_from_loss,
-    shadow_mask,
-)
-from qmis_jax.stats.metrics import attack_metrics
+from qmis_jax.attacks import embedded_target_membership, loss_attack, pool_membership, score_from_loss, shadow_mask
+from qmis_jax.attacks.lira import LiraFallbacks, LiraFit, fit_lira, lira, lira_fallbacks, lira_pool, lira_scores
+from qmis_jax.attacks.metrics import attack_metrics
 
 # ----------------------------------------------------------------------------------------------------------------
 # Per-example statistics

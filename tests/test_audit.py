@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import norm
 
 import qmis_jax as qj
-from qmis_jax.stats import gaussian_mean_quantized_delta
+from qmis_jax.indicator import gaussian_mean_quantized_delta
 
 pytestmark = pytest.mark.slow  # end-to-end audits with thousands of replicates
 

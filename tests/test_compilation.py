@@ -10,7 +10,7 @@ from jax import monitoring
 
 import qmis_jax as qj
 from qmis_jax.audit import _programs
-from qmis_jax.stats.options import IndicatorOptions
+from qmis_jax.indicator.options import IndicatorOptions
 
 pytestmark = pytest.mark.slow  # whole audits, twice
 

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from qmis_jax.problems import gaussian_mean
-from qmis_jax.quantizers import uniform
-from qmis_jax.stats.estimate import population_indicator
-from qmis_jax.stats.exact import (
+from qmis_jax.indicator.estimate import population_indicator
+from qmis_jax.indicator.exact import (
     gaussian_mean_fp_delta,
     gaussian_mean_gaps,
     gaussian_mean_mis_approximation,
     gaussian_mean_quantized_delta,
 )
-from qmis_jax.stats.mis import mis_asymptotic
+from qmis_jax.indicator.mis import mis_asymptotic
+from qmis_jax.problems import gaussian_mean
+from qmis_jax.quantizers import uniform
 
 pytestmark = pytest.mark.usefixtures("x64")
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from qmis_jax.stats.bracket import asymptotic_regime
-from qmis_jax.stats.mis import mis_asymptotic, union_probability
+from qmis_jax.indicator import asymptotic_regime
+from qmis_jax.indicator.mis import mis_asymptotic, union_probability
 
 
 def _correlated_rows(seed, k, m):
@@ -97,7 +97,7 @@ def test_logistic_flip_rate_matches_the_joint_gaussian_prediction():
     from jax.flatten_util import ravel_pytree
 
     import qmis_jax as qj
-    from qmis_jax import stats, train
+    from qmis_jax import indicator, train
 
     dim, step, n, reps = 4, 0.5, 3000, 1000
     prob = qj.problems.logistic_mixture(dim=dim, seed=0)
@@ -116,18 +116,18 @@ def test_logistic_flip_rate_matches_the_joint_gaussian_prediction():
 
     for ptq in ("loss", "rtn"):
         if ptq == "loss":
-            release = stats.population_indicator(q, prob, theta_star, xa, ya, n=n, ptq="loss").release
-            moves = stats.competitors(q, release, theta_star)
-            D = stats.loss_differences(prob.loss, release, moves, xb, yb)
-            delta, sigma = stats.gap_stats(D, moves.valid)
+            release = indicator.population_indicator(q, prob, theta_star, xa, ya, n=n, ptq="loss").release
+            moves = indicator.competitors(q, release, theta_star)
+            D = indicator.loss_differences(prob.loss, release, moves, xb, yb)
+            delta, sigma = indicator.gap_stats(D, moves.valid)
             valid = moves.valid
         else:
             centre = jax.tree.map(lambda a: jnp.mean(a, axis=0), res.params)
-            pop = stats.population_indicator(q, prob, centre, xb, yb, n=n, ptq="rtn")
+            pop = indicator.population_indicator(q, prob, centre, xb, yb, n=n, ptq="rtn")
             release, delta, sigma, valid = pop.release, pop.delta, pop.sigma, pop.valid
-            D, _ = stats.rtn_differences(q, prob.loss, centre, xb, yb)
+            D, _ = indicator.rtn_differences(q, prob.loss, centre, xb, yb)
         predicted = mis_asymptotic(n, delta, sigma, valid, D=D)
-        single = stats.single_model_indicator_batched(q, prob, res.params, x, y, ptq=ptq)
+        single = indicator.single_model_indicator_batched(q, prob, res.params, x, y, ptq=ptq)
         flips = np.any(flat(single.release) != np.asarray(ravel_pytree(release)[0])[None], axis=1)
         rate = flips.mean()
         se = math.sqrt(max(rate * (1 - rate), 1.0 / reps) / reps)

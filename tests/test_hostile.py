@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import qmis_jax as qj
+from qmis_jax import attacks, indicator, train
 from qmis_jax import quantizers as Q
-from qmis_jax import stats, train
 from qmis_jax.cli import main
 from qmis_jax.store import ResultStore
 
@@ -136,19 +136,19 @@ API_ERRORS = [
     ("fit_fresh n=0", lambda: train.fit_fresh(KEY, LOGISTIC, n=0, replicates=2), ValueError, r"n must be a positive"),
     (
         "sandwich rows mismatch",
-        lambda: stats.sandwich_covariance(LOGISTIC.loss, LOGISTIC.init(KEY), X, Y[:9]),
+        lambda: indicator.sandwich_covariance(LOGISTIC.loss, LOGISTIC.init(KEY), X, Y[:9]),
         ValueError,
         r"x and y must have the same number of rows",
     ),
     (
         "sandwich NaN in x",
-        lambda: stats.sandwich_covariance(LOGISTIC.loss, LOGISTIC.init(KEY), X * np.nan, Y),
+        lambda: indicator.sandwich_covariance(LOGISTIC.loss, LOGISTIC.init(KEY), X * np.nan, Y),
         ValueError,
         r"singular or non-finite",
     ),
-    ("attack_metrics empty", lambda: stats.attack_metrics([], [1.0, 2.0]), ValueError, r"at least one score"),
-    ("attack_metrics NaN", lambda: stats.attack_metrics([1.0, np.nan], [1.0, 2.0]), ValueError, r"contains NaN"),
-    ("indicator shapes", lambda: stats.indicator(jnp.ones(3), jnp.ones(2, bool)), ValueError, r"the same shape"),
+    ("attack_metrics empty", lambda: attacks.attack_metrics([], [1.0, 2.0]), ValueError, r"at least one score"),
+    ("attack_metrics NaN", lambda: attacks.attack_metrics([1.0, np.nan], [1.0, 2.0]), ValueError, r"contains NaN"),
+    ("indicator shapes", lambda: indicator.indicator(jnp.ones(3), jnp.ones(2, bool)), ValueError, r"the same shape"),
     ("unknown data set", lambda: molecular().load_dataset("nope"), KeyError, r"unknown dataset 'nope'; valid names"),
     ("unknown featurizer", lambda: molecular().featurize(["CCO"], "morgan9"), KeyError, r"unknown featurizer"),
 ]
@@ -163,7 +163,7 @@ def test_api_rejects_bad_input_with_a_clear_error(row, call, error, pattern):
 def test_jitted_functions_return_nan_for_bad_numbers():
     """Traced code cannot raise: a negative standard deviation gives a NaN rate (it gave +inf, "cannot happen"),
     and NaN or inf weights give a NaN release (the absmax scale is NaN), never a plausible number."""
-    rates = np.asarray(stats.gaussian_rate(jnp.array([0.5, -0.5, 0.5]), jnp.array([-1.0, -1.0, 1.0])))
+    rates = np.asarray(indicator.gaussian_rate(jnp.array([0.5, -0.5, 0.5]), jnp.array([-1.0, -1.0, 1.0])))
     assert np.isnan(rates[0]) and np.isnan(rates[1]) and rates[2] == pytest.approx(0.125)
     for bad in (np.nan, np.inf):
         out = np.asarray(Q.get("int4")(jnp.array([1.0, bad, 0.5])))
@@ -178,7 +178,7 @@ def test_audit_takes_one_attack_name_as_a_string():
 
 def test_single_model_indicator_flags_nan_parameters():
     nan_params = jax.tree.map(lambda a: a * jnp.nan, LOGISTIC.init(KEY))
-    out = stats.single_model_indicator(Q.get("int4"), LOGISTIC, nan_params, jnp.asarray(X), jnp.asarray(Y))
+    out = indicator.single_model_indicator(Q.get("int4"), LOGISTIC, nan_params, jnp.asarray(X), jnp.asarray(Y))
     assert not bool(out.ok) and np.isnan(float(out.r_hat))  # flagged, not reported as infinitely secure
 
 

@@ -1,4 +1,4 @@
-"""Tests of qmis_jax.stats.metrics (attack metrics, Clopper-Pearson) and qmis_jax.stats.bootstrap."""
+"""Tests of qmis_jax.attacks.metrics (attack metrics, Clopper-Pearson) and qmis_jax.stats.bootstrap."""
 
 import json
 
@@ -11,8 +11,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 from statsmodels.stats.proportion import proportion_confint
 
+from qmis_jax.attacks.metrics import AttackMetrics, attack_metrics, clopper_pearson, roc_curve
 from qmis_jax.stats.bootstrap import PairedDiff, paired_bootstrap, rank_quantizers
-from qmis_jax.stats.metrics import AttackMetrics, attack_metrics, clopper_pearson, roc_curve
 
 # ----------------------------------------------------------------------------------------------------------------
 # Clopper-Pearson

@@ -9,8 +9,8 @@ import pytest
 from scipy import optimize, special
 from scipy import stats as sps
 
-from qmis_jax.stats.mis import MisApprox, mis_asymptotic
-from qmis_jax.stats.rates import cramer_rate, gaussian_rate, indicator
+from qmis_jax.indicator.mis import MisApprox, mis_asymptotic
+from qmis_jax.indicator.rates import cramer_rate, gaussian_rate, indicator
 
 pytestmark = pytest.mark.usefixtures("x64")
 

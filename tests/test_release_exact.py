@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 import qmis_jax as qj
-from qmis_jax.quantizers import uniform
-from qmis_jax.stats.exact import (
+from qmis_jax.indicator.exact import (
     gaussian_mean_quantized_delta,
     gaussian_mean_release_cells,
     gaussian_mean_release_delta,
 )
+from qmis_jax.quantizers import uniform
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,4 +1,4 @@
-"""Tests of qmis_jax.stats.rmia: RMIA against a brute-force reference and against the exact Delta of the Gaussian
+"""Tests of qmis_jax.attacks.rmia: RMIA against a brute-force reference and against the exact Delta of the Gaussian
 mean in the embedded-target design (theory.md section 7)."""
 
 import doctest
@@ -12,14 +12,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from qmis_jax.stats import (
-    embedded_target_membership,
-    gaussian_mean_fp_delta,
-    gaussian_mean_quantized_delta,
-    roc_curve,
-    shadow_mask,
-)
-from qmis_jax.stats.rmia import A_GRID, rmia, rmia_probability, rmia_scores, rmia_tune_a
+from qmis_jax.attacks import embedded_target_membership, roc_curve, shadow_mask
+from qmis_jax.attacks.rmia import A_GRID, rmia, rmia_probability, rmia_scores, rmia_tune_a
+from qmis_jax.indicator import gaussian_mean_fp_delta, gaussian_mean_quantized_delta
 
 # ----------------------------------------------------------------------------------------------------------------
 # Brute-force reference
@@ -211,5 +206,5 @@ def test_rmia_reaches_exact_delta_full_precision_gaussian_mean():
 
 
 def test_docstring_examples():
-    result = doctest.testmod(importlib.import_module("qmis_jax.stats.rmia"), verbose=False)
+    result = doctest.testmod(importlib.import_module("qmis_jax.attacks.rmia"), verbose=False)
     assert result.failed == 0 and result.attempted >= 1

@@ -1,4 +1,4 @@
-"""Tests of qmis_jax.stats.roc: convex-hull AUC, TPR at a fixed FPR, epsilon lower bounds."""
+"""Tests of qmis_jax.attacks.roc: convex-hull AUC, TPR at a fixed FPR, epsilon lower bounds."""
 
 import doctest
 import importlib
@@ -10,7 +10,7 @@ from scipy import stats as sps
 from scipy.spatial import ConvexHull
 from sklearn.metrics import roc_auc_score
 
-from qmis_jax.stats.roc import auc_convex_hull, epsilon_lower_bound, roc_convex_hull, tpr_at_fpr
+from qmis_jax.attacks.roc import auc_convex_hull, epsilon_lower_bound, roc_convex_hull, tpr_at_fpr
 
 
 def _random_scores(rng, case):
@@ -131,5 +131,5 @@ def test_epsilon_lower_bound_covers_randomized_response():
 
 
 def test_docstring_examples():
-    result = doctest.testmod(importlib.import_module("qmis_jax.stats.roc"), verbose=False)
+    result = doctest.testmod(importlib.import_module("qmis_jax.attacks.roc"), verbose=False)
     assert result.failed == 0 and result.attempted >= 1

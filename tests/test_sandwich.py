@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import statsmodels.api as sm
 
-from qmis_jax.problems import gaussian_mean, logistic_mixture
-from qmis_jax.stats.sandwich import (
+from qmis_jax.indicator.sandwich import (
     hessian_diag,
     per_sample_grads,
     sandwich_covariance,
@@ -15,6 +14,7 @@ from qmis_jax.stats.sandwich import (
     sandwich_covariance_flagged,
     sandwich_diagonal,
 )
+from qmis_jax.problems import gaussian_mean, logistic_mixture
 
 pytestmark = pytest.mark.usefixtures("x64")
 

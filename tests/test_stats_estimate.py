@@ -5,16 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qmis_jax.problems import gaussian_mean, logistic_mixture
-from qmis_jax.quantizers import identity, prune, ternary, uniform
-from qmis_jax.stats.estimate import (
+from qmis_jax.indicator.estimate import (
     PopulationAudit,
     SingleAudit,
     population_indicator,
     single_model_indicator,
     single_model_indicator_batched,
 )
-from qmis_jax.stats.rates import gaussian_rate
+from qmis_jax.indicator.rates import gaussian_rate
+from qmis_jax.problems import gaussian_mean, logistic_mixture
+from qmis_jax.quantizers import identity, prune, ternary, uniform
 
 pytestmark = pytest.mark.usefixtures("x64")
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qmis_jax.quantizers as Q
-from qmis_jax import stats
+from qmis_jax import attacks, indicator
 
 SETTINGS = settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
@@ -56,7 +56,7 @@ def with_columns(feats, c=1.0, a=None):
 
 
 def sandwich(theta, x, y, weights=None):
-    return np.asarray(stats.sandwich_covariance(scaled_logistic, jnp.asarray(theta), x, y, weights=weights))
+    return np.asarray(indicator.sandwich_covariance(scaled_logistic, jnp.asarray(theta), x, y, weights=weights))
 
 
 def x64(fn):
@@ -134,20 +134,20 @@ def test_gaussian_rates_and_indicator(delta, sigma, valid, k):
     and sigma are scaled together; r = min of the valid rates (inf when none is valid, 0 for continuous
     releases), so r = 0 exactly when a valid gap is <= 0."""
     d, s, v = np.asarray(delta, np.float32), np.asarray(sigma, np.float32), np.asarray(valid)
-    rates = np.asarray(stats.gaussian_rate(d, s))
+    rates = np.asarray(indicator.gaussian_rate(d, s))
     assert rates.dtype == np.float32 and rates.shape == (K,)
     assert np.all(rates >= 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         expected = np.where(d <= 0, 0.0, np.where(s > 0, d.astype(float) ** 2 / (2 * s.astype(float) ** 2), np.inf))
     np.testing.assert_allclose(rates, expected, rtol=1e-6)
-    scaled = np.asarray(stats.gaussian_rate(np.float32(k) * d, np.float32(k) * s))
+    scaled = np.asarray(indicator.gaussian_rate(np.float32(k) * d, np.float32(k) * s))
     np.testing.assert_allclose(scaled, rates, rtol=1e-5)
 
-    r = float(stats.indicator(rates, v))
+    r = float(indicator.indicator(rates, v))
     assert r == (rates[v].min() if v.any() else np.inf)
     assert np.all(r <= rates[v])
     assert (r == 0.0) == bool(np.any(v & (d <= 0)))
-    assert float(stats.indicator(rates, v, continuous=True)) == 0.0
+    assert float(indicator.indicator(rates, v, continuous=True)) == 0.0
 
 
 @SETTINGS
@@ -163,7 +163,7 @@ def test_cramer_rates_are_nonnegative_capped_and_scale_free(seed, shift, k):
     draws[0] = np.abs(draws[0])  # no sample below 0: the edge case of section 8
     valid = np.ones(K, bool)
     valid[-1] = False
-    out = stats.cramer_rate(draws, valid)
+    out = indicator.cramer_rate(draws, valid)
     rate = np.asarray(out.rate)
     assert np.isnan(rate[-1])
     live = rate[:-1]
@@ -171,7 +171,9 @@ def test_cramer_rates_are_nonnegative_capped_and_scale_free(seed, shift, k):
     assert live[0] == pytest.approx(np.log(m))
     means = draws[:-1].mean(axis=1)
     assert np.all(live[means <= 0] == 0)
-    np.testing.assert_allclose(np.asarray(stats.cramer_rate(k * draws, valid).rate)[:-1], live, rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(indicator.cramer_rate(k * draws, valid).rate)[:-1], live, rtol=1e-7, atol=1e-12
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,7 +206,7 @@ def reference_metrics(m: np.ndarray, nm: np.ndarray) -> tuple[float, float]:
 def test_attack_metrics_bounds_symmetry_and_rank_invariance(m, nm, transform):
     """Advantage and AUC lie in [0, 1] and match brute force; swapping members and non-members keeps the
     advantage and maps AUC to 1 - AUC; a strictly increasing transform of the scores changes nothing."""
-    res = stats.attack_metrics(m, nm, key=0)
+    res = attacks.attack_metrics(m, nm, key=0)
     adv, auc = reference_metrics(m, nm)
     assert 0.0 <= res.advantage <= 1.0 and 0.0 <= res.auc <= 1.0
     assert res.advantage == pytest.approx(adv, abs=1e-12) and res.auc == pytest.approx(auc, abs=1e-12)
@@ -212,12 +214,12 @@ def test_attack_metrics_bounds_symmetry_and_rank_invariance(m, nm, transform):
     assert 0.0 <= lo <= res.advantage <= hi <= 1.0
     assert -1.0 <= res.advantage_heldout <= 1.0
 
-    swapped = stats.attack_metrics(nm, m, key=0)
+    swapped = attacks.attack_metrics(nm, m, key=0)
     assert swapped.advantage == pytest.approx(res.advantage, abs=1e-12)
     assert swapped.auc == pytest.approx(1.0 - res.auc, abs=1e-12)
 
     g = INCREASING[transform]
-    moved = stats.attack_metrics(g(m), g(nm), key=0)
+    moved = attacks.attack_metrics(g(m), g(nm), key=0)
     for field in ("advantage", "auc", "tpr_at_1pct_fpr", "advantage_heldout", "advantage_ci", "direction"):
         assert getattr(moved, field) == getattr(res, field), field
 
@@ -226,8 +228,8 @@ def test_attack_metrics_bounds_symmetry_and_rank_invariance(m, nm, transform):
 # LOSS and LiRA (theory.md section 7)
 # ----------------------------------------------------------------------------------------------------------------
 R, T, SHADOWS = 16, 8, 8
-MEMBERSHIP = np.asarray(stats.embedded_target_membership(jax.random.key(3), replicates=R, targets=T))
-SHADOW = np.asarray(stats.shadow_mask(R, shadows=SHADOWS))
+MEMBERSHIP = np.asarray(attacks.embedded_target_membership(jax.random.key(3), replicates=R, targets=T))
+SHADOW = np.asarray(attacks.shadow_mask(R, shadows=SHADOWS))
 
 
 @SETTINGS
@@ -239,12 +241,12 @@ def test_loss_attack_and_score_shapes_dtypes_and_order(seed, dtype):
     with jax.enable_x64(dtype == np.float64):
         member = rng.exponential(1.0, (5, 7)).astype(dtype)
         nonmember = rng.exponential(1.0, (5, 9)).astype(dtype)
-        ms, ns = stats.loss_attack(member, nonmember)
+        ms, ns = attacks.loss_attack(member, nonmember)
         assert ms.shape == (5, 7) and ns.shape == (5, 9)
         assert ms.dtype == dtype and ns.dtype == dtype
         np.testing.assert_array_equal(np.asarray(ms), -member)
         losses = np.sort(np.r_[0.0, rng.exponential(2.0, 20), 1e4]).astype(dtype)
-        score = np.asarray(stats.score_from_loss(losses, "binary"))
+        score = np.asarray(attacks.score_from_loss(losses, "binary"))
         assert score.dtype == dtype and score.shape == losses.shape and np.all(np.isfinite(score))
         distinct = np.r_[True, np.diff(losses) > 0]
         assert np.all(np.diff(score[distinct]) < 0)
@@ -256,13 +258,13 @@ def test_lira_shapes_and_affine_invariance(seed, a, b, online):
     """LiRA scores every (evaluation replicate, target) pair once, split by membership; its Gaussian fits make it
     invariant to any increasing affine map of the statistic."""
     scores = np.random.default_rng(seed).normal(size=(R, T)) + 0.5 * MEMBERSHIP
-    m, nm = stats.lira(scores, MEMBERSHIP, shadow=SHADOW, online=online)
+    m, nm = attacks.lira(scores, MEMBERSHIP, shadow=SHADOW, online=online)
     evaluated = MEMBERSHIP[~SHADOW]
     assert m.ndim == 1 and nm.ndim == 1
     assert m.shape == (int(evaluated.sum()),) and nm.shape == (int((~evaluated).sum()),)
     assert jnp.issubdtype(m.dtype, jnp.floating) and m.dtype == nm.dtype
     assert np.all(np.isfinite(np.asarray(m))) and np.all(np.isfinite(np.asarray(nm)))
-    m2, nm2 = stats.lira(a * scores + b, MEMBERSHIP, shadow=SHADOW, online=online)
+    m2, nm2 = attacks.lira(a * scores + b, MEMBERSHIP, shadow=SHADOW, online=online)
     np.testing.assert_allclose(np.asarray(m2), np.asarray(m), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(nm2), np.asarray(nm), rtol=1e-4, atol=1e-4)
 

@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from qmis_jax.problems import gaussian_mean, logistic_mixture
-from qmis_jax.quantizers import ternary, uniform
-from qmis_jax.stats.margins import (
+from qmis_jax.indicator.margins import (
     Moves,
     competitors,
     gap_stats,
@@ -16,8 +14,10 @@ from qmis_jax.stats.margins import (
     rtn_differences,
     rtn_margins,
 )
-from qmis_jax.stats.ptq import ptq_loss, ptq_rtn
-from qmis_jax.stats.sandwich import sandwich_covariance
+from qmis_jax.indicator.ptq import ptq_loss, ptq_rtn
+from qmis_jax.indicator.sandwich import sandwich_covariance
+from qmis_jax.problems import gaussian_mean, logistic_mixture
+from qmis_jax.quantizers import ternary, uniform
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -291,8 +291,8 @@ def test_validation_errors():
 def test_batched_loss_ptq_gives_the_releases_of_one_model_at_a_time(name):
     """ptq_loss_batched (settled models leave the batch) against ptq_loss run on each model alone: same releases
     and move counts, on 40 models whose sweep counts differ (so the batch is compacted twice)."""
+    from qmis_jax.indicator import ptq_loss_batched
     from qmis_jax.quantizers import get
-    from qmis_jax.stats import ptq_loss_batched
 
     q, r, n = get(name), 40, 150
     data = [_logistic_data(n, seed) for seed in range(r)]

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qmis_jax.indicator.estimate import population_indicator, single_model_indicator, single_model_indicator_batched
+from qmis_jax.indicator.margins import rtn_margins, scale_margins
 from qmis_jax.problems import gaussian_mean, logistic_mixture
 from qmis_jax.quantizers import get, is_continuous
-from qmis_jax.stats.estimate import population_indicator, single_model_indicator, single_model_indicator_batched
-from qmis_jax.stats.margins import rtn_margins, scale_margins
 from qmis_jax.train import fit
 
 pytestmark = pytest.mark.slow  # the release model on every preset and scale format

@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 import jax
 
 from qmis_jax import _runtime, _watchdog
+from qmis_jax.indicator.options import IndicatorOptions
 from qmis_jax.problems import Problem
-from qmis_jax.stats.options import IndicatorOptions
 from qmis_jax.store import MemoryStore, Store
 
 from ._attacks import attack_stage, pool_design_scores

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qmis_jax import stats, train
+from qmis_jax import attacks, stats, train
+from qmis_jax.indicator.options import IndicatorOptions
 from qmis_jax.problems import Problem
-from qmis_jax.stats.options import IndicatorOptions
 from qmis_jax.store import Store
 
 from ._plan import SECTION1_ATTACKS, AuditPlan
@@ -64,7 +64,9 @@ def embedded_target_scores(plan: AuditPlan, problem: Problem, pop: Population, s
     k_targets, k_member, k_fresh, k_fit = jax.random.split(plan.keys.lira, 4)
     tx, ty = problem.sample(k_targets, 2 * k)
     zx, zy = problem.sample(jax.random.fold_in(plan.keys.lira, 11), RMIA_POPULATION)
-    membership = np.asarray(stats.embedded_target_membership(k_member, replicates=plan.lira_replicates, targets=2 * k))
+    membership = np.asarray(
+        attacks.embedded_target_membership(k_member, replicates=plan.lira_replicates, targets=2 * k)
+    )
     make = _lira_data_program(problem, n, k)
     parts = []
     for c, (start, stop) in enumerate(plan.chunks(plan.lira_replicates)):
@@ -81,9 +83,9 @@ def embedded_target_scores(plan: AuditPlan, problem: Problem, pop: Population, s
                 release = release_program(q, problem, plan.indicator)(params, x, y, keys)
                 loss_t = loss_program(problem, True)(release, tx, ty)
                 return {
-                    f"{label}.score": stats.score_from_loss(loss_t, problem.task),
-                    f"{label}.log_px": stats.rmia_probability(loss_t, task=problem.task),
-                    f"{label}.log_pz": stats.rmia_probability(
+                    f"{label}.score": attacks.score_from_loss(loss_t, problem.task),
+                    f"{label}.log_px": attacks.rmia_probability(loss_t, task=problem.task),
+                    f"{label}.log_pz": attacks.rmia_probability(
                         loss_program(problem, True)(release, zx, zy), task=problem.task
                     ),
                 }
@@ -120,7 +122,7 @@ def pool_design_scores(
     """
     k_data, k_member, k_fit = jax.random.split(key, 3)
     px, py = problem.sample(k_data, 2 * n) if pool is None else (jnp.asarray(pool[0]), jnp.asarray(pool[1]))
-    membership = np.asarray(stats.pool_membership(k_member, replicates=replicates, pool=px.shape[0]))
+    membership = np.asarray(attacks.pool_membership(k_member, replicates=replicates, pool=px.shape[0]))
 
     def compute():
         weights = jnp.asarray(membership, px.dtype)
@@ -129,7 +131,7 @@ def pool_design_scores(
         def one(j, name, q):
             keys = replicate_keys(jax.random.fold_in(key_quantize, 2000 + j), np.arange(replicates))
             release = release_program(q, problem, indicator, shared=True)(res.params, px, py, weights, keys)
-            return stats.score_from_loss(loss_program(problem, True)(release, px, py), problem.task)
+            return attacks.score_from_loss(loss_program(problem, True)(release, px, py), problem.task)
 
         return dict(zip(quantizers, per_quantizer(one, quantizers)))
 
@@ -173,7 +175,7 @@ def _per_replicate_epsilon(sc: Scores, level: float = 0.95) -> dict[str, Any]:
         return {"epsilon": None, "replicates": int(reps.size)}
     select = reps[: reps.size // 2]
     sel_m, sel_n = np.isin(sc.member_ids[:, 0], select), np.isin(sc.nonmember_ids[:, 0], select)
-    rule = stats.attack_metrics(sc.member[sel_m], sc.nonmember[sel_n])
+    rule = attacks.attack_metrics(sc.member[sel_m], sc.nonmember[sel_n])
     t, direction = rule.threshold, rule.direction
 
     def first(scores, ids):
@@ -183,7 +185,7 @@ def _per_replicate_epsilon(sc: Scores, level: float = 0.95) -> dict[str, Any]:
 
     flag = (lambda v: v >= t) if direction > 0 else (lambda v: v < t)
     m, nm = first(sc.member, sc.member_ids), first(sc.nonmember, sc.nonmember_ids)
-    bound = stats.epsilon_lower_bound(
+    bound = attacks.epsilon_lower_bound(
         float(np.mean(flag(m))), float(np.mean(flag(nm))), n_members=m.size, n_nonmembers=nm.size, level=level
     )
     return {"epsilon": float(bound.epsilon), "replicates": int(m.size), "level": level}
@@ -191,8 +193,8 @@ def _per_replicate_epsilon(sc: Scores, level: float = 0.95) -> dict[str, Any]:
 
 def _with_roc_extras(metrics: dict[str, Any], sc: Scores) -> dict[str, Any]:
     """The jax_privacy-compatible convex-hull AUC, the TPR at 0% FPR and the per-replicate epsilon bound."""
-    metrics["auc_convex_hull"] = stats.auc_convex_hull(sc.member, sc.nonmember)
-    metrics["tpr_at_0pct_fpr"] = float(stats.tpr_at_fpr(sc.member, sc.nonmember, fpr=0.0))
+    metrics["auc_convex_hull"] = attacks.auc_convex_hull(sc.member, sc.nonmember)
+    metrics["tpr_at_0pct_fpr"] = float(attacks.tpr_at_fpr(sc.member, sc.nonmember, fpr=0.0))
     metrics["epsilon_lower_bound"] = _per_replicate_epsilon(sc)
     return metrics
 
@@ -200,10 +202,10 @@ def _with_roc_extras(metrics: dict[str, Any], sc: Scores) -> dict[str, Any]:
 def _rmia(emb: Embedded, name: str, shadow, online: bool, key, bound_level) -> tuple[dict, np.ndarray]:
     """RMIA of one quantizer (offline: its scaling ``a`` tuned on the shadow replicates), its metrics and matrix."""
     args = (emb.log_px[name], emb.log_pz[name], emb.membership)
-    a = 1.0 if online else stats.rmia_tune_a(*args, shadow=shadow)[0]
-    matrix = np.asarray(stats.rmia_scores(*args, shadow, online=online, a=a))
+    a = 1.0 if online else attacks.rmia_tune_a(*args, shadow=shadow)[0]
+    matrix = np.asarray(attacks.rmia_scores(*args, shadow, online=online, a=a))
     rows = ~np.asarray(shadow, bool)
-    metrics = stats.attack_metrics_embedded(matrix[rows], emb.membership[rows], key=key, bound_level=bound_level)
+    metrics = attacks.attack_metrics_embedded(matrix[rows], emb.membership[rows], key=key, bound_level=bound_level)
     out = metrics.to_dict()
     out["a"] = None if online else float(a)
     return out, matrix
@@ -211,13 +213,13 @@ def _rmia(emb: Embedded, name: str, shadow, online: bool, key, bound_level) -> t
 
 def _embedded_attacks(plan, problem, pop, store, progress, bound_level, results, raw) -> None:
     emb = embedded_target_scores(plan, problem, pop, store, progress)
-    shadow = np.asarray(stats.shadow_mask(plan.lira_replicates, shadows=plan.lira_replicates // 2))
+    shadow = np.asarray(attacks.shadow_mask(plan.lira_replicates, shadows=plan.lira_replicates // 2))
     key = jax.random.fold_in(plan.keys.lira, 7)
     for name in plan.quantizers:
         for attack in plan.attacks:
             if attack in LIRA_ATTACKS:
                 online = attack == "lira"
-                metrics, matrix = stats.lira_metrics(
+                metrics, matrix = attacks.lira_metrics(
                     emb.scores[name],
                     emb.membership,
                     shadow=shadow,
@@ -244,9 +246,9 @@ def attack_stage(
     bound_level = stats.bracket_levels(max(1, len([a for a in plan.attacks if a in SECTION1_ATTACKS])))[1]
     if "loss" in plan.attacks:
         for name in plan.quantizers:
-            m, nm = stats.loss_attack(per_rep.of(name, "member_loss"), per_rep.of(name, "nonmember_loss"))
+            m, nm = attacks.loss_attack(per_rep.of(name, "member_loss"), per_rep.of(name, "nonmember_loss"))
             key = jax.random.fold_in(plan.keys.nonmember, 7)
-            metrics = stats.attack_metrics(m, nm, key=key, by_replicate=True, bound_level=bound_level)
+            metrics = attacks.attack_metrics(m, nm, key=key, by_replicate=True, bound_level=bound_level)
             raw[name]["loss"] = _fresh_scores(np.asarray(m), np.asarray(nm))
             results[name]["loss"] = _with_roc_extras(metrics.to_dict(), raw[name]["loss"])
     if any(a in LIRA_ATTACKS + RMIA_ATTACKS for a in plan.attacks):
@@ -264,9 +266,9 @@ def attack_stage(
             key_quantize=plan.keys.quantize,
         )
         progress("lira_pool", 1)
-        shadow = stats.shadow_mask(plan.lira_replicates, shadows=plan.lira_replicates // 2)
+        shadow = attacks.shadow_mask(plan.lira_replicates, shadows=plan.lira_replicates // 2)
         for name in plan.quantizers:
-            results[name]["lira_pool"] = stats.lira_metrics(
+            results[name]["lira_pool"] = attacks.lira_metrics(
                 scores[name], membership, shadow=shadow, pool=True, key=jax.random.fold_in(plan.keys.pool, 7)
             )
     return results, raw

@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qmis_jax import _runtime, stats
+from qmis_jax import _runtime, attacks, indicator
 from qmis_jax import quantizers as _quantizers
 from qmis_jax._checks import check_data, check_fits_model, check_key, positive_int
 from qmis_jax._version import __version__
+from qmis_jax.indicator.options import IndicatorOptions
 from qmis_jax.problems import Problem, utility
-from qmis_jax.stats.options import IndicatorOptions
 from qmis_jax.store import MemoryStore, Store, config_hash
 
 from ._attacks import pool_design_scores
@@ -28,9 +28,9 @@ POOL_GAME = (
 
 
 def _single_entry(q, problem, params, x, y, key, opts: IndicatorOptions, utility_of) -> dict[str, Any]:
-    single = stats.single_model_indicator(q, problem, params, x, y, key=key, options=opts)
-    flat = stats.no_exponential_security(q, opts.ptq, params, opts.skip)
-    mis = stats.mis_asymptotic(x.shape[0], single.delta, single.sigma, single.valid, continuous=flat)
+    single = indicator.single_model_indicator(q, problem, params, x, y, key=key, options=opts)
+    flat = indicator.no_exponential_security(q, opts.ptq, params, opts.skip)
+    mis = indicator.mis_asymptotic(x.shape[0], single.delta, single.sigma, single.valid, continuous=flat)
     r_hat = float(single.r_hat)
     lo, hi = (float(v) for v in np.asarray(single.r_interval))
     entry = {
@@ -45,7 +45,7 @@ def _single_entry(q, problem, params, x, y, key, opts: IndicatorOptions, utility
         "mis_asymptotic": finite_or_none(mis.mis),
         "mis_asymptotic_method": "gaussian (plug-in at the trained model)",
         "flip_rate": None,
-        "asymptotic_regime": (not flat) and bool(stats.asymptotic_regime(float(mis.sqrt_n_c_min))),
+        "asymptotic_regime": (not flat) and bool(indicator.asymptotic_regime(float(mis.sqrt_n_c_min))),
         "flip_rate_predicted": None if flat else finite_or_none(mis.flip_probability),
         "flip_union_bound": None if flat else finite_or_none(mis.flip_union_bound),
         "attacks": {},
@@ -60,8 +60,8 @@ def _single_entry(q, problem, params, x, y, key, opts: IndicatorOptions, utility
 
 def _loss_reference(problem, release, x, y, xr, yr, key) -> dict[str, Any]:
     """LOSS attack of one release: its training points against reference non-members (the pool game)."""
-    m, nm = stats.loss_attack(problem.batch_loss(release, x, y)[None], problem.batch_loss(release, xr, yr)[None])
-    out = stats.attack_metrics(m, nm, key=key).to_dict()
+    m, nm = attacks.loss_attack(problem.batch_loss(release, x, y)[None], problem.batch_loss(release, xr, yr)[None])
+    out = attacks.attack_metrics(m, nm, key=key).to_dict()
     out["game"] = POOL_GAME
     return out
 
@@ -106,7 +106,7 @@ def audit_model(
         :func:`qmis_jax.problems.utility`).
       pool_replicates: if > 0, that many shadow models trained on random halves of ``(x, y)`` and LiRA in the pool
         design (``"lira_pool"``, the pool game).
-      ptq, method, z, skip, max_sweeps: the indicator's options (:class:`~qmis_jax.stats.IndicatorOptions`).
+      ptq, method, z, skip, max_sweeps: the indicator's options (:class:`~qmis_jax.indicator.IndicatorOptions`).
       memory_budget: bytes the shadow training may use.
       store: where the shadow scores are kept (a resumable :class:`~qmis_jax.store.ResultStore`, or in memory).
 
@@ -162,9 +162,9 @@ def _pool_lira(key, problem, qs, x, y, entries, opts, replicates, memory_budget,
         key_quantize=k_quant,
         pool=(x[: 2 * half], y[: 2 * half]),
     )
-    shadow = stats.shadow_mask(replicates, shadows=replicates // 2)
+    shadow = attacks.shadow_mask(replicates, shadows=replicates // 2)
     for name in qs:
-        res = stats.lira_metrics(scores[name], membership, shadow=shadow, pool=True, key=k_metrics)
+        res = attacks.lira_metrics(scores[name], membership, shadow=shadow, pool=True, key=k_metrics)
         res["game"] = POOL_GAME
         entries[name]["attacks"]["lira_pool"] = res
 

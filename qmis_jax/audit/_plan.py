@@ -12,8 +12,8 @@ from jax.flatten_util import ravel_pytree
 from qmis_jax import _memory
 from qmis_jax import quantizers as _quantizers
 from qmis_jax._checks import positive_int
+from qmis_jax.indicator.options import IndicatorOptions
 from qmis_jax.problems import Problem
-from qmis_jax.stats.options import IndicatorOptions
 
 ATTACKS = ("loss", "lira", "lira_offline", "rmia", "rmia_offline", "lira_pool")
 SECTION1_ATTACKS = ("loss", "lira", "lira_offline", "rmia", "rmia_offline")

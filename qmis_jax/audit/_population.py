@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from qmis_jax import stats, train
+from qmis_jax import indicator, train
 from qmis_jax.problems import Problem
 
 from ._plan import AuditPlan
@@ -14,12 +14,12 @@ from ._programs import per_quantizer
 
 
 class Population(NamedTuple):
-    """``theta*`` (and where it came from), each quantizer's :class:`~qmis_jax.stats.PopulationAudit`, and the
+    """``theta*`` (and where it came from), each quantizer's :class:`~qmis_jax.indicator.PopulationAudit`, and the
     common test set of the utility metrics."""
 
     theta_star: Any
     source: str
-    audits: dict[str, stats.PopulationAudit]
+    audits: dict[str, indicator.PopulationAudit]
     x_test: jax.Array
     y_test: jax.Array
 
@@ -56,7 +56,7 @@ def population_stage(plan: AuditPlan, problem: Problem, progress) -> Population:
     k_flip = jax.random.fold_in(k_pop, 4)
 
     def one(j, name, q):
-        return stats.population_indicator(
+        return indicator.population_indicator(
             q,
             problem,
             theta_star,

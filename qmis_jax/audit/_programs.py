@@ -11,23 +11,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qmis_jax import indicator
 from qmis_jax import quantizers as _quantizers
-from qmis_jax import stats
+from qmis_jax.indicator.options import IndicatorOptions
 from qmis_jax.problems import utility
-from qmis_jax.stats.options import IndicatorOptions
 
 
 @functools.lru_cache(maxsize=256)
 def release_program(q, problem, opts: IndicatorOptions, shared: bool = False):
     """jit of the releases alone: on per-replicate data ``(R, n, ...)`` (the swap coupling, the embedded-target
-    design) by :func:`~qmis_jax.stats.ptq_release_batched`, whose settled replicates leave the batch; or, with
+    design) by :func:`~qmis_jax.indicator.ptq_release_batched`, whose settled replicates leave the batch; or, with
     ``shared``, ``vmap`` on one shared pool with per-replicate membership weights (the pool design)."""
     if not shared:
-        return jax.jit(lambda params, x, y, keys: stats.ptq_release_batched(q, problem, params, x, y, keys=keys,
+        return jax.jit(lambda params, x, y, keys: indicator.ptq_release_batched(q, problem, params, x, y, keys=keys,
                                                                             options=opts)[0])  # fmt: skip
 
     def one(params, w, key, x, y):
-        return stats.ptq_release(q, problem, params, x, y, key=key, weights=w, options=opts)
+        return indicator.ptq_release(q, problem, params, x, y, key=key, weights=w, options=opts)
 
     return jax.jit(lambda params, x, y, w, keys: jax.vmap(one, in_axes=(0, 0, 0, None, None))(params, w, keys, x, y))
 
@@ -35,14 +35,14 @@ def release_program(q, problem, opts: IndicatorOptions, shared: bool = False):
 @functools.lru_cache(maxsize=256)
 def single_program(q, problem, opts: IndicatorOptions):
     """jit over replicates of the single-model audit: the releases at once
-    (:func:`~qmis_jax.stats.ptq_release_batched`), then per replicate the indicator, each release's codes compared
+    (:func:`~qmis_jax.indicator.ptq_release_batched`), then per replicate the indicator, each release's codes compared
     to ``pop_codes`` (one program per quantizer, shared by every chunk of the fresh-data statistics).
 
     The releases stay inside this program: run as a separate release program whose outputs feed an indicator
     program, the audit hung in XLA's CPU client (about one audit in three on two cores, every thread idle)."""
 
     def one(params, x, y, key, pop_codes, released):
-        single = stats.single_model_indicator(q, problem, params, x, y, key=key, options=opts, released=released)
+        single = indicator.single_model_indicator(q, problem, params, x, y, key=key, options=opts, released=released)
         codes = _quantizers.tree_codes(q, single.release, params, skip=opts.skip)
         same = functools.reduce(
             jnp.logical_and,
@@ -51,7 +51,7 @@ def single_program(q, problem, opts: IndicatorOptions):
         return single, same
 
     def program(params, x, y, keys, pop_codes):
-        released = stats.ptq_release_batched(q, problem, params, x, y, keys=keys, options=opts)
+        released = indicator.ptq_release_batched(q, problem, params, x, y, keys=keys, options=opts)
         return jax.vmap(one, in_axes=(0, 0, 0, 0, None, 0))(params, x, y, keys, pop_codes, released)
 
     return jax.jit(program)

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from qmis_jax import _memory, _runtime, stats
+from qmis_jax import _memory, _runtime, indicator, stats
 from qmis_jax import quantizers as _quantizers
 from qmis_jax._version import __version__
 from qmis_jax.problems import Problem
@@ -138,7 +138,7 @@ def _entry(plan: AuditPlan, name: str, population: Population, per_rep: Replicat
     # other replicates) from below; jointly 95%
     bounds = {a: attacks[a]["advantage_bound"] for a in SECTION1_ATTACKS if a in attacks}
     bracket = stats.bracket_report(per_rep.of(name, "swap_changed"), bounds, continuous=continuous)
-    regime = (not continuous) and bool(stats.asymptotic_regime(float(pop.sqrt_n_c_min)))
+    regime = (not continuous) and bool(indicator.asymptotic_regime(float(pop.sqrt_n_c_min)))
     return {
         "description": repr(q),
         "continuous": continuous,

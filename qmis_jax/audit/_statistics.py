@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qmis_jax import stats, train
+from qmis_jax import indicator, train
 from qmis_jax.problems import Problem
 from qmis_jax.store import Store
 
@@ -63,7 +63,7 @@ def _chunk_statistics(plan: AuditPlan, problem: Problem, params, idx: np.ndarray
         program = single_program(q, problem, opts)
         single, same = program(params, x, y, keys, pop.audits[name].codes)
         swapped = release_program(q, problem, opts)(params_s, xs, ys, keys)
-        continuous = stats.no_exponential_security(q, opts.ptq, pop.theta_star, opts.skip)
+        continuous = indicator.no_exponential_security(q, opts.ptq, pop.theta_star, opts.skip)
         flipped = jnp.ones_like(same) if continuous else ~same
         part = {
             f"{name}.swap_changed": _releases_differ(single.release, swapped),

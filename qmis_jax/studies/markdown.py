@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qmis_jax.audit.tables import attack_table, bracket_cell, fmt, indicator_cell, quantizer_table, release_cell
-from qmis_jax.stats.bracket import REGIME_THRESHOLD
+from qmis_jax.indicator import REGIME_THRESHOLD
 from qmis_jax.studies.plots import (
     empirical_rate,
     indicator_attack_agreement,

@@ -16,7 +16,7 @@ it by ``O(1/n)``). With ``ptq="loss"`` only the starting point of the descent is
 minimiser like any other. The codes-only rate is kept as ``r_codes`` (labelled as such, never the indicator).
 
 With a discrete scale format (``bf16``, ``f16``, ``e8m0``) the scale code is one more coordinate of the release:
-its events (section 9, :func:`~qmis_jax.stats.margins.scale_margins`, with the sandwich ``Sigma`` at the
+its events (section 9, :func:`~qmis_jax.indicator.margins.scale_margins`, with the sandwich ``Sigma`` at the
 parameters) follow the ``2p`` element events under both PTQs, and ``r`` is the minimum over both.
 """
 
@@ -198,7 +198,7 @@ def _release(q, problem, params, x, y, weights, key, opts: IndicatorOptions):
 
 def ptq_release_batched(q, problem, params: PyTree, x: Array, y: Array, *, keys=None, options: IndicatorOptions):
     """:func:`ptq_release` of ``R`` models on their own data sets at once, with the move counts: loss PTQ by
-    :func:`~qmis_jax.stats.ptq.ptq_loss_batched` (settled models leave the batch), RTN by ``vmap``.
+    :func:`~qmis_jax.indicator.ptq_loss_batched` (settled models leave the batch), RTN by ``vmap``.
 
     Args:
       q, problem: as in :func:`single_model_indicator`. params: ``R`` stacked models. x: ``(R, n, ...)``.
@@ -322,12 +322,12 @@ def single_model_indicator(
 ) -> SingleAudit:
     """Single-model audit: plug-in ``r_hat`` and an interval from one trained model and its training set.
 
-    theory.md section 6. ``ptq="loss"``: the release is :func:`~qmis_jax.stats.ptq.ptq_loss` on the training set,
+    theory.md section 6. ``ptq="loss"``: the release is :func:`~qmis_jax.indicator.ptq_loss` on the training set,
     its competitors' loss differences ``D_k(Z_i)`` on the training set give ``delta_hat_k``, ``sigma_hat_k``
     (section 3(a)) and the rates ``I_k`` (``"gaussian"``: ``delta^2 / (2 sigma^2)``; ``"cramer"``: the empirical
     Chernoff rate, capped at ``log(n)``). ``ptq="rtn"``: round-to-nearest release, margins ``m_hat_k`` with
     ``s_hat_k`` from ``Sigma_hat`` (HC0 at ``params``) by the delta method (section 3(b)); ``"cramer"`` uses the
-    linearised contributions of :func:`~qmis_jax.stats.margins.rtn_differences`. ``r_hat = min_k I_k`` (section 4).
+    linearised contributions of :func:`~qmis_jax.indicator.rtn_differences`. ``r_hat = min_k I_k`` (section 4).
 
     Interval: ``delta_hat_k -/+ z sigma_hat_k / sqrt(n)`` (Gaussian: rates at the shifted gaps; Cramer: rates of
     ``D_k -/+ z sigma_hat_k / sqrt(n)``), propagated through the monotone minimum. It is pointwise per
@@ -344,7 +344,7 @@ def single_model_indicator(
       key: PRNG key for stochastic quantizers.
       weights: optional ``(n,)`` membership weights of a shared pool (statistics are weighted; ``n`` is the
         effective size ``(sum w)^2 / sum w^2``, the member count for 0/1 weights).
-      options: the indicator's settings (:class:`~qmis_jax.stats.IndicatorOptions`: ``ptq``, ``method``, ``z``,
+      options: the indicator's settings (:class:`~qmis_jax.indicator.IndicatorOptions`: ``ptq``, ``method``, ``z``,
         ``skip``, ``max_sweeps``, ``chunk_size``, ``cap`` (Cramer cap, default ``log(n)``), ``differences``
         (``"exact"``, or the ``"taylor"`` form for large models, section 6 "Cost")).
       released: ``(release, n_moves)`` of this model already computed on this data with these options

@@ -15,95 +15,15 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from scipy import stats as _sps
 
-__all__ = [
-    "AttackMetrics",
-    "attack_metrics",
-    "attack_metrics_embedded",
-    "clopper_pearson",
-    "lira_metrics_by_replicate",
-    "roc_curve",
-]
+from qmis_jax.stats.intervals import check_level, clopper_pearson
 
+from ._scores import as_scores, best_threshold, numpy_rng, roc_counts, rule_counts
+from .heldout import heldout_advantage, heldout_advantage_embedded
 
-def _check_level(level: float) -> float:
-    level = float(level)
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must lie strictly between 0 and 1, got level={level!r}")
-    return level
-
-
-def clopper_pearson(k, n, level: float = 0.95) -> tuple[Any, Any]:
-    """Exact (Clopper-Pearson) two-sided confidence interval for a binomial proportion.
-
-    With ``alpha = 1 - level``, the interval for ``k`` successes out of ``n`` is
-    ``[Beta_{alpha/2}(k, n - k + 1), Beta_{1 - alpha/2}(k + 1, n - k)]`` (Beta quantiles), with the lower end 0 when
-    ``k = 0`` and the upper end 1 when ``k = n``. It covers the true proportion with probability at least
-    ``level`` (used for TPR and FPR, theory.md section 7). Same as statsmodels'
-    ``proportion_confint(k, n, alpha, method="beta")``.
-
-    Args:
-      k: number of successes, an int or integer array (any shape), ``0 <= k <= n``.
-      n: number of trials, an int or integer array broadcastable with ``k``, ``n >= 1``.
-      level: confidence level in (0, 1).
-
-    Returns:
-      ``(lo, hi)``: floats (scalar inputs) or float64 arrays of the broadcast shape.
-
-    >>> lo, hi = clopper_pearson(0, 10, 0.95)
-    >>> float(lo), round(float(hi), 4)
-    (0.0, 0.3085)
-    """
-    level = _check_level(level)
-    k_arr = np.asarray(k)
-    n_arr = np.asarray(n)
-    for name, arr in (("k", k_arr), ("n", n_arr)):
-        if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr))):
-            raise ValueError(f"{name} must hold integers, got {name}={arr!r}")
-    k_arr, n_arr = np.broadcast_arrays(k_arr.astype(np.int64), n_arr.astype(np.int64))
-    if np.any(n_arr < 1):
-        raise ValueError(f"n must be >= 1, got n={n!r}")
-    if np.any(k_arr < 0) or np.any(k_arr > n_arr):
-        raise ValueError(f"k must satisfy 0 <= k <= n, got k={k!r}, n={n!r}")
-    alpha = 1.0 - level
-    kf = k_arr.astype(np.float64)
-    nf = n_arr.astype(np.float64)
-    lo = np.where(k_arr == 0, 0.0, _sps.beta.ppf(alpha / 2, np.maximum(kf, 1.0), nf - kf + 1.0))
-    hi = np.where(k_arr == n_arr, 1.0, _sps.beta.ppf(1 - alpha / 2, kf + 1.0, np.maximum(nf - kf, 1.0)))
-    if lo.ndim == 0:
-        return float(lo), float(hi)
-    return lo, hi
-
-
-def _as_scores(x, name: str) -> np.ndarray:
-    arr = np.asarray(x, dtype=np.float64).ravel()
-    if arr.size == 0:
-        raise ValueError(f"{name} must hold at least one score, got an empty array")
-    if np.any(np.isnan(arr)):
-        raise ValueError(f"{name} contains NaN scores ({int(np.isnan(arr).sum())} of {arr.size})")
-    return arr
-
-
-def _roc_counts(member: np.ndarray, nonmember: np.ndarray):
-    """Counts of the rule "member iff score >= t" at every distinct threshold, from t = +inf down.
-
-    Returns (thresholds, tp, fp) with thresholds[0] = +inf (nothing predicted member) and the last entry the
-    smallest score (everything predicted member).
-    """
-    scores = np.concatenate([member, nonmember])
-    labels = np.concatenate([np.ones(member.size, np.int64), np.zeros(nonmember.size, np.int64)])
-    order = np.argsort(-scores, kind="mergesort")
-    s = scores[order]
-    lab = labels[order]
-    tp = np.cumsum(lab)
-    fp = np.cumsum(1 - lab)
-    last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
-    thresholds = np.r_[np.inf, s[last]]
-    return thresholds, np.r_[0, tp[last]], np.r_[0, fp[last]]
+__all__ = ["AttackMetrics", "attack_metrics", "attack_metrics_embedded", "roc_curve"]
 
 
 def roc_curve(member_scores, nonmember_scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -117,26 +37,10 @@ def roc_curve(member_scores, nonmember_scores) -> tuple[np.ndarray, np.ndarray, 
       ``(fpr, tpr, thresholds)`` float64 arrays, from ``(0, 0)`` at ``t = +inf`` to ``(1, 1)``; ties in the scores
       share one point (same points as ``sklearn.metrics.roc_curve(..., drop_intermediate=False)``).
     """
-    m = _as_scores(member_scores, "member_scores")
-    nm = _as_scores(nonmember_scores, "nonmember_scores")
-    thr, tp, fp = _roc_counts(m, nm)
+    m = as_scores(member_scores, "member_scores")
+    nm = as_scores(nonmember_scores, "nonmember_scores")
+    thr, tp, fp = roc_counts(m, nm)
     return fp / nm.size, tp / m.size, thr
-
-
-def _best_threshold(member: np.ndarray, nonmember: np.ndarray) -> tuple[float, int, float]:
-    """(threshold, direction, advantage) maximising |TPR - FPR|; direction -1 means "member iff score < t"."""
-    thr, tp, fp = _roc_counts(member, nonmember)
-    diff = tp / member.size - fp / nonmember.size
-    i = int(np.argmax(np.abs(diff)))
-    direction = -1 if diff[i] < 0 else 1
-    return float(thr[i]), direction, float(abs(diff[i]))
-
-
-def _rule_counts(member: np.ndarray, nonmember: np.ndarray, threshold: float, direction: int):
-    """(true positives, false positives) of the rule given by (threshold, direction)."""
-    if direction > 0:
-        return int(np.sum(member >= threshold)), int(np.sum(nonmember >= threshold))
-    return int(np.sum(member < threshold)), int(np.sum(nonmember < threshold))
 
 
 def _advantage_interval(tp: int, n_m: int, fp: int, n_n: int, level: float) -> tuple[float, float]:
@@ -165,22 +69,6 @@ def _downsample(fpr: np.ndarray, tpr: np.ndarray, n_nonmembers: int, max_points:
     return fpr[idx], tpr[idx]
 
 
-@jax.jit
-def _seed_words(key):
-    return jax.random.bits(key, (4,), dtype=jnp.uint32)
-
-
-def _numpy_rng(key) -> np.random.Generator:
-    """A NumPy generator seeded from a JAX key (or an int seed; ``None`` = 0), for host-side permutations."""
-    if key is None:
-        key = 0
-    if isinstance(key, (int, np.integer)):
-        key = jax.random.key(int(key))
-    if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key) or jnp.asarray(key).dtype == jnp.uint32:
-        return np.random.default_rng(np.asarray(_seed_words(key)).tolist())
-    raise ValueError(f"key must be a JAX PRNG key, an int seed or None, got key={key!r}")
-
-
 class AttackMetrics(NamedTuple):
     """Metrics of one attack (theory.md section 7); higher score = "more likely a member".
 
@@ -193,18 +81,18 @@ class AttackMetrics(NamedTuple):
         it may be negative by chance (clip at 0 for a statement about ``Delta``). By replicate (``heldout_design`` is
         ``"replicate"`` or ``"replicate+target"``): the rule (threshold and direction) is chosen on half of the
         replicates (and, embedded-target design, half of the targets) and this is the mean of ``TPR_i - FPR_i`` over
-        the other replicates (:func:`~qmis_jax.stats.bracket.heldout_advantage`). By pair (``"pair"``, when no
+        the other replicates (:func:`~qmis_jax.attacks.heldout_advantage`). By pair (``"pair"``, when no
         replicate structure is given): the rule is chosen on a random half of the member and non-member scores and
         evaluated on the rest; pairs of one replicate share its release, so this one is descriptive only.
       advantage_heldout_ci: ``(lo, hi)`` two-sided interval at ``level`` for the held-out rule's advantage, clipped
         to ``[0, 1]`` (an interval for ``max(0, TPR - FPR)``, which lower-bounds ``Delta``). By replicate: one-sided
         limits at ``1 - (1 - level) / 2`` each from the per-replicate values (better of Hoeffding and empirical
-        Bernstein, :func:`~qmis_jax.stats.bracket.mean_lower_limit`). By pair:
+        Bernstein, :func:`~qmis_jax.stats.mean_lower_limit`). By pair:
         Bonferroni-combined Clopper-Pearson intervals over the evaluation pairs (too narrow when pairs share
         releases).
       advantage_bound: one-sided lower confidence limit at ``bound_level`` on the held-out rule's advantage, clipped
         to ``[0, 1]``: with a by-replicate design and a section-1 attack, a lower bound on ``Delta`` and the input
-        of :func:`~qmis_jax.stats.bracket.mis_bracket` (pass ``bound_level = bracket_levels(J)[1]``).
+        of :func:`~qmis_jax.stats.mis_bracket` (pass ``bound_level = bracket_levels(J)[1]``).
       auc: area under the ROC curve, the Mann-Whitney statistic ``P(S_m > S_n) + P(S_m = S_n) / 2``.
       tpr_at_1pct_fpr: largest TPR among thresholds with FPR <= 1% (rule "member iff score >= t").
       tpr_at_01pct_fpr: the same at FPR <= 0.1%.
@@ -280,7 +168,7 @@ def _clip01(x: float) -> float:
 def _in_sample(m: np.ndarray, nm: np.ndarray, level: float, max_roc_points: int) -> dict[str, Any]:
     """In-sample (descriptive) metrics of the pooled scores: advantage with its interval, AUC, TPRs, ROC."""
     n_m, n_n = m.size, nm.size
-    thr, tp, fp = _roc_counts(m, nm)
+    thr, tp, fp = roc_counts(m, nm)
     tpr, fpr = tp / n_m, fp / n_n
     diff = tpr - fpr
     i = int(np.argmax(np.abs(diff)))
@@ -303,8 +191,8 @@ def _in_sample(m: np.ndarray, nm: np.ndarray, level: float, max_roc_points: int)
 
 
 def _check_common(level, bound_level, max_roc_points) -> tuple[float, float]:
-    level = _check_level(level)
-    bound_level = level if bound_level is None else _check_level(bound_level)
+    level = check_level(level)
+    bound_level = level if bound_level is None else check_level(bound_level)
     if int(max_roc_points) < 2:
         raise ValueError(f"max_roc_points must be >= 2, got max_roc_points={max_roc_points!r}")
     return level, bound_level
@@ -350,7 +238,7 @@ def attack_metrics(
 
     With ``by_replicate=True`` (the fresh-data design: row ``i`` holds replicate ``i``'s members and fresh
     non-members) the halves are halves of the replicates and the interval comes from the independent per-replicate
-    ``TPR_i - FPR_i`` (:func:`~qmis_jax.stats.bracket.heldout_advantage`): this is the one that bounds ``Delta``.
+    ``TPR_i - FPR_i`` (:func:`~qmis_jax.attacks.heldout_advantage`): this is the one that bounds ``Delta``.
     Otherwise the scores are pooled pairs and the split is by pair, which is descriptive only (pairs of one replicate
     share its release; section 7). For the embedded-target design use :func:`attack_metrics_embedded`.
 
@@ -374,8 +262,6 @@ def attack_metrics(
     """
     level, bound_level = _check_common(level, bound_level, max_roc_points)
     if by_replicate:
-        from .bracket import heldout_advantage
-
         mm = np.asarray(member_scores, dtype=np.float64)
         nn = np.asarray(nonmember_scores, dtype=np.float64)
         if mm.ndim != 2 or nn.ndim != 2:
@@ -388,11 +274,11 @@ def attack_metrics(
             return heldout_advantage(key, mm, nn, level=lv)
 
         ho = again(bound_level)
-        ins = _in_sample(_as_scores(mm, "member_scores"), _as_scores(nn, "nonmember_scores"), level, max_roc_points)
+        ins = _in_sample(as_scores(mm, "member_scores"), as_scores(nn, "nonmember_scores"), level, max_roc_points)
         return _by_replicate(ins, ho, key, "replicate", level, bound_level, again)
 
-    m = _as_scores(member_scores, "member_scores")
-    nm = _as_scores(nonmember_scores, "nonmember_scores")
+    m = as_scores(member_scores, "member_scores")
+    nm = as_scores(nonmember_scores, "nonmember_scores")
     if m.size < 2 or nm.size < 2:
         raise ValueError(
             f"need at least 2 member and 2 non-member scores for the held-out split, got "
@@ -401,14 +287,14 @@ def attack_metrics(
     ins = _in_sample(m, nm, level, max_roc_points)
 
     # Held-out by pair: choose the rule on one half of each class, evaluate on the other half (descriptive).
-    rng = _numpy_rng(key)
+    rng = numpy_rng(key)
     n_m, n_n = m.size, nm.size
     pm = rng.permutation(n_m)
     pn = rng.permutation(n_n)
     sel_m, ev_m = m[pm[: n_m // 2]], m[pm[n_m // 2 :]]
     sel_n, ev_n = nm[pn[: n_n // 2]], nm[pn[n_n // 2 :]]
-    t_sel, d_sel, _ = _best_threshold(sel_m, sel_n)
-    h_m, h_n = _rule_counts(ev_m, ev_n, t_sel, d_sel)
+    t_sel, d_sel, _ = best_threshold(sel_m, sel_n)
+    h_m, h_n = rule_counts(ev_m, ev_n, t_sel, d_sel)
     adv_ho = h_m / ev_m.size - h_n / ev_n.size
     ci_ho = _advantage_interval(h_m, ev_m.size, h_n, ev_n.size, level)
     bound = _advantage_interval(h_m, ev_m.size, h_n, ev_n.size, 1.0 - 2.0 * (1.0 - bound_level))[0]
@@ -440,7 +326,7 @@ def attack_metrics_embedded(
 
     The in-sample (descriptive) metrics pool every pair, members ``scores[membership]`` against non-members
     ``scores[~membership]``. The held-out advantage and its interval are by replicate and by target
-    (:func:`~qmis_jax.stats.bracket.heldout_advantage_embedded`): the rule is chosen on half of the replicates and
+    (:func:`~qmis_jax.attacks.heldout_advantage_embedded`): the rule is chosen on half of the replicates and
     half of the targets, and each other replicate gets its ``TPR_i - FPR_i`` over the other targets.
 
     Args:
@@ -456,8 +342,6 @@ def attack_metrics_embedded(
       :class:`AttackMetrics` with ``heldout_design="replicate+target"`` (``"replicate"`` without
       ``split_targets``).
     """
-    from .bracket import heldout_advantage_embedded
-
     level, bound_level = _check_common(level, bound_level, max_roc_points)
     s = np.asarray(scores, dtype=np.float64)
     mem = np.asarray(membership)
@@ -469,47 +353,6 @@ def attack_metrics_embedded(
         return heldout_advantage_embedded(key, s, mem, level=lv, split_targets=split_targets)
 
     ho = again(bound_level)
-    ins = _in_sample(
-        _as_scores(s[mem], "member scores"), _as_scores(s[~mem], "non-member scores"), level, max_roc_points
-    )
+    ins = _in_sample(as_scores(s[mem], "member scores"), as_scores(s[~mem], "non-member scores"), level, max_roc_points)
     design = "replicate+target" if split_targets else "replicate"
     return _by_replicate(ins, ho, key, design, level, bound_level, again)
-
-
-def lira_metrics_by_replicate(
-    scores,
-    membership,
-    *,
-    shadow,
-    online: bool = True,
-    fix_variance: bool = False,
-    level: float = 0.95,
-    key=None,
-    max_roc_points: int = 200,
-    bound_level: float | None = None,
-) -> tuple[AttackMetrics, Any]:
-    """LiRA in the embedded-target design with held-out metrics by replicate and target (theory.md s. 7 and 10).
-
-    The per-target fits use the shadow replicates (:func:`~qmis_jax.stats.attacks.lira`, which also validates the
-    design and counts the fallbacks); the likelihood ratios of the evaluation (non-shadow) replicates form a
-    ``(R_eval, T)`` matrix, and :func:`attack_metrics_embedded` chooses the rule on half of those replicates and half
-    of the targets and evaluates it on each other replicate's other targets.
-
-    Args:
-      scores: ``(R, T)`` statistic of each replicate's release on each target
-        (:func:`~qmis_jax.stats.attacks.score_from_loss`).
-      membership: ``(R, T)`` bool. shadow: ``(R,)`` bool, the replicates the fits use.
-      online: likelihood ratio of in- and out-fits, or the offline test. fix_variance: one variance per side.
-      level, key, max_roc_points, bound_level: as in :func:`attack_metrics_embedded`.
-
-    Returns:
-      ``(metrics, fallbacks)``: :class:`AttackMetrics` and the fit's
-      :class:`~qmis_jax.stats.attacks.LiraFallbacks`.
-    """
-    from .attacks import lira_matrix
-
-    lr, mem, sh, fallbacks = lira_matrix(scores, membership, shadow=shadow, online=online, fix_variance=fix_variance)
-    metrics = attack_metrics_embedded(
-        lr[~sh], mem[~sh], level=level, key=key, max_roc_points=max_roc_points, bound_level=bound_level
-    )
-    return metrics, fallbacks

@@ -75,7 +75,7 @@ def competitors(q, release: PyTree, params: PyTree, *, skip=None) -> Moves:
 
     The codebook is the one ``params`` defines (scales / quantiles held fixed, section 8), read with
     :func:`qmis_jax.quantizers.tree_neighbors`. Sparse ternary instead has the sign flips and support swaps of
-    section 9 (:func:`qmis_jax.stats.ptq.sparse_moves`), with ``index2`` / ``step2`` set.
+    section 9 (:func:`qmis_jax.indicator.ptq.sparse_moves`), with ``index2`` / ``step2`` set.
 
     Args:
       q: the quantizer (or a preset name).
@@ -130,7 +130,7 @@ def loss_differences(
 
     ``method="taylor"`` (section 6, "Cost", for large models):
     ``D_k(z) ~ g_{j_k}(z) e_k + 1/2 h_{j_k j_k} e_k^2`` with the per-example gradient ``g(z)`` at ``theta_0`` and
-    the diagonal curvature ``h`` of the mean loss on ``(x, y)`` (:func:`qmis_jax.stats.sandwich.hessian_diag`, or
+    the diagonal curvature ``h`` of the mean loss on ``(x, y)`` (:func:`qmis_jax.indicator.hessian_diag`, or
     ``hess_diag``). The per-example curvature is replaced by its mean: ``delta_k`` is right to second order in
     ``e_k`` and ``sigma_k`` to first order.
 
@@ -307,9 +307,9 @@ def rtn_margins(
     :func:`qmis_jax.quantizers.tree_thresholds` (true gradient through data-dependent scales / quantiles).
     ``m_k = g_k(theta)`` and, by the delta method, ``s_k^2 = grad g_k^T Sigma grad g_k`` (``grad g_k`` by
     reverse-mode autodiff, one row at a time, ``lax.map``-ed in chunks). With ``cov`` the asymptotic sandwich
-    ``Sigma`` of ``sqrt(n) (theta_hat - theta*)`` (as returned by :func:`~qmis_jax.stats.sandwich_covariance`),
+    ``Sigma`` of ``sqrt(n) (theta_hat - theta*)`` (as returned by :func:`~qmis_jax.indicator.sandwich_covariance`),
     ``(m_k, s_k)`` are on the scale of ``(delta_k, sigma_k)``: ``P(flip through k) ~ Phi(-sqrt(n) m_k / s_k)``.
-    A ``(p,)`` ``cov`` is read as a diagonal (:func:`~qmis_jax.stats.sandwich.sandwich_diagonal`).
+    A ``(p,)`` ``cov`` is read as a diagonal (:func:`~qmis_jax.indicator.sandwich_diagonal`).
 
     Args:
       q: the quantizer (or a preset name).
@@ -411,7 +411,7 @@ def rtn_differences(
     ``g_k(theta_hat) ~ mean_i D_k(Z_i)`` with ``D_k(z) = g_k(theta) - grad g_k^T H^-1 grad l(theta, z)``, so the
     RTN release flips through ``k`` when ``mean_i D_k(Z_i) < 0``. ``D_k`` has mean ``m_k`` (at a stationary point
     of the weighted loss) and variance ``s_k^2`` of :func:`rtn_margins` with the sandwich ``Sigma``; its
-    empirical Chernoff rate (:func:`~qmis_jax.stats.rates.cramer_rate`) refines the Gaussian one.
+    empirical Chernoff rate (:func:`~qmis_jax.indicator.cramer_rate`) refines the Gaussian one.
 
     Args:
       q: the quantizer. loss_fn: one example's loss. params: ``theta_hat`` or ``theta*``.

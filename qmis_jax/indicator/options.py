@@ -62,5 +62,5 @@ class IndicatorOptions:
         object.__setattr__(self, "skip", hashable_skip(self.skip))
 
     def estimator_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`~qmis_jax.stats.single_model_indicator` these options stand for."""
+        """The keyword arguments of :func:`~qmis_jax.indicator.single_model_indicator` these options stand for."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

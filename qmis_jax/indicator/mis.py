@@ -62,7 +62,7 @@ class MisApprox:
         release. Compare it with the Monte Carlo flip rate.
       flip_union_bound: scalar ``min(1, sum_k p_k)``, the union bound (1 for a continuous release).
       sqrt_n_c_min: scalar ``min_k sqrt(n) c_k`` over valid competitors (``+inf`` without any, NaN for a continuous
-        release), the input of :func:`~qmis_jax.stats.bracket.asymptotic_regime`.
+        release), the input of :func:`~qmis_jax.indicator.asymptotic_regime`.
       method: ``"gaussian"`` or ``"cramer"``, the formulas used for ``p_k`` and ``f_k``.
     """
 
@@ -124,7 +124,7 @@ def union_probability(
       p: ``(K,)`` marginal probabilities ``p_k`` in ``[0, 1]``.
       valid: ``(K,)`` bool, competitors that exist.
       D: optional ``(K, m)`` per-sample loss differences (or RTN contributions from
-        :func:`~qmis_jax.stats.margins.rtn_differences`) whose row correlations are ``rho``.
+        :func:`~qmis_jax.indicator.rtn_differences`) whose row correlations are ``rho``.
       weights: optional ``(m,)`` column weights of ``D``.
       samples: importance samples. top: competitors whose correlations are used.
 
@@ -216,10 +216,10 @@ def mis_asymptotic(
 
     ``method="gaussian"``: ``c_k = delta_k / sigma_k``, ``p_k = Phi(-sqrt(n) c_k)``,
     ``f_k = 4 Phi(c_k / 2) - 2``. Pass round-to-nearest margins ``(m_k, s_k)`` from
-    :func:`qmis_jax.stats.margins.rtn_margins` as ``(delta, sigma)`` for the RTN variant ``c_k = m_k / s_k``.
+    :func:`qmis_jax.indicator.rtn_margins` as ``(delta, sigma)`` for the RTN variant ``c_k = m_k / s_k``.
 
     ``method="cramer"`` (needs the samples ``D``): with ``I_k``, ``t_k*``, ``tau_k`` from
-    :func:`qmis_jax.stats.rates.cramer_rate`, ``p_k = exp(-n I_k) / (t_k* tau_k sqrt(2 pi n))`` (Bahadur-Rao,
+    :func:`qmis_jax.indicator.cramer_rate`, ``p_k = exp(-n I_k) / (t_k* tau_k sqrt(2 pi n))`` (Bahadur-Rao,
     clipped at 1) and ``f_k = mean_i |w_k(Z_i) - 1|`` with ``w_k = exp(-t_k* D_k) / mean exp(-t_k* D_k)``.
     Where no sample has ``D_k < 0`` (``t_k* = inf``, section 8) ``p_k = exp(-n I_k)`` with the capped rate and
     ``f_k = 2 (1 - P_m(D_k = min D_k))``, the limit of the tilt; ``delta``/``sigma`` are then only used to
@@ -230,9 +230,9 @@ def mis_asymptotic(
 
     The predicted flip probability ``flip_probability`` is ``P(any competitor event)`` (:func:`union_probability`)
     with the marginals ``p_k`` and the correlations of the rows of ``D`` (pass ``D`` with either method: loss
-    differences for loss PTQ, :func:`~qmis_jax.stats.margins.rtn_differences` for RTN; without it the events are
+    differences for loss PTQ, :func:`~qmis_jax.indicator.rtn_differences` for RTN; without it the events are
     taken as independent); ``flip_union_bound = min(1, sum_k p_k)``. ``sqrt_n_c_min = min_k sqrt(n) c_k`` feeds
-    :func:`~qmis_jax.stats.bracket.asymptotic_regime`.
+    :func:`~qmis_jax.indicator.asymptotic_regime`.
 
     Args:
       n: training-set size (int or scalar array).
@@ -243,7 +243,7 @@ def mis_asymptotic(
         used (for ``flip_probability``).
       weights: optional ``(m,)`` weights of the columns of ``D``.
       continuous: the release has continuous coordinates.
-      cap: rate cap passed to :func:`~qmis_jax.stats.rates.cramer_rate`.
+      cap: rate cap passed to :func:`~qmis_jax.indicator.cramer_rate`.
       key: PRNG key of :func:`union_probability` (``None``: a fixed key).
 
     Returns:

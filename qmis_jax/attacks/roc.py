@@ -1,7 +1,7 @@
 """ROC quantities for auditing: the convex-hull AUC, TPR at a fixed FPR (0% included), epsilon lower bounds.
 
 Convention: higher score = "more likely a member" (the rule "member iff score >= t"), as in
-:mod:`qmis_jax.stats.metrics` and in ``jax_privacy.auditing.CanaryScoreAuditor``. NumPy/SciPy in float64.
+:mod:`qmis_jax.attacks.metrics` and in ``jax_privacy.auditing.CanaryScoreAuditor``. NumPy/SciPy in float64.
 
 * The **convex hull** of the empirical ROC is what an attacker achieves by randomising between two thresholds;
   ``CanaryScoreAuditor(member, nonmember).attack_auroc()`` is the area under it (its ``_pareto_frontier`` keeps the
@@ -21,7 +21,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from qmis_jax.stats.metrics import _as_scores, _roc_counts, clopper_pearson
+from qmis_jax.stats.intervals import clopper_pearson
+
+from ._scores import as_scores, roc_counts
 
 __all__ = ["EpsilonBound", "auc_convex_hull", "epsilon_lower_bound", "roc_convex_hull", "tpr_at_fpr"]
 
@@ -40,9 +42,9 @@ def roc_convex_hull(member_scores, nonmember_scores) -> tuple[np.ndarray, np.nda
     Returns:
       ``(fpr, tpr)``: float64 arrays of the hull's vertices, increasing in ``fpr``.
     """
-    m = _as_scores(member_scores, "member_scores")
-    nm = _as_scores(nonmember_scores, "nonmember_scores")
-    _, tp, fp = _roc_counts(m, nm)
+    m = as_scores(member_scores, "member_scores")
+    nm = as_scores(nonmember_scores, "nonmember_scores")
+    _, tp, fp = roc_counts(m, nm)
     # work on the integer counts (exact orientation tests), then scale
     hull: list[tuple[int, int]] = []
     for x, y in zip(fp.tolist(), tp.tolist()):
@@ -62,7 +64,7 @@ def auc_convex_hull(member_scores, nonmember_scores) -> float:
     """Area under the convex hull of the empirical ROC (the AUROC of randomised threshold rules).
 
     Equal to ``jax_privacy.auditing.CanaryScoreAuditor(member, nonmember).attack_auroc()``. It is ``>=`` the
-    plain AUC of :func:`~qmis_jax.stats.metrics.attack_metrics` (the Mann-Whitney statistic, the area under the
+    plain AUC of :func:`~qmis_jax.attacks.attack_metrics` (the Mann-Whitney statistic, the area under the
     step ROC with ties as diagonal segments) and ``>= 1/2``: the rule "higher = member" is fixed, and a ROC below the
     diagonal has the diagonal as its hull.
 
@@ -84,7 +86,7 @@ def tpr_at_fpr(member_scores, nonmember_scores, *, fpr=0.0, randomized: bool = F
     """Largest TPR of the rule "member iff score >= t" whose FPR is at most ``fpr`` (0% FPR included).
 
     * ``randomized=False``: over deterministic thresholds only (the step ROC, as ``tpr_at_1pct_fpr`` of
-      :func:`~qmis_jax.stats.metrics.attack_metrics`). At ``fpr=0`` it is the fraction of member scores above every
+      :func:`~qmis_jax.attacks.attack_metrics`). At ``fpr=0`` it is the fraction of member scores above every
       non-member score.
     * ``randomized=True``: the convex hull at ``fpr`` (randomising between two thresholds), as
       ``CanaryScoreAuditor.tpr_at_given_fpr``. At ``fpr=0`` both coincide.
@@ -111,9 +113,9 @@ def tpr_at_fpr(member_scores, nonmember_scores, *, fpr=0.0, randomized: bool = F
         ht0 = np.r_[ht[hf == 0].max(), ht[hf > 0]]
         out = np.interp(alpha, hf0, ht0)
     else:
-        m = _as_scores(member_scores, "member_scores")
-        nm = _as_scores(nonmember_scores, "nonmember_scores")
-        _, tp, fp = _roc_counts(m, nm)
+        m = as_scores(member_scores, "member_scores")
+        nm = as_scores(nonmember_scores, "nonmember_scores")
+        _, tp, fp = roc_counts(m, nm)
         # fp is non-decreasing and tp increasing along the thresholds: the last point with fp <= alpha n is the best
         idx = np.searchsorted(fp, np.floor(alpha * nm.size + 1e-9), side="right") - 1
         out = tp[idx] / m.size
@@ -170,7 +172,7 @@ def epsilon_lower_bound(
 
     (both use the same two limits, so no further correction is needed; a bound at 0 means "nothing shown").
     The rule (threshold and direction) must be fixed before these counts are taken: choose it on other data, as
-    ``advantage_heldout`` of :func:`~qmis_jax.stats.metrics.attack_metrics` does.
+    ``advantage_heldout`` of :func:`~qmis_jax.attacks.attack_metrics` does.
 
     Trials must be independent: **pairs from one replicate share its release**, so count one member and one
     non-member decision per replicate (``n_members`` = ``n_nonmembers`` = the number of held-out replicates) or

@@ -22,10 +22,14 @@ import math
 from collections.abc import Callable
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy import integrate, optimize
 from scipy import stats as sps
 from scipy.special import ndtr
+
+from qmis_jax.quantizers import get as get_quantizer
 
 __all__ = [
     "ReleaseCells",
@@ -140,11 +144,6 @@ class ReleaseCells(NamedTuple):
 
 def _release_codes_fn(q) -> Callable[[np.ndarray], np.ndarray]:
     """Codes (element and scale codes, packed) of the release of each scalar in a batch, as a one-element leaf."""
-    import jax
-    import jax.numpy as jnp
-
-    from qmis_jax.quantizers import get as get_quantizer
-
     if callable(q) and not hasattr(q, "codes"):
         return lambda t: np.asarray(q(np.asarray(t)))
     q = get_quantizer(q)

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qmis_jax.stats.attacks import LiraFallbacks, LiraResult, _check_design
+from .lira import LiraFallbacks, LiraResult, _check_design
 
 __all__ = ["A_GRID", "RmiaResult", "rmia", "rmia_counts", "rmia_probability", "rmia_scores", "rmia_tune_a"]
 
@@ -232,7 +232,7 @@ def rmia_tune_a(log_px, log_pz, membership, *, shadow, gamma=1.0, grid=A_GRID) -
 class RmiaResult(LiraResult):
     """``(member_scores, nonmember_scores)`` of :func:`rmia`, with ``.fallbacks`` and the offline ``.a``.
 
-    A plain pair for unpacking (``m, nm = rmia(...)``). ``.fallbacks`` (:class:`~qmis_jax.stats.LiraFallbacks`)
+    A plain pair for unpacking (``m, nm = rmia(...)``). ``.fallbacks`` (:class:`~qmis_jax.attacks.LiraFallbacks`)
     counts, under ``one_sided``, the targets whose reference mean lacked the side the test wants (online: no IN or
     no OUT shadow; offline: no OUT shadow); ``pooled_variance`` is always 0. ``.a`` is the offline scaling parameter
     used (``None`` online) and ``.a_aucs`` the tuning AUCs over :data:`A_GRID` when ``a="auto"``.
@@ -284,7 +284,7 @@ def rmia(
 
     Returns:
       :class:`RmiaResult`: ``(member_scores, nonmember_scores)`` 1-D over the evaluation pairs in row-major
-      (replicate, target) order, as :func:`~qmis_jax.stats.lira` returns them; ``.fallbacks``, ``.a``.
+      (replicate, target) order, as :func:`~qmis_jax.attacks.lira` returns them; ``.fallbacks``, ``.a``.
 
     Raises:
       ValueError: on malformed inputs, non-positive probabilities, no evaluation replicate, no shadow, or ``a``
