@@ -173,12 +173,12 @@ def test_lira_matches_reference(online, fix_variance, shadows):
     np.testing.assert_array_equal(fit.n_in + fit.n_out, shadow.sum())
     lr = lira_scores(scores, fit, online=online)
     np.testing.assert_allclose(lr, lr_ref, rtol=1e-4, atol=1e-4)
-    ms, ns = res = lira(scores, member, shadow=shadow, online=online, fix_variance=fix_variance)
+    ms, ns, _ = res = lira(scores, member, shadow=shadow, online=online, fix_variance=fix_variance)
     ev = ~shadow
     np.testing.assert_allclose(ms, lr_ref[ev][member[ev]], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(ns, lr_ref[ev][~member[ev]], rtol=1e-4, atol=1e-4)
     assert ms.size + ns.size == ev.sum() * scores.shape[1]
-    ms_pool, _ = pool = lira_pool(scores, member, shadow=shadow, online=online, fix_variance=fix_variance)
+    ms_pool, _, _ = pool = lira_pool(scores, member, shadow=shadow, online=online, fix_variance=fix_variance)
     np.testing.assert_array_equal(ms_pool, ms)
     assert (
         res.fallbacks
@@ -230,7 +230,7 @@ def test_lira_core_jit_and_vmap_agree():
 def test_lira_constant_statistic_and_validation():
     scores, member, shadow = _random_design(9)
     const = np.ones_like(scores)
-    ms, ns = lira(const, member, shadow=shadow)
+    ms, ns, _ = lira(const, member, shadow=shadow)
     assert bool(jnp.all(jnp.isfinite(ms))) and bool(jnp.all(jnp.isfinite(ns)))
     with pytest.raises(ValueError, match="shape"):
         lira(scores[0], member[0], shadow=shadow)
@@ -325,7 +325,7 @@ def test_lira_with_four_replicates_reaches_its_predicted_auc():
             res = lira(scores, member, shadow=shadow, online=online)
             one_sided = count[0] + count[2] if online else count[2]
             assert res.fallbacks == LiraFallbacks(t, pooled_variance=count[1], one_sided=one_sided)
-            auc, se = _auc_and_se(*res, pos_t, neg_t)
+            auc, se = _auc_and_se(res.member_scores, res.nonmember_scores, pos_t, neg_t)
             # fits from one or two scores cost accuracy: the optimum is out of reach, the prediction is met
             predicted, mc_se = _predicted_auc_two_shadows(gap, online)
             assert predicted < sps.norm.cdf(gap / np.sqrt(2)) - 0.03
@@ -381,7 +381,7 @@ def test_lira_reaches_exact_delta_on_gaussian_mean():
     for online in (True, False):
         core = jax.vmap(lambda s, m, on=online: lira_scores(s, fit_lira(s, m, shadow=shadow), online=on))
         lr = np.asarray(jax.jit(core)(stat, member))[:, shadows:]
-        res = attack_metrics(lr[ev_member], lr[~ev_member], key=jax.random.key(12))
+        res = attack_metrics(jax.random.key(12), lr[ev_member], lr[~ev_member])
         advantages[online] = res
         # a section-1 attack never beats Delta beyond its error bars
         assert res.advantage_heldout_ci[0] <= delta + 3 * delta_se
@@ -389,7 +389,7 @@ def test_lira_reaches_exact_delta_on_gaussian_mean():
         assert res.advantage_heldout > delta - 0.03
         assert res.advantage > delta - 0.03
     # the wrapper gives the same split for one group
-    ms, ns = lira(stat[0], member[0], shadow=shadow)
+    ms, ns, _ = lira(stat[0], member[0], shadow=shadow)
     lr0 = np.asarray(lira_scores(stat[0], fit_lira(stat[0], member[0], shadow=shadow)))[shadows:]
     np.testing.assert_allclose(ms, lr0[ev_member[0]], rtol=1e-5, atol=1e-6)
 
@@ -400,7 +400,7 @@ def test_lira_reaches_exact_delta_on_gaussian_mean():
     x_out = mu + rng.standard_normal((reps, n, d))
     theta = x_in.mean(axis=1, keepdims=True)
     ms, ns = loss_attack(0.5 * np.sum((x_in - theta) ** 2, -1), 0.5 * np.sum((x_out - theta) ** 2, -1))
-    loss_res = attack_metrics(ms, ns, key=jax.random.key(14))
+    loss_res = attack_metrics(jax.random.key(14), ms, ns)
     assert loss_res.advantage_heldout_ci[0] <= delta
     # global threshold: separation 2 d / n = 2 against a spread sqrt(2 d) = 10 across points: advantage ~ 0.08
     assert loss_res.advantage < 0.15

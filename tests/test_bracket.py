@@ -11,7 +11,7 @@ from scipy import stats as sps
 from statsmodels.stats.proportion import proportion_confint
 
 from qmis_jax.attacks import heldout_advantage, heldout_advantage_embedded
-from qmis_jax.attacks.metrics import attack_metrics, attack_metrics_embedded
+from qmis_jax.attacks.metrics import attack_metrics, attack_metrics_by_replicate, attack_metrics_embedded
 from qmis_jax.indicator import asymptotic_regime
 from qmis_jax.indicator.exact import (
     gaussian_mean_fp_delta,
@@ -101,11 +101,11 @@ def test_heldout_by_replicate_splits_and_values():
     again = heldout_advantage(jax.random.key(3), members, nonmembers, level=0.9)
     np.testing.assert_array_equal(again.select_replicates, sel)
     assert again.lower >= ho.lower
-    assert not np.array_equal(heldout_advantage(7, members, nonmembers).select_replicates, sel)
+    assert not np.array_equal(heldout_advantage(jax.random.key(7), members, nonmembers).select_replicates, sel)
     with pytest.raises(ValueError, match="replicate"):
-        heldout_advantage(0, members[:3], nonmembers[:3])
+        heldout_advantage(jax.random.key(0), members[:3], nonmembers[:3])
     with pytest.raises(ValueError, match="replicate count"):
-        heldout_advantage(0, members, nonmembers[:10])
+        heldout_advantage(jax.random.key(0), members, nonmembers[:10])
 
 
 def test_heldout_lower_limit_covers_under_the_null_and_is_unbiased():
@@ -116,7 +116,7 @@ def test_heldout_lower_limit_covers_under_the_null_and_is_unbiased():
     exps = 200
     for i in range(exps):
         a, b = rng.normal(size=(40, 20)), rng.normal(size=(40, 20))
-        ho = heldout_advantage(i, a, b, level=0.9)
+        ho = heldout_advantage(jax.random.key(i), a, b, level=0.9)
         means.append(ho.mean)
         above += ho.lower > 0
     means = np.asarray(means)
@@ -143,20 +143,20 @@ def test_heldout_embedded_splits_replicates_and_targets():
     no_split = heldout_advantage_embedded(jax.random.key(5), scores, membership, split_targets=False)
     assert no_split.select_targets is None and no_split.eval_targets is None
     with pytest.raises(ValueError, match="membership"):
-        heldout_advantage_embedded(0, scores, membership[:, :3])
+        heldout_advantage_embedded(jax.random.key(0), scores, membership[:, :3])
 
 
 def test_attack_metrics_by_replicate_and_embedded():
     rng = np.random.default_rng(8)
     members, nonmembers = rng.normal(0.5, 1, (200, 25)), rng.normal(0, 1, (200, 25))
-    res = attack_metrics(members, nonmembers, key=1, by_replicate=True, bound_level=0.99)
-    ho = heldout_advantage(1, members, nonmembers, level=0.99)
+    res = attack_metrics_by_replicate(jax.random.key(1), members, nonmembers, bound_level=0.99)
+    ho = heldout_advantage(jax.random.key(1), members, nonmembers, level=0.99)
     assert res.heldout_design == "replicate" and res.heldout_replicates == ho.eval_replicates.size
     assert res.advantage_heldout == pytest.approx(ho.mean)
     assert res.advantage_bound == pytest.approx(max(0.0, ho.lower))
-    two = heldout_advantage(1, members, nonmembers, level=0.975)
+    two = heldout_advantage(jax.random.key(1), members, nonmembers, level=0.975)
     assert res.advantage_heldout_ci == pytest.approx((max(0.0, two.lower), min(1.0, two.upper)))
-    pooled = attack_metrics(members, nonmembers, key=1)  # the in-sample part is the pooled one
+    pooled = attack_metrics(jax.random.key(1), members, nonmembers)  # the in-sample part is the pooled one
     assert res.advantage == pooled.advantage and res.auc == pooled.auc and pooled.heldout_design == "pair"
     d = res.to_dict()
     for k in ("advantage", "advantage_bound"):
@@ -164,12 +164,14 @@ def test_attack_metrics_by_replicate_and_embedded():
     assert all(0.0 <= v <= 1.0 for v in d["advantage_heldout_ci"])
     membership = rng.random((200, 30)) < 0.5
     scores = rng.normal(size=(200, 30)) + 0.5 * membership
-    emb = attack_metrics_embedded(scores, membership, key=2)
+    emb = attack_metrics_embedded(jax.random.key(2), scores, membership)
     assert emb.heldout_design == "replicate+target"
     assert emb.n_members == int(membership.sum())
-    assert emb.advantage_heldout == pytest.approx(heldout_advantage_embedded(2, scores, membership).mean)
+    assert emb.advantage_heldout == pytest.approx(
+        heldout_advantage_embedded(jax.random.key(2), scores, membership).mean
+    )
     with pytest.raises(ValueError, match="by_replicate"):
-        attack_metrics(members.ravel(), nonmembers.ravel(), by_replicate=True)
+        attack_metrics_by_replicate(jax.random.key(0), members.ravel(), nonmembers.ravel())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,8 +320,8 @@ def test_lira_by_replicate_on_the_full_precision_gaussian_mean():
     shadow = shadow_mask(reps, shadows=reps // 2)
     assert reps // 2 >= FIX_VARIANCE_BELOW  # per-target variances, as in the direct fit below
     key = jax.random.key(3)
-    res = lira_metrics(scores, membership, shadow=shadow, key=key, bound_level=0.975)
-    pooled = attack_metrics(*lira(scores, membership, shadow=shadow), key=key)
+    res = lira_metrics(key, scores, membership, shadow=shadow, bound_level=0.975)
+    pooled = attack_metrics(key, *lira(scores, membership, shadow=shadow)[:2])
     assert res["advantage"] == pytest.approx(pooled.advantage) and res["auc"] == pytest.approx(pooled.auc)
     assert res["heldout_design"] == "replicate+target" and 0 < res["heldout_replicates"] <= reps // 4 + 1
     assert res["fallbacks"]["targets"] == targets and not res["fixed_variance"]

@@ -64,7 +64,7 @@ def test_auc_advantage_roc_match_references(ties):
     nm = rng.normal(0.0, 1.2, 500)
     if ties:
         m, nm = np.round(m * 2), np.round(nm * 2)
-    res = attack_metrics(m, nm)
+    res = attack_metrics(jax.random.key(0), m, nm)
     labels = np.r_[np.ones(m.size), np.zeros(nm.size)]
     scores = np.r_[m, nm]
     assert res.auc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
@@ -88,7 +88,7 @@ def test_auc_advantage_roc_match_references(ties):
 def test_swapping_roles_is_symmetric():
     rng = np.random.default_rng(2)
     m, nm = rng.normal(0.5, 1, 400), rng.normal(0, 1, 400)
-    a, b = attack_metrics(m, nm), attack_metrics(nm, m)
+    a, b = attack_metrics(jax.random.key(0), m, nm), attack_metrics(jax.random.key(0), nm, m)
     assert a.advantage == pytest.approx(b.advantage, abs=1e-12)
     assert a.auc == pytest.approx(1 - b.auc, abs=1e-12)
     assert a.direction == 1 and b.direction == -1
@@ -98,7 +98,7 @@ def test_swapping_roles_is_symmetric():
 
 
 def test_small_example_by_hand():
-    res = attack_metrics([3.0, 2.0, 1.5], [1.0, 0.0, 2.5])
+    res = attack_metrics(jax.random.key(0), [3.0, 2.0, 1.5], [1.0, 0.0, 2.5])
     assert res.advantage == pytest.approx(2 / 3)
     assert res.threshold == 1.5 and res.direction == 1
     assert res.auc == pytest.approx(7 / 9)
@@ -117,7 +117,7 @@ def test_two_gaussians_tend_to_closed_forms(mu):
     rng = np.random.default_rng(3)
     n = 20_000
     m, nm = rng.normal(mu, 1, n), rng.normal(0, 1, n)
-    res = attack_metrics(m, nm, key=jax.random.key(3))
+    res = attack_metrics(jax.random.key(3), m, nm)
     truth = 2 * sps.norm.cdf(mu / 2) - 1
     p_t, p_f = sps.norm.cdf(mu / 2), sps.norm.cdf(-mu / 2)  # TPR, FPR at the optimal threshold mu/2
     se = np.sqrt(p_t * (1 - p_t) / n + p_f * (1 - p_f) / n)
@@ -139,7 +139,7 @@ def test_two_gaussians_tend_to_closed_forms(mu):
 def test_identical_distributions_give_no_advantage():
     rng = np.random.default_rng(4)
     n = 5000
-    res = attack_metrics(rng.normal(size=n), rng.normal(size=n), key=jax.random.key(4))
+    res = attack_metrics(jax.random.key(4), rng.normal(size=n), rng.normal(size=n))
     # held-out rule: TPR and FPR estimate the same probability; SE of the difference <= sqrt(2 * 0.25 / (n/2))
     se = np.sqrt(2 * 0.25 / (n // 2))
     assert abs(res.advantage_heldout) < 4 * se
@@ -157,7 +157,7 @@ def test_in_sample_optimistic_heldout_unbiased():
     reps, n = 150, 200
     ins, ho = [], []
     for i in range(reps):
-        res = attack_metrics(rng.normal(size=n), rng.normal(size=n), key=i)
+        res = attack_metrics(jax.random.key(i), rng.normal(size=n), rng.normal(size=n))
         ins.append(res.advantage)
         ho.append(res.advantage_heldout)
     ho = np.asarray(ho)
@@ -173,7 +173,7 @@ def test_heldout_interval_covers_the_rules_true_advantage():
     hits = 0
     for i in range(reps):
         m, nm = rng.normal(mu, 1, n), rng.normal(0, 1, n)
-        res = attack_metrics(m, nm, key=i, level=level)
+        res = attack_metrics(jax.random.key(i), m, nm, level=level)
         t, d = res.heldout_threshold, res.heldout_direction
         true_adv = d * (sps.norm.sf(t - mu) - sps.norm.sf(t))
         lo, hi = res.advantage_heldout_ci
@@ -185,7 +185,7 @@ def test_heldout_interval_covers_the_rules_true_advantage():
 def test_roc_downsampling_and_to_dict():
     rng = np.random.default_rng(7)
     m, nm = rng.normal(1, 1, 3000), rng.normal(0, 1, 3000)
-    res = attack_metrics(m, nm, max_roc_points=200)
+    res = attack_metrics(jax.random.key(0), m, nm, max_roc_points=200)
     fpr, tpr = res.roc
     assert 50 <= fpr.size <= 200
     assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
@@ -199,24 +199,24 @@ def test_roc_downsampling_and_to_dict():
     assert set(json.loads(text)) >= {"advantage", "advantage_ci", "auc", "tpr_at_1pct_fpr", "roc"}
     assert isinstance(res, AttackMetrics)
     # constant scores: no advantage, threshold at +inf becomes None
-    const = attack_metrics(np.zeros(5), np.zeros(5)).to_dict()
+    const = attack_metrics(jax.random.key(0), np.zeros(5), np.zeros(5)).to_dict()
     assert const["advantage"] == 0.0 and const["threshold"] is None and const["auc"] == 0.5
     json.dumps(const)
 
 
 def test_metrics_accept_jax_arrays_and_validate():
-    res = attack_metrics(jnp.ones((2, 3)), jnp.zeros((4,)))
+    res = attack_metrics(jax.random.key(0), jnp.ones((2, 3)), jnp.zeros((4,)))
     assert res.advantage == 1.0 and res.n_members == 6 and res.n_nonmembers == 4
     with pytest.raises(ValueError, match="NaN"):
-        attack_metrics([1.0, np.nan], [0.0, 1.0])
+        attack_metrics(jax.random.key(0), [1.0, np.nan], [0.0, 1.0])
     with pytest.raises(ValueError, match="member_scores"):
-        attack_metrics([], [0.0, 1.0])
+        attack_metrics(jax.random.key(0), [], [0.0, 1.0])
     with pytest.raises(ValueError, match="at least 2"):
-        attack_metrics([1.0], [0.0, 1.0])
+        attack_metrics(jax.random.key(0), [1.0], [0.0, 1.0])
     with pytest.raises(ValueError, match="level"):
-        attack_metrics([1.0, 2.0], [0.0, 1.0], level=0.0)
+        attack_metrics(jax.random.key(0), [1.0, 2.0], [0.0, 1.0], level=0.0)
     # infinite scores are fine (e.g. a loss of exactly zero)
-    assert attack_metrics([np.inf, 1.0], [0.0, -np.inf]).advantage == 1.0
+    assert attack_metrics(jax.random.key(0), [np.inf, 1.0], [0.0, -np.inf]).advantage == 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -206,7 +206,7 @@ def reference_metrics(m: np.ndarray, nm: np.ndarray) -> tuple[float, float]:
 def test_attack_metrics_bounds_symmetry_and_rank_invariance(m, nm, transform):
     """Advantage and AUC lie in [0, 1] and match brute force; swapping members and non-members keeps the
     advantage and maps AUC to 1 - AUC; a strictly increasing transform of the scores changes nothing."""
-    res = attacks.attack_metrics(m, nm, key=0)
+    res = attacks.attack_metrics(jax.random.key(0), m, nm)
     adv, auc = reference_metrics(m, nm)
     assert 0.0 <= res.advantage <= 1.0 and 0.0 <= res.auc <= 1.0
     assert res.advantage == pytest.approx(adv, abs=1e-12) and res.auc == pytest.approx(auc, abs=1e-12)
@@ -214,12 +214,12 @@ def test_attack_metrics_bounds_symmetry_and_rank_invariance(m, nm, transform):
     assert 0.0 <= lo <= res.advantage <= hi <= 1.0
     assert -1.0 <= res.advantage_heldout <= 1.0
 
-    swapped = attacks.attack_metrics(nm, m, key=0)
+    swapped = attacks.attack_metrics(jax.random.key(0), nm, m)
     assert swapped.advantage == pytest.approx(res.advantage, abs=1e-12)
     assert swapped.auc == pytest.approx(1.0 - res.auc, abs=1e-12)
 
     g = INCREASING[transform]
-    moved = attacks.attack_metrics(g(m), g(nm), key=0)
+    moved = attacks.attack_metrics(jax.random.key(0), g(m), g(nm))
     for field in ("advantage", "auc", "tpr_at_1pct_fpr", "advantage_heldout", "advantage_ci", "direction"):
         assert getattr(moved, field) == getattr(res, field), field
 
@@ -258,13 +258,13 @@ def test_lira_shapes_and_affine_invariance(seed, a, b, online):
     """LiRA scores every (evaluation replicate, target) pair once, split by membership; its Gaussian fits make it
     invariant to any increasing affine map of the statistic."""
     scores = np.random.default_rng(seed).normal(size=(R, T)) + 0.5 * MEMBERSHIP
-    m, nm = attacks.lira(scores, MEMBERSHIP, shadow=SHADOW, online=online)
+    m, nm, _ = attacks.lira(scores, MEMBERSHIP, shadow=SHADOW, online=online)
     evaluated = MEMBERSHIP[~SHADOW]
     assert m.ndim == 1 and nm.ndim == 1
     assert m.shape == (int(evaluated.sum()),) and nm.shape == (int((~evaluated).sum()),)
     assert jnp.issubdtype(m.dtype, jnp.floating) and m.dtype == nm.dtype
     assert np.all(np.isfinite(np.asarray(m))) and np.all(np.isfinite(np.asarray(nm)))
-    m2, nm2 = attacks.lira(a * scores + b, MEMBERSHIP, shadow=SHADOW, online=online)
+    m2, nm2, _ = attacks.lira(a * scores + b, MEMBERSHIP, shadow=SHADOW, online=online)
     np.testing.assert_allclose(np.asarray(m2), np.asarray(m), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(nm2), np.asarray(nm), rtol=1e-4, atol=1e-4)
 

@@ -16,10 +16,11 @@ from .lira import (
     lira_fallbacks,
     lira_matrix,
     lira_metrics,
+    lira_metrics_with_matrix,
     lira_pool,
     lira_scores,
 )
-from .metrics import AttackMetrics, attack_metrics, attack_metrics_embedded, roc_curve
+from .metrics import AttackMetrics, attack_metrics, attack_metrics_by_replicate, attack_metrics_embedded, roc_curve
 from .rmia import RmiaResult, rmia, rmia_probability, rmia_scores, rmia_tune_a
 from .roc import EpsilonBound, auc_convex_hull, epsilon_lower_bound, roc_convex_hull, tpr_at_fpr
 
@@ -33,6 +34,7 @@ __all__ = [
     "LiraResult",
     "RmiaResult",
     "attack_metrics",
+    "attack_metrics_by_replicate",
     "attack_metrics_embedded",
     "auc_convex_hull",
     "embedded_target_membership",
@@ -44,6 +46,7 @@ __all__ = [
     "lira_fallbacks",
     "lira_matrix",
     "lira_metrics",
+    "lira_metrics_with_matrix",
     "lira_pool",
     "lira_scores",
     "loss_attack",

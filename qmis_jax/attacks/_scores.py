@@ -57,11 +57,8 @@ def seed_words(key):
 
 
 def numpy_rng(key) -> np.random.Generator:
-    """A NumPy generator seeded from a JAX key (or an int seed; ``None`` = 0), for host-side permutations."""
-    if key is None:
-        key = 0
-    if isinstance(key, (int, np.integer)):
-        key = jax.random.key(int(key))
-    if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key) or jnp.asarray(key).dtype == jnp.uint32:
+    """A NumPy generator seeded from a JAX PRNG key (typed or raw ``uint32``), for host-side permutations."""
+    arr = jnp.asarray(key) if not isinstance(key, (int, np.integer, type(None))) else None
+    if arr is not None and (jnp.issubdtype(arr.dtype, jax.dtypes.prng_key) or arr.dtype == jnp.uint32):
         return np.random.default_rng(np.asarray(seed_words(key)).tolist())
-    raise ValueError(f"key must be a JAX PRNG key, an int seed or None, got key={key!r}")
+    raise ValueError(f"key must be a JAX PRNG key, got key={key!r}")

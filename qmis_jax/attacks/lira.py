@@ -36,6 +36,7 @@ __all__ = [
     "lira_fallbacks",
     "lira_matrix",
     "lira_metrics",
+    "lira_metrics_with_matrix",
     "lira_pool",
     "lira_scores",
 ]
@@ -201,21 +202,18 @@ class LiraFallbacks(NamedTuple):
         return {k: int(v) for k, v in self._asdict().items()}
 
 
-class LiraResult(tuple):
-    """``(member_scores, nonmember_scores)`` of :func:`lira`, with the fallback counts as ``.fallbacks``.
+class LiraResult(NamedTuple):
+    """Scores of :func:`lira` split by the true membership, with the fallback counts of the fit.
 
-    A plain pair for unpacking (``m, nm = lira(...)``); ``.fallbacks`` is the :class:`LiraFallbacks` of the fit.
+    Attributes:
+      member_scores: 1-D scores of the evaluation pairs with membership, in row-major (replicate, target) order.
+      nonmember_scores: the same without membership.
+      fallbacks: the :class:`LiraFallbacks` of the fit.
     """
 
+    member_scores: Array
+    nonmember_scores: Array
     fallbacks: LiraFallbacks
-
-    def __new__(cls, member_scores, nonmember_scores, fallbacks: LiraFallbacks):
-        out = super().__new__(cls, (member_scores, nonmember_scores))
-        out.fallbacks = fallbacks
-        return out
-
-    def __getnewargs__(self):
-        return (self[0], self[1], self.fallbacks)
 
 
 def _check_design(shape: tuple[int, ...], membership, shadow) -> tuple[np.ndarray, np.ndarray]:
@@ -367,48 +365,55 @@ def lira_pool(scores, membership, *, shadow, online: bool = True, fix_variance: 
 FIX_VARIANCE_BELOW = 64
 
 
-def lira_metrics(
+def lira_metrics_with_matrix(
+    key: Array,
     scores,
     membership,
     *,
     shadow,
-    key: Array,
     online: bool = True,
     pool: bool = False,
     bound_level=None,
-    return_matrix: bool = False,
-):
-    """LiRA on one quantizer's scores -> the :func:`~qmis_jax.attacks.attack_metrics` dictionary, with the fallback
-    counts of the fit.
+) -> tuple[dict, np.ndarray]:
+    """LiRA on one quantizer's scores -> the :meth:`~qmis_jax.attacks.AttackMetrics.to_dict` dictionary, with the
+    fallback counts of the fit, and the ``(R, T)`` statistic of every pair (:func:`lira_matrix`).
 
     Embedded-target design (section-1 game): the held-out advantage and its one-sided bound are by replicate and
-    target (:func:`~qmis_jax.stats.lira_metrics_by_replicate`). Pool design (``pool=True``, a different game): the
+    target (:func:`~qmis_jax.attacks.attack_metrics_embedded`). Pool design (``pool=True``, a different game): the
     held-out split is by pair and every figure is descriptive (theory.md section 7). Below ``FIX_VARIANCE_BELOW``
     shadow replicates every target shares one variance per side (Carlini et al. 2022 do the same with few shadow
     models: per-target variances from a handful of scores hurt the test).
 
     Args:
+      key: PRNG key of the metrics' held-out split.
       scores: ``(R, T)`` statistics of every replicate's release on the targets (higher = member).
       membership: ``(R, T)`` bool, target ``t`` is in replicate ``r``'s training set.
       shadow: ``(R,)`` bool, the replicates the Gaussians are fitted on (the others are attacked).
-      key: PRNG key of the metrics' held-out split.
       online: fit both sides (online LiRA) or only the non-member side (offline).
       pool: the pool design.
       bound_level: one-sided level of ``advantage_bound`` (theory.md section 10: ``bracket_levels(J)[1]``).
-      return_matrix: also return the ``(R, T)`` statistic of every pair (:func:`lira_matrix`).
 
     Returns:
-      the metrics' dictionary, or ``(dictionary, matrix)`` with ``return_matrix``.
+      ``(metrics, matrix)``: the metrics' dictionary and the ``(R, T)`` statistic.
     """
     fix = int(np.sum(np.asarray(shadow))) < FIX_VARIANCE_BELOW
     lr, member, sh, fallbacks = lira_matrix(scores, membership, shadow=shadow, online=online, fix_variance=fix)
     ev_lr, ev_member = lr[~sh], member[~sh]
     if pool:
         pair = jnp.asarray(ev_lr[ev_member]), jnp.asarray(ev_lr[~ev_member])
-        metrics = attack_metrics(*pair, key=key, bound_level=bound_level)
+        metrics = attack_metrics(key, *pair, bound_level=bound_level)
     else:
-        metrics = attack_metrics_embedded(ev_lr, ev_member, key=key, bound_level=bound_level)
+        metrics = attack_metrics_embedded(key, ev_lr, ev_member, bound_level=bound_level)
     out = metrics.to_dict()
     out["fallbacks"] = fallbacks.to_dict()
     out["fixed_variance"] = fix
-    return (out, lr) if return_matrix else out
+    return out, lr
+
+
+def lira_metrics(
+    key: Array, scores, membership, *, shadow, online: bool = True, pool: bool = False, bound_level=None
+) -> dict:
+    """:func:`lira_metrics_with_matrix` without the matrix: the metrics' dictionary with the fallback counts."""
+    return lira_metrics_with_matrix(
+        key, scores, membership, shadow=shadow, online=online, pool=pool, bound_level=bound_level
+    )[0]

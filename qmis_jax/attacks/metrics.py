@@ -8,7 +8,7 @@ The advantage of an attack is ``max_t |TPR(t) - FPR(t)|`` over thresholds (theor
 section-1 attack's advantage lower-bounds ``Delta`` and ``1 - advantage`` upper-bounds the MIS, but only through an
 interval that is honest about how the threshold was chosen, and about which pairs share a release: pairs from one
 replicate share its release, so the held-out advantage that bounds anything is split by replicate (theory.md
-sections 7 and 10; :func:`attack_metrics` with ``by_replicate=True``, :func:`attack_metrics_embedded`).
+sections 7 and 10; :func:`attack_metrics_by_replicate`, :func:`attack_metrics_embedded`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from qmis_jax.stats.intervals import check_level, clopper_pearson
 from ._scores import as_scores, best_threshold, numpy_rng, roc_counts, rule_counts
 from .heldout import heldout_advantage, heldout_advantage_embedded
 
-__all__ = ["AttackMetrics", "attack_metrics", "attack_metrics_embedded", "roc_curve"]
+__all__ = ["AttackMetrics", "attack_metrics", "attack_metrics_by_replicate", "attack_metrics_embedded", "roc_curve"]
 
 
 def roc_curve(member_scores, nonmember_scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -198,7 +198,7 @@ def _check_common(level, bound_level, max_roc_points) -> tuple[float, float]:
     return level, bound_level
 
 
-def _by_replicate(ins: dict, ho, key, design: str, level: float, bound_level: float, again) -> AttackMetrics:
+def _by_replicate(ins: dict, ho, design: str, level: float, bound_level: float, again) -> AttackMetrics:
     """AttackMetrics from the in-sample part and a by-replicate held-out result (``again`` recomputes it at a level,
     with the same key, hence the same split and rule)."""
     side = 1.0 - (1.0 - level) / 2.0
@@ -219,16 +219,15 @@ def _by_replicate(ins: dict, ho, key, design: str, level: float, bound_level: fl
 
 
 def attack_metrics(
+    key,
     member_scores,
     nonmember_scores,
     *,
     level: float = 0.95,
-    key=None,
     max_roc_points: int = 200,
-    by_replicate: bool = False,
     bound_level: float | None = None,
 ) -> AttackMetrics:
-    """Advantage with intervals, AUC, low-FPR TPRs and the ROC of one attack (theory.md sections 7 and 10).
+    """Advantage with intervals, AUC, low-FPR TPRs and the ROC of one attack on pooled pairs (theory.md section 7).
 
     Advantage ``= max_t |TPR(t) - FPR(t)|`` where ``TPR(t)`` (``FPR(t)``) is the fraction of member (non-member)
     scores ``>= t``; the absolute value lets the attack flip its rule (the game is symmetric, section 1). For a
@@ -236,47 +235,27 @@ def attack_metrics(
     (``advantage``, descriptive) is biased upwards by the selection, by ``O(1/sqrt(n))``. The held-out version
     removes that bias: choose ``t`` and the direction on one half, evaluate on the other.
 
-    With ``by_replicate=True`` (the fresh-data design: row ``i`` holds replicate ``i``'s members and fresh
-    non-members) the halves are halves of the replicates and the interval comes from the independent per-replicate
-    ``TPR_i - FPR_i`` (:func:`~qmis_jax.attacks.heldout_advantage`): this is the one that bounds ``Delta``.
-    Otherwise the scores are pooled pairs and the split is by pair, which is descriptive only (pairs of one replicate
-    share its release; section 7). For the embedded-target design use :func:`attack_metrics_embedded`.
+    Here the scores are pooled pairs and the split is by pair, which is descriptive only (pairs of one replicate
+    share its release; section 7). For the fresh-data design split by replicate use
+    :func:`attack_metrics_by_replicate`, for the embedded-target design :func:`attack_metrics_embedded`.
 
     Args:
-      member_scores: scores of member (candidate, release) pairs: ``(R, m)`` with ``by_replicate``, else any shape
-        (flattened).
-      nonmember_scores: scores of non-member pairs: ``(R, m')`` with ``by_replicate``, else any shape.
+      key: JAX PRNG key of the held-out split.
+      member_scores: scores of member (candidate, release) pairs, any shape (flattened).
+      nonmember_scores: scores of non-member pairs, any shape (flattened).
       level: confidence level of the intervals.
-      key: JAX PRNG key (or int seed) for the held-out split; ``None`` uses a fixed key (reproducible).
       max_roc_points: at most this many ROC points are kept in ``roc``.
-      by_replicate: split by replicate (rows).
-      bound_level: one-sided level of ``advantage_bound`` (default ``level``); for the bracket of section 10 with
-        ``J`` attacks, ``bracket_levels(J)[1]``.
+      bound_level: one-sided level of ``advantage_bound`` (default ``level``).
 
     Returns:
-      :class:`AttackMetrics`.
+      :class:`AttackMetrics` with ``heldout_design="pair"``.
 
-    >>> m = attack_metrics([3.0, 2.0, 1.5], [1.0, 0.0, 2.5])
+    >>> import jax
+    >>> m = attack_metrics(jax.random.key(0), [3.0, 2.0, 1.5], [1.0, 0.0, 2.5])
     >>> round(m.advantage, 4), round(m.auc, 4)
     (0.6667, 0.7778)
     """
     level, bound_level = _check_common(level, bound_level, max_roc_points)
-    if by_replicate:
-        mm = np.asarray(member_scores, dtype=np.float64)
-        nn = np.asarray(nonmember_scores, dtype=np.float64)
-        if mm.ndim != 2 or nn.ndim != 2:
-            raise ValueError(
-                f"by_replicate needs member_scores (R, m) and nonmember_scores (R, m'), got shapes {mm.shape} and "
-                f"{nn.shape}"
-            )
-
-        def again(lv):
-            return heldout_advantage(key, mm, nn, level=lv)
-
-        ho = again(bound_level)
-        ins = _in_sample(as_scores(mm, "member_scores"), as_scores(nn, "nonmember_scores"), level, max_roc_points)
-        return _by_replicate(ins, ho, key, "replicate", level, bound_level, again)
-
     m = as_scores(member_scores, "member_scores")
     nm = as_scores(nonmember_scores, "nonmember_scores")
     if m.size < 2 or nm.size < 2:
@@ -312,12 +291,56 @@ def attack_metrics(
     )
 
 
+def attack_metrics_by_replicate(
+    key,
+    member_scores,
+    nonmember_scores,
+    *,
+    level: float = 0.95,
+    max_roc_points: int = 200,
+    bound_level: float | None = None,
+) -> AttackMetrics:
+    """:func:`attack_metrics` for the fresh-data design, held out by replicate (theory.md sections 7 and 10).
+
+    Row ``i`` holds replicate ``i``'s members and fresh non-members. The in-sample (descriptive) metrics pool every
+    pair; the halves of the held-out split are halves of the replicates and the interval comes from the independent
+    per-replicate ``TPR_i - FPR_i`` (:func:`~qmis_jax.attacks.heldout_advantage`): this is the one that bounds
+    ``Delta``.
+
+    Args:
+      key: JAX PRNG key of the held-out split.
+      member_scores: ``(R, m)`` scores of each replicate's members.
+      nonmember_scores: ``(R, m')`` scores of each replicate's non-members.
+      level, max_roc_points: as in :func:`attack_metrics`.
+      bound_level: one-sided level of ``advantage_bound`` (default ``level``); for the bracket of section 10 with
+        ``J`` attacks, ``bracket_levels(J)[1]``.
+
+    Returns:
+      :class:`AttackMetrics` with ``heldout_design="replicate"``.
+    """
+    level, bound_level = _check_common(level, bound_level, max_roc_points)
+    mm = np.asarray(member_scores, dtype=np.float64)
+    nn = np.asarray(nonmember_scores, dtype=np.float64)
+    if mm.ndim != 2 or nn.ndim != 2:
+        raise ValueError(
+            f"attack_metrics_by_replicate needs member_scores (R, m) and nonmember_scores (R, m'), got shapes "
+            f"{mm.shape} and {nn.shape}"
+        )
+
+    def again(lv):
+        return heldout_advantage(key, mm, nn, level=lv)
+
+    ho = again(bound_level)
+    ins = _in_sample(as_scores(mm, "member_scores"), as_scores(nn, "nonmember_scores"), level, max_roc_points)
+    return _by_replicate(ins, ho, "replicate", level, bound_level, again)
+
+
 def attack_metrics_embedded(
+    key,
     scores,
     membership,
     *,
     level: float = 0.95,
-    key=None,
     max_roc_points: int = 200,
     bound_level: float | None = None,
     split_targets: bool = True,
@@ -330,10 +353,11 @@ def attack_metrics_embedded(
     half of the targets, and each other replicate gets its ``TPR_i - FPR_i`` over the other targets.
 
     Args:
+      key: JAX PRNG key of the splits.
       scores: ``(R, T)`` attack scores of the evaluated replicates (for LiRA, the likelihood ratios of the
         non-shadow replicates: ``lira_scores(scores, fit)[~shadow]``).
       membership: ``(R, T)`` bool, the matching membership rows.
-      level: confidence level of the intervals. key: PRNG key for the splits.
+      level: confidence level of the intervals.
       max_roc_points: ROC points kept.
       bound_level: one-sided level of ``advantage_bound`` (default ``level``).
       split_targets: split the targets too (default; needed for the bound with per-target scores).
@@ -355,4 +379,4 @@ def attack_metrics_embedded(
     ho = again(bound_level)
     ins = _in_sample(as_scores(s[mem], "member scores"), as_scores(s[~mem], "non-member scores"), level, max_roc_points)
     design = "replicate+target" if split_targets else "replicate"
-    return _by_replicate(ins, ho, key, design, level, bound_level, again)
+    return _by_replicate(ins, ho, design, level, bound_level, again)

@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .lira import LiraFallbacks, LiraResult, _check_design
+from .lira import LiraFallbacks, _check_design
 
 __all__ = ["A_GRID", "RmiaResult", "rmia", "rmia_counts", "rmia_probability", "rmia_scores", "rmia_tune_a"]
 
@@ -229,26 +230,24 @@ def rmia_tune_a(log_px, log_pz, membership, *, shadow, gamma=1.0, grid=A_GRID) -
     return grid[int(np.argmax(aucs))], aucs
 
 
-class RmiaResult(LiraResult):
-    """``(member_scores, nonmember_scores)`` of :func:`rmia`, with ``.fallbacks`` and the offline ``.a``.
+class RmiaResult(NamedTuple):
+    """Scores of :func:`rmia` split by the true membership, with the fallbacks and the offline ``a``.
 
-    A plain pair for unpacking (``m, nm = rmia(...)``). ``.fallbacks`` (:class:`~qmis_jax.attacks.LiraFallbacks`)
-    counts, under ``one_sided``, the targets whose reference mean lacked the side the test wants (online: no IN or
-    no OUT shadow; offline: no OUT shadow); ``pooled_variance`` is always 0. ``.a`` is the offline scaling parameter
-    used (``None`` online) and ``.a_aucs`` the tuning AUCs over :data:`A_GRID` when ``a="auto"``.
+    Attributes:
+      member_scores: 1-D scores of the evaluation pairs with membership, in row-major (replicate, target) order.
+      nonmember_scores: the same without membership.
+      fallbacks: :class:`~qmis_jax.attacks.LiraFallbacks`; ``one_sided`` counts the targets whose reference mean
+        lacked the side the test wants (online: no IN or no OUT shadow; offline: no OUT shadow);
+        ``pooled_variance`` is always 0.
+      a: the offline scaling parameter used (``None`` online).
+      a_aucs: the tuning AUCs over :data:`A_GRID` when ``a="auto"`` (else ``None``).
     """
 
-    a: float | None
-    a_aucs: np.ndarray | None
-
-    def __new__(cls, member_scores, nonmember_scores, fallbacks, a=None, a_aucs=None):
-        out = super().__new__(cls, member_scores, nonmember_scores, fallbacks)
-        out.a = a
-        out.a_aucs = a_aucs
-        return out
-
-    def __getnewargs__(self):
-        return (self[0], self[1], self.fallbacks, self.a, self.a_aucs)
+    member_scores: jax.Array
+    nonmember_scores: jax.Array
+    fallbacks: LiraFallbacks
+    a: float | None = None
+    a_aucs: np.ndarray | None = None
 
 
 def rmia(

@@ -175,7 +175,8 @@ def _per_replicate_epsilon(sc: Scores, level: float = 0.95) -> dict[str, Any]:
         return {"epsilon": None, "replicates": int(reps.size)}
     select = reps[: reps.size // 2]
     sel_m, sel_n = np.isin(sc.member_ids[:, 0], select), np.isin(sc.nonmember_ids[:, 0], select)
-    rule = attacks.attack_metrics(sc.member[sel_m], sc.nonmember[sel_n])
+    # only the in-sample rule (threshold, direction) is read, which no key changes
+    rule = attacks.attack_metrics(jax.random.key(0), sc.member[sel_m], sc.nonmember[sel_n])
     t, direction = rule.threshold, rule.direction
 
     def first(scores, ids):
@@ -205,7 +206,7 @@ def _rmia(emb: Embedded, name: str, shadow, online: bool, key, bound_level) -> t
     a = 1.0 if online else attacks.rmia_tune_a(*args, shadow=shadow)[0]
     matrix = np.asarray(attacks.rmia_scores(*args, shadow, online=online, a=a))
     rows = ~np.asarray(shadow, bool)
-    metrics = attacks.attack_metrics_embedded(matrix[rows], emb.membership[rows], key=key, bound_level=bound_level)
+    metrics = attacks.attack_metrics_embedded(key, matrix[rows], emb.membership[rows], bound_level=bound_level)
     out = metrics.to_dict()
     out["a"] = None if online else float(a)
     return out, matrix
@@ -219,14 +220,8 @@ def _embedded_attacks(plan, problem, pop, store, progress, bound_level, results,
         for attack in plan.attacks:
             if attack in LIRA_ATTACKS:
                 online = attack == "lira"
-                metrics, matrix = attacks.lira_metrics(
-                    emb.scores[name],
-                    emb.membership,
-                    shadow=shadow,
-                    online=online,
-                    key=key,
-                    bound_level=bound_level,
-                    return_matrix=True,
+                metrics, matrix = attacks.lira_metrics_with_matrix(
+                    key, emb.scores[name], emb.membership, shadow=shadow, online=online, bound_level=bound_level
                 )
             elif attack in RMIA_ATTACKS:
                 metrics, matrix = _rmia(emb, name, shadow, attack == "rmia", key, bound_level)
@@ -248,7 +243,7 @@ def attack_stage(
         for name in plan.quantizers:
             m, nm = attacks.loss_attack(per_rep.of(name, "member_loss"), per_rep.of(name, "nonmember_loss"))
             key = jax.random.fold_in(plan.keys.nonmember, 7)
-            metrics = attacks.attack_metrics(m, nm, key=key, by_replicate=True, bound_level=bound_level)
+            metrics = attacks.attack_metrics_by_replicate(key, m, nm, bound_level=bound_level)
             raw[name]["loss"] = _fresh_scores(np.asarray(m), np.asarray(nm))
             results[name]["loss"] = _with_roc_extras(metrics.to_dict(), raw[name]["loss"])
     if any(a in LIRA_ATTACKS + RMIA_ATTACKS for a in plan.attacks):
@@ -269,6 +264,6 @@ def attack_stage(
         shadow = attacks.shadow_mask(plan.lira_replicates, shadows=plan.lira_replicates // 2)
         for name in plan.quantizers:
             results[name]["lira_pool"] = attacks.lira_metrics(
-                scores[name], membership, shadow=shadow, pool=True, key=jax.random.fold_in(plan.keys.pool, 7)
+                jax.random.fold_in(plan.keys.pool, 7), scores[name], membership, shadow=shadow, pool=True
             )
     return results, raw

@@ -61,7 +61,7 @@ def _single_entry(q, problem, params, x, y, key, opts: IndicatorOptions, utility
 def _loss_reference(problem, release, x, y, xr, yr, key) -> dict[str, Any]:
     """LOSS attack of one release: its training points against reference non-members (the pool game)."""
     m, nm = attacks.loss_attack(problem.batch_loss(release, x, y)[None], problem.batch_loss(release, xr, yr)[None])
-    out = attacks.attack_metrics(m, nm, key=key).to_dict()
+    out = attacks.attack_metrics(key, m, nm).to_dict()
     out["game"] = POOL_GAME
     return out
 
@@ -164,7 +164,7 @@ def _pool_lira(key, problem, qs, x, y, entries, opts, replicates, memory_budget,
     )
     shadow = attacks.shadow_mask(replicates, shadows=replicates // 2)
     for name in qs:
-        res = attacks.lira_metrics(scores[name], membership, shadow=shadow, pool=True, key=k_metrics)
+        res = attacks.lira_metrics(k_metrics, scores[name], membership, shadow=shadow, pool=True)
         res["game"] = POOL_GAME
         entries[name]["attacks"]["lira_pool"] = res
 

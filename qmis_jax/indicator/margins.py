@@ -255,9 +255,6 @@ def _gap_stats(D, valid, weights):
     return jnp.where(valid, delta, nan), jnp.where(valid, jnp.sqrt(var), nan)
 
 
-EVENTS = ("all", "scale")
-
-
 MARGIN_EVENTS = ("all", "scale")
 
 
