@@ -321,7 +321,8 @@ def test_fit_fresh_rejects_bad_arguments(kwargs, match):
 def test_bad_inputs_fail_before_compiling():
     from qmis_jax.train import _engine
 
-    before = _engine._program.cache_info().misses
+    builders = (_engine._pool_program, _engine._fresh_program, _engine._data_program)
+    before = [b.cache_info().misses for b in builders]
     with pytest.raises(ValueError):
         fit_fresh(jax.random.key(0), mlp_mixture(dim=3, hidden=2), n=10, replicates=0)
     x, y = _mixture_np(LOGISTIC, 10, seed=22)
@@ -329,7 +330,7 @@ def test_bad_inputs_fail_before_compiling():
         fit(jax.random.key(0), logistic_mixture(dim=16), x, y, weights=np.zeros((1, 10)))
     with pytest.raises(ValueError):
         replicate_data(jax.random.key(0), LOGISTIC, n=0, index=[1])
-    assert _engine._program.cache_info().misses == before
+    assert [b.cache_info().misses for b in builders] == before
 
 
 _SHARDING_SCRIPT = """

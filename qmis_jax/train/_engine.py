@@ -8,7 +8,7 @@ section 6's population study trains thousands of them).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -137,110 +137,165 @@ def _pilot_program(problem, solver, fresh, n, max_steps, warm_start):
     return jax.jit(pilot_pool)
 
 
-@functools.lru_cache(maxsize=64)
-def _program(problem, solver, fresh, n, max_steps, optimizer, batch_size, shared_init, microbatch, ndev):
-    """The jitted training program of one chunk for one configuration (cached: chunks reuse one compilation).
+class _Config(NamedTuple):
+    """The static configuration of one replicate's training (hashable: a key of the program caches)."""
 
-    Work shared by every replicate (the pilot fit and preconditioner, :func:`_pilot_program`) is computed once per
-    call and passed in, so every replicate's result depends only on ``(key, i)`` and its own weights, whatever the
-    chunking. ``microbatch`` (fresh data): replicates are trained ``microbatch`` at a time with ``lax.map``, each
-    generating its data inside the loop, so a replicate's data stay in cache while it trains (CPU), each of the
-    ``ndev`` devices looping over its own share; None vmaps the whole chunk at once (accelerators).
+    problem: Problem
+    solver: str
+    max_steps: int
+    optimizer: Any
+    batch_size: int | None
+    shared_init: bool
+
+
+class _Shared(NamedTuple):
+    """The inputs every replicate of a call shares, passed whole (a pytree) to the chunk programs.
+
+    ``start`` and ``precond`` are the pilot's flat start and inverse Hessian (:func:`_pilot_program`), None where
+    unused; ``params0`` is the shared initialisation (its structure also unravels every replicate's parameters).
     """
-    glm = solver in ("glm_newton", "glm_lbfgs")
 
-    def train_one(i, x, y, w, design, features, params0, k_init, k_batch, tol, start, precond):
-        sol = _train_flat(i, x, y, w, design, features, params0, k_init, k_batch, tol, start, precond)
-        return sol._replace(params=ravel_pytree(params0)[1](sol.params))
+    params0: PyTree
+    k_init: Array
+    k_batch: Array
+    tol: Array
+    start: Array | None = None
+    precond: Array | None = None
 
-    def _train_flat(i, x, y, w, design, features, params0, k_init, k_batch, tol, start, precond):
-        if solver == "closed_form":
-            return _solvers.closed_form(problem.solve, problem.batch_loss, x, y, w, tol=tol)
-        if not shared_init:
-            params0 = problem.init(jax.random.fold_in(k_init, i))
-        theta0 = ravel_pytree(params0)[0] if start is None else start
-        if glm:
-            return _glm_solve(problem, solver, max_steps, theta0.astype(design.dtype), design, y, w, features,
-                              precond, tol)  # fmt: skip
-        if solver == "newton":
-            unravel = ravel_pytree(params0)[1]
-            return _solvers.generic_newton(unravel(theta0), problem.batch_loss, x, y, w, tol=tol, max_steps=max_steps)
-        return _solvers.optax_fixed_steps(
-            jax.random.fold_in(k_batch, i),
+
+class _Data(NamedTuple):
+    """One replicate's training data: ``(n, dx)`` inputs, ``(n,)`` targets and weights, and for GLMs the design
+    and (``glm_newton`` on a shared pool) the Khatri-Rao features."""
+
+    x: Array
+    y: Array
+    w: Array
+    design: Array | None = None
+    features: Array | None = None
+
+
+def _config(problem, opts: FitOptions) -> _Config:
+    return _Config(problem, opts.solver, opts.max_steps, opts.optimizer, opts.batch_size, opts.shared_init)
+
+
+def _glm(cfg: _Config) -> bool:
+    return cfg.solver in ("glm_newton", "glm_lbfgs")
+
+
+def _own_data(cfg: _Config, x, y) -> _Data:
+    """A replicate's own data set with unit weights (fresh or given data; no shared features)."""
+    return _Data(x, y, jnp.ones_like(y), cfg.problem.design(x) if _glm(cfg) else None)
+
+
+def _train_one(cfg: _Config, i, data: _Data, s: _Shared) -> _solvers.Solution:
+    """Replicate ``i``'s fit (its initialisation and minibatch keys are ``fold_in(k, i)``), parameters unravelled."""
+    problem, solver, max_steps = cfg.problem, cfg.solver, cfg.max_steps
+    x, y, w = data.x, data.y, data.w
+    unravel = ravel_pytree(s.params0)[1]
+    if solver == "closed_form":
+        sol = _solvers.closed_form(problem.solve, problem.batch_loss, x, y, w, tol=s.tol)
+        return sol._replace(params=unravel(sol.params))
+    params0 = s.params0 if cfg.shared_init else problem.init(jax.random.fold_in(s.k_init, i))
+    theta0 = ravel_pytree(params0)[0] if s.start is None else s.start
+    if _glm(cfg):
+        theta0 = theta0.astype(data.design.dtype)
+        sol = _glm_solve(problem, solver, max_steps, theta0, data.design, y, w, data.features, s.precond, s.tol)
+    elif solver == "newton":
+        sol = _solvers.generic_newton(unravel(theta0), problem.batch_loss, x, y, w, tol=s.tol, max_steps=max_steps)
+    else:
+        sol = _solvers.optax_fixed_steps(
+            jax.random.fold_in(s.k_batch, i),
             params0,
             problem.batch_loss,
             x,
             y,
             w,
-            optimizer=optimizer,
+            optimizer=cfg.optimizer,
             steps=max_steps,
-            batch_size=batch_size,
-            tol=tol,
+            batch_size=cfg.batch_size,
+            tol=s.tol,
         )
+    return sol._replace(params=unravel(sol.params))
 
-    if fresh == "data":
 
-        def chunk_data(idx, x, y, params0, k_init, k_batch, tol):
-            def one_data(i, xi, yi):
-                design = problem.design(xi) if glm else None
-                return train_one(i, xi, yi, jnp.ones_like(yi), design, None, params0, k_init, k_batch, tol, None, None)
+# One builder per design, each cached so chunks reuse one compilation. Work shared by every replicate (the pilot
+# fit and preconditioner, :func:`_pilot_program`) is computed once per call and passed in (``_Shared``), so every
+# replicate's result depends only on ``(key, i)`` and its own weights or data, whatever the chunking.
 
-            return jax.vmap(one_data)(idx, x, y)
 
-        return jax.jit(chunk_data)
+@functools.lru_cache(maxsize=64)
+def _pool_program(cfg: _Config, ndev: int):
+    """The jitted chunk ``(idx, w, pool, shared)`` of the shared-pool design: replicate ``i`` weights the pool
+    (``_Data`` without weights) by its row of ``w``. On one device ``glm_lbfgs`` lets converged replicates leave
+    the batch (``compacting_while``)."""
+    if cfg.solver == "glm_lbfgs" and ndev == 1:
+        return jax.jit(functools.partial(_pool_lbfgs, cfg))
 
-    if fresh:
+    def chunk(idx, w, pool: _Data, s: _Shared):
+        return jax.vmap(lambda i, wi: _train_one(cfg, i, pool._replace(w=wi), s))(idx, w)
 
-        def chunk(idx, key, params0, k_init, k_batch, tol, start, precond):
-            def one(i):
-                x, y = problem.sample(jax.random.fold_in(key, i.astype(jnp.uint32)), n)
-                design = problem.design(x) if glm else None
-                return train_one(i, x, y, jnp.ones_like(y), design, None, params0, k_init, k_batch, tol, start, precond)
+    return jax.jit(chunk)
 
-            if microbatch is None:
-                return jax.vmap(one)(idx)
-            rows = idx.reshape(ndev, -1)  # one row per device: the sharded axis stays a vmapped one
-            out = jax.vmap(lambda row: jax.lax.map(one, row, batch_size=microbatch))(rows)
-            return jax.tree.map(lambda a: a.reshape(idx.shape[0], *a.shape[2:]), out)
 
-        return jax.jit(chunk)
+def _pool_lbfgs(cfg: _Config, idx, w, pool: _Data, s: _Shared):
+    """_Shared-pool L-BFGS on one device: replicates that converge leave the batch (``compacting_while``)."""
+    problem, design, y = cfg.problem, pool.design, pool.y
+    unravel = ravel_pytree(s.params0)[1]
+    kw = dict(tol=s.tol, max_steps=cfg.max_steps)
 
-    def chunk_pool_lbfgs(idx, w, x, y, design, features, params0, k_init, k_batch, tol, start, precond):
-        """Shared-pool L-BFGS on one device: replicates that converge leave the batch (``compacting_while``)."""
-        unravel = ravel_pytree(params0)[1]
-        kw = dict(tol=tol, max_steps=max_steps)
+    def init(i, wi):
+        p0 = s.params0 if cfg.shared_init else problem.init(jax.random.fold_in(s.k_init, i))
+        theta0 = (ravel_pytree(p0)[0] if s.start is None else s.start).astype(design.dtype)
+        return _solvers.glm_lbfgs_init(theta0, _solvers.glm_parts(design, y, wi, problem.margin_loss, None), **kw)
 
-        def init(i, wi):
-            p0 = params0 if shared_init else problem.init(jax.random.fold_in(k_init, i))
-            theta0 = (ravel_pytree(p0)[0] if start is None else start).astype(design.dtype)
-            return _solvers.glm_lbfgs_init(theta0, _solvers.glm_parts(design, y, wi, problem.margin_loss, None), **kw)
-
-        def step(c):
-            state, wi = c
-            one = lambda st, wr: _solvers.glm_lbfgs_step(
-                st, design, y, wr, margin_loss=problem.margin_loss, precond=precond, **kw
-            )
-            return jax.vmap(one)(state, wi), wi
-
-        def refresh(state, wi):
-            return _solvers.glm_lbfgs_refresh(state, _solvers.glm_parts(design, y, wi, problem.margin_loss, None), **kw)
-
-        state = jax.vmap(init)(idx, w)
-        for _ in range(2):  # as in glm_lbfgs: a second round where the exact gradient is still above tol
-            state, _ = compacting_while(step, (state, w), lambda c: ~c[0].done)
-            state = jax.vmap(refresh)(state, w)
-        sol = _solvers.Solution(jax.vmap(unravel)(state.theta), state.gn, state.gn <= tol, state.step)
-        return sol
-
-    if solver == "glm_lbfgs" and ndev == 1:
-        return jax.jit(chunk_pool_lbfgs)
-
-    def chunk_pool(idx, w, x, y, design, features, params0, k_init, k_batch, tol, start, precond):
-        return jax.vmap(train_one, in_axes=(0, None, None, 0, None, None, None, None, None, None, None, None))(
-            idx, x, y, w, design, features, params0, k_init, k_batch, tol, start, precond
+    def step(c):
+        state, wi = c
+        one = lambda st, wr: _solvers.glm_lbfgs_step(
+            st, design, y, wr, margin_loss=problem.margin_loss, precond=s.precond, **kw
         )
+        return jax.vmap(one)(state, wi), wi
 
-    return jax.jit(chunk_pool)
+    def refresh(state, wi):
+        return _solvers.glm_lbfgs_refresh(state, _solvers.glm_parts(design, y, wi, problem.margin_loss, None), **kw)
+
+    state = jax.vmap(init)(idx, w)
+    for _ in range(2):  # as in glm_lbfgs: a second round where the exact gradient is still above tol
+        state, _ = compacting_while(step, (state, w), lambda c: ~c[0].done)
+        state = jax.vmap(refresh)(state, w)
+    return _solvers.Solution(jax.vmap(unravel)(state.theta), state.gn, state.gn <= s.tol, state.step)
+
+
+@functools.lru_cache(maxsize=64)
+def _fresh_program(cfg: _Config, n: int, microbatch: int | None, ndev: int):
+    """The jitted chunk ``(idx, key, shared)`` of the fresh-data design: replicate ``i`` trains on
+    ``problem.sample(fold_in(key, i), n)``, generated inside the program. ``microbatch``: replicates are trained
+    ``microbatch`` at a time with ``lax.map``, each generating its data inside the loop, so a replicate's data
+    stay in cache while it trains (CPU), each of the ``ndev`` devices looping over its own share; None vmaps the
+    whole chunk at once (accelerators)."""
+
+    def chunk(idx, key, s: _Shared):
+        def one(i):
+            x, y = cfg.problem.sample(jax.random.fold_in(key, i.astype(jnp.uint32)), n)
+            return _train_one(cfg, i, _own_data(cfg, x, y), s)
+
+        if microbatch is None:
+            return jax.vmap(one)(idx)
+        rows = idx.reshape(ndev, -1)  # one row per device: the sharded axis stays a vmapped one
+        out = jax.vmap(lambda row: jax.lax.map(one, row, batch_size=microbatch))(rows)
+        return jax.tree.map(lambda a: a.reshape(idx.shape[0], *a.shape[2:]), out)
+
+    return jax.jit(chunk)
+
+
+@functools.lru_cache(maxsize=64)
+def _data_program(cfg: _Config):
+    """The jitted chunk ``(idx, x, y, shared)`` of given data sets: replicate ``i`` trains on its ``x[i]``,
+    ``y[i]`` (no pilot: ``shared.start`` and ``shared.precond`` are None)."""
+
+    def chunk(idx, x, y, s: _Shared):
+        return jax.vmap(lambda i, xi, yi: _train_one(cfg, i, _own_data(cfg, xi, yi), s))(idx, x, y)
+
+    return jax.jit(chunk)
 
 
 def _plan(replicates: int, chunk_size, memory_budget, per_replicate: int, devices) -> int:
@@ -274,15 +329,11 @@ def _chunk(opts: FitOptions, replicates: int, per_replicate: int) -> int:
     return _plan(replicates, opts.chunk_size, opts.memory_budget, per_replicate, opts.devices)
 
 
-def _compiled(problem, opts: FitOptions, fresh, n: int):
-    """The cached compiled chunk program of these options (:func:`_program`)."""
-    cpu = all(d.platform == "cpu" for d in opts.devices)
-    microbatch = CPU_MICROBATCH_FIXED_STEPS if opts.solver == "optax" else CPU_MICROBATCH
-    microbatch = microbatch if cpu and fresh is True else None
-    return _program(
-        problem, opts.solver, fresh, n, opts.max_steps, opts.optimizer, opts.batch_size, opts.shared_init, microbatch,
-        len(opts.devices),
-    )  # fmt: skip
+def _microbatch(opts: FitOptions) -> int | None:
+    """Fresh-data replicates per ``lax.map`` step on CPU devices (None on accelerators: the chunk is vmapped)."""
+    if not all(d.platform == "cpu" for d in opts.devices):
+        return None
+    return CPU_MICROBATCH_FIXED_STEPS if opts.solver == "optax" else CPU_MICROBATCH
 
 
 def _pilot(problem, opts: FitOptions, fresh: bool, n: int, warm_start: bool, *args):
@@ -405,11 +456,12 @@ def fit(
         features=features is not None,
     )
     chunk = _chunk(opts, wh.shape[0], per)
-    program = _compiled(problem, opts, False, 0)
+    program = _pool_program(_config(problem, opts), len(opts.devices))
     tol = jnp.asarray(opts.tol, x.dtype)
     start, precond = _pilot(problem, opts, False, 0, bool(warm_start), x, y, design, features, params0, tol)
-    shared = (x, y, design, features, params0, k_init, k_batch, tol, start, precond)
-    return _run(program, wh.shape[0], chunk, opts.devices, [w], shared)
+    shared = _Shared(params0, k_init, k_batch, tol, start, precond)
+    pool = _Data(x, y, None, design, features)
+    return _run(program, wh.shape[0], chunk, opts.devices, [w], (pool, shared))
 
 
 def fit_fresh(
@@ -459,11 +511,11 @@ def fit_fresh(
     itemsize = x_shape.dtype.itemsize
     per = bytes_per_replicate(opts.solver, n=n, dx=dx, p=p, itemsize=itemsize, fresh=True, features=False)
     chunk = _chunk(opts, replicates, per)
-    program = _compiled(problem, opts, True, n)
+    program = _fresh_program(_config(problem, opts), n, _microbatch(opts), len(opts.devices))
     tol = jnp.asarray(opts.tol, x_shape.dtype)
     start, precond = _pilot(problem, opts, True, n, True, key, params0, tol)
-    shared = (key, params0, k_init, k_batch, tol, start, precond)
-    return _run(program, replicates, chunk, opts.devices, [], shared, offset=opts.start)
+    shared = _Shared(params0, k_init, k_batch, tol, start, precond)
+    return _run(program, replicates, chunk, opts.devices, [], (key, shared), offset=opts.start)
 
 
 def fit_data(
@@ -509,9 +561,10 @@ def fit_data(
     n, dx = xh.shape[1], int(np.prod(xh.shape[2:]))
     per = bytes_per_replicate(opts.solver, n=n, dx=dx, p=p, itemsize=xh.dtype.itemsize, fresh=True, features=False)
     chunk = _chunk(opts, xh.shape[0], per)
-    program = _compiled(problem, opts, "data", n)
-    shared = (params0, k_init, k_batch, jnp.asarray(opts.tol, xh.dtype))
-    return _run(program, xh.shape[0], chunk, opts.devices, [xh, yh.astype(xh.dtype)], shared, offset=opts.start)
+    program = _data_program(_config(problem, opts))
+    shared = _Shared(params0, k_init, k_batch, jnp.asarray(opts.tol, xh.dtype))
+    per_rep = [xh, yh.astype(xh.dtype)]
+    return _run(program, xh.shape[0], chunk, opts.devices, per_rep, (shared,), offset=opts.start)
 
 
 def replicate_data(key: Array, problem: Problem, *, n: int, index) -> tuple[Array, Array]:
