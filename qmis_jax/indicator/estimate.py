@@ -157,26 +157,42 @@ def _codes_only(q, ptq: str) -> bool:
     return bool(q.continuous or (ptq == "rtn" and q.stochastic))
 
 
-def _with_scale_events(q, problem, params, x, y, delta, sigma, valid, D, ok, *, method, skip, weights, chunk_size):
+class _Events(NamedTuple):
+    """A release's events as parallel rows: gaps or margins ``delta``, their ``sigma`` and ``valid`` flags ``(K,)``,
+    the linearised contributions ``D`` ``(K, n)`` (or None), and the ok flag of the statistics behind them."""
+
+    delta: Array
+    sigma: Array
+    valid: Array
+    D: Array | None
+    ok: Array
+
+
+def _with_scale_events(q, problem, params, x, y, weights, events: _Events, opts: IndicatorOptions) -> _Events:
     """Append the scale code's events (theory.md section 9) to the code events of a loss-PTQ release.
 
     The margins need the sandwich ``Sigma`` at ``params`` (HC0 on ``(x, y)``); for Cramer rates their linearised
     contributions extend ``D``. Nothing changes without a discrete scale format.
     """
     if not q.discrete_scale:
-        return delta, sigma, valid, D, ok
+        return events
+    skip, chunk_size, D = opts.skip, opts.chunk_size, events.D
     cov, cov_ok = sandwich_covariance_flagged(problem.loss, params, x, y, weights=weights)
     m, s, v = scale_margins(q, params, cov, skip=skip, chunk_size=chunk_size)
     if D is not None:
-        if method == "cramer":
+        if opts.method == "cramer":
             D_s, _ = scale_differences(q, problem.loss, params, x, y, skip=skip, weights=weights, chunk_size=chunk_size)
         else:
             D_s = jnp.zeros((m.shape[0], D.shape[1]), D.dtype)
         D = jnp.concatenate([D, D_s.astype(D.dtype)])
-    dtype = delta.dtype
-    delta = jnp.concatenate([delta, m.astype(dtype)])
-    sigma = jnp.concatenate([sigma, s.astype(dtype)])
-    return delta, sigma, jnp.concatenate([valid, v]), D, ok & cov_ok
+    dtype = events.delta.dtype
+    return _Events(
+        jnp.concatenate([events.delta, m.astype(dtype)]),
+        jnp.concatenate([events.sigma, s.astype(dtype)]),
+        jnp.concatenate([events.valid, v]),
+        D,
+        events.ok & cov_ok,
+    )
 
 
 def _glm(problem, differences: str) -> dict[str, Any]:
@@ -261,22 +277,8 @@ def _statistics(
         D = loss_differences(problem.loss, release, moves, x, y, **glm, chunk_size=chunk_size, method=opts.differences)
         valid = moves.valid
         delta, sigma = gap_stats(D, valid, weights=weights)
-        delta, sigma, valid, D, ok = _with_scale_events(
-            q,
-            problem,
-            params,
-            x,
-            y,
-            delta,
-            sigma,
-            valid,
-            D,
-            jnp.asarray(True),
-            method=opts.method,
-            skip=skip,
-            weights=weights,
-            chunk_size=chunk_size,
-        )
+        events = _Events(delta, sigma, valid, D, jnp.asarray(True))
+        delta, sigma, valid, D, ok = _with_scale_events(q, problem, params, x, y, weights, events, opts)
     else:
         release, n_moves = _release(q, problem, params, x, y, weights, key, opts) if released is None else released
         cov, ok = sandwich_covariance_flagged(problem.loss, params, x, y, weights=weights)
