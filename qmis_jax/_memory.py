@@ -35,17 +35,50 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
-def replicate_bytes(*, n: int, p: int, dx: int, itemsize: int = 4) -> int:
-    """A rough estimate of one replicate's working memory in an audit (training data, per-example gradients and
-    loss differences of ``2 p + 2`` columns, and a ``p x p`` curvature matrix), in bytes.
+def replicate_bytes(
+    *,
+    n: int,
+    p: int,
+    dx: int,
+    itemsize: int = 4,
+    solver: str | None = None,
+    fresh: bool = True,
+    features: bool = False,
+    line_search_steps: int = 16,
+    qn_memory: int = 8,
+) -> int:
+    """A rough estimate of one replicate's working memory in bytes, the one model chunks are sized by.
+
+    ``solver=None``: a replicate of an audit (training data, per-example gradients and loss differences of
+    ``2 p + 2`` columns, and a ``p x p`` curvature matrix). A solver name: the training alone, as
+    :mod:`qmis_jax.train` runs it: ``fresh`` data held per replicate (``2 n (dx + 1)``, else a shared pool),
+    ``features`` the shared Khatri-Rao features of ``glm_newton`` (else ``2 n p`` per replicate), the line search's
+    ``line_search_steps`` trial losses and L-BFGS's ``qn_memory`` curvature pairs.
 
     Args:
-      n: training-set size. p: number of parameters. dx: input width. itemsize: bytes per float.
+      n: training-set size. p: number of parameters (GLMs: design columns). dx: input width.
+      itemsize: bytes per float. solver, fresh, features, line_search_steps, qn_memory: as above.
 
     >>> replicate_bytes(n=1000, p=129, dx=128)
     5250564
+    >>> replicate_bytes(n=1000, p=129, dx=128, solver="glm_lbfgs")
+    1668512
     """
-    return itemsize * ((2 * p + 2) * n * 3 + n * (dx + 1) * 4 + p * p)
+    if solver is None:
+        return itemsize * ((2 * p + 2) * n * 3 + n * (dx + 1) * 4 + p * p)
+    ls = line_search_steps
+    data = 2 * n * (dx + 1) if fresh else 0
+    if solver == "glm_newton":
+        per = (ls + 12) * n + 4 * p * p + data + (0 if features else 2 * n * p) + (n * p if fresh else 0)
+    elif solver == "glm_lbfgs":
+        per = (ls + 10) * n + 4 * qn_memory * p + data + (n * p if fresh else 0)
+    elif solver == "newton":
+        per = 4 * p * p + 3 * n * p + (ls + 8) * n + data
+    elif solver == "optax":
+        per = 12 * p + 8 * n * max(dx, 16) + data
+    else:
+        per = 4 * p * p + 2 * n * (dx + 1) + data
+    return int(per * itemsize)
 
 
 def peak_rss_bytes() -> int | None:

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qmis_jax._loops import compacting_while
-from qmis_jax._memory import check_budget
+from qmis_jax._memory import check_budget, replicate_bytes
 from qmis_jax.problems._base import Problem
 
 from . import _options, _solvers
@@ -50,21 +50,11 @@ def _default_budget(devices) -> int:
     return int(0.4 * limit * len(devices)) if limit else DEFAULT_MEMORY_BUDGET
 
 
-def bytes_per_replicate(solver: str, *, n: int, dx: int, p: int, itemsize: int, fresh: bool, features: bool) -> int:
-    """A rough estimate of one replicate's working memory, used to size chunks from a memory budget."""
-    ls = _solvers.LINE_SEARCH_STEPS
-    data = 2 * n * (dx + 1) if fresh else 0
-    if solver == "glm_newton":
-        per = (ls + 12) * n + 4 * p * p + data + (0 if features else 2 * n * p) + (n * p if fresh else 0)
-    elif solver == "glm_lbfgs":
-        per = (ls + 10) * n + 4 * _solvers.QN_MEMORY * p + data + (n * p if fresh else 0)
-    elif solver == "newton":
-        per = 4 * p * p + 3 * n * p + (ls + 8) * n + data
-    elif solver == "optax":
-        per = 12 * p + 8 * n * max(dx, 16) + data
-    else:
-        per = 4 * p * p + 2 * n * (dx + 1) + data
-    return int(per * itemsize)
+def _replicate_bytes(opts: FitOptions, **sizes) -> int:
+    """One replicate's training memory by the package's memory model, with these solvers' sizes."""
+    return replicate_bytes(
+        solver=opts.solver, line_search_steps=_solvers.LINE_SEARCH_STEPS, qn_memory=_solvers.QN_MEMORY, **sizes
+    )
 
 
 PILOT_FACTOR = 4  # a fresh-data pilot sample holds PILOT_FACTOR * n points (at most PILOT_MAX, at least n)
@@ -446,15 +436,8 @@ def fit(
             and design.shape[0] * p * (p + 1) // 2 * design.dtype.itemsize <= FEATURES_MAX_BYTES
         ):
             features = _solvers.triangle_features(design)
-    per = bytes_per_replicate(
-        opts.solver,
-        n=xh.shape[0],
-        dx=xh.shape[1],
-        p=p,
-        itemsize=x.dtype.itemsize,
-        fresh=False,
-        features=features is not None,
-    )
+    sizes = dict(n=xh.shape[0], dx=xh.shape[1], p=p, itemsize=x.dtype.itemsize)
+    per = _replicate_bytes(opts, **sizes, fresh=False, features=features is not None)
     chunk = _chunk(opts, wh.shape[0], per)
     program = _pool_program(_config(problem, opts), len(opts.devices))
     tol = jnp.asarray(opts.tol, x.dtype)
@@ -509,7 +492,7 @@ def fit_fresh(
     if opts.solver in ("glm_newton", "glm_lbfgs"):
         p = jax.eval_shape(lambda k: problem.design(problem.sample(k, n)[0]), key).shape[1]
     itemsize = x_shape.dtype.itemsize
-    per = bytes_per_replicate(opts.solver, n=n, dx=dx, p=p, itemsize=itemsize, fresh=True, features=False)
+    per = _replicate_bytes(opts, n=n, dx=dx, p=p, itemsize=itemsize, fresh=True)
     chunk = _chunk(opts, replicates, per)
     program = _fresh_program(_config(problem, opts), n, _microbatch(opts), len(opts.devices))
     tol = jnp.asarray(opts.tol, x_shape.dtype)
@@ -559,7 +542,7 @@ def fit_data(
     check_fits_model(problem, params0, xh[0], yh[0])
     p = ravel_pytree(params0)[0].size + 1
     n, dx = xh.shape[1], int(np.prod(xh.shape[2:]))
-    per = bytes_per_replicate(opts.solver, n=n, dx=dx, p=p, itemsize=xh.dtype.itemsize, fresh=True, features=False)
+    per = _replicate_bytes(opts, n=n, dx=dx, p=p, itemsize=xh.dtype.itemsize, fresh=True)
     chunk = _chunk(opts, xh.shape[0], per)
     program = _data_program(_config(problem, opts))
     shared = _Shared(params0, k_init, k_batch, jnp.asarray(opts.tol, xh.dtype))
