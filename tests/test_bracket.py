@@ -255,7 +255,7 @@ def test_full_precision_release_bracket():
     """Continuous release, d = 50, n = 50 (section 7: Delta ~ 0.38): lower end 0, 1 - Delta inside, and the
     likelihood-ratio attack's held-out lower limit is at least half of Delta."""
     n, d, reps = 50, 50, 2000
-    delta, delta_se = gaussian_mean_fp_delta(n, d, num_samples=200_000, seed=3)
+    delta, delta_se = gaussian_mean_fp_delta(jax.random.key(3), n, d, num_samples=200_000)
     keys = jax.random.split(jax.random.key(11), reps)
     changed, member, nonmember = jax.jit(jax.vmap(_fp_replicate, in_axes=(0, None)))(keys, jnp.zeros((n, d)))
     swap_level, attack_level = bracket_levels(1)
@@ -331,7 +331,7 @@ def test_lira_by_replicate_on_the_full_precision_gaussian_mean():
     ho = heldout_advantage_embedded(key, lr, np.asarray(membership)[~sh], level=0.975)
     assert res["advantage_heldout_mean"] == pytest.approx(ho.mean)
     assert res["advantage_bound"] == pytest.approx(max(0.0, ho.lower))
-    delta, delta_se = gaussian_mean_fp_delta(n, d, num_samples=200_000, seed=5)
+    delta, delta_se = gaussian_mean_fp_delta(jax.random.key(5), n, d, num_samples=200_000)
     se = np.std(ho.values, ddof=1) / math.sqrt(ho.values.size)
     assert res["advantage_heldout_mean"] < delta + 4 * (se + delta_se)
     assert 0.0 < res["advantage_bound"] <= res["advantage_heldout_mean"]

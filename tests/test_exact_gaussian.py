@@ -70,7 +70,7 @@ def test_quantized_delta_against_simulated_optimal_attack(n, mu, sigma, step):
 
 
 def test_full_precision_delta_reference_and_one_dimensional_quadrature():
-    delta, se = gaussian_mean_fp_delta(50, 50, num_samples=400_000, seed=1)
+    delta, se = gaussian_mean_fp_delta(jax.random.key(1), 50, 50, num_samples=400_000)
     assert delta == pytest.approx(0.38, abs=0.01) and se < 0.002
     # d = 1: TV(N(u/n, s1^2), N(0, s0^2)) in closed form (the densities cross at the two roots of a quadratic,
     # the narrower one is above in between), averaged over u ~ N(0, 1) by Gauss-Hermite quadrature
@@ -89,7 +89,7 @@ def test_full_precision_delta_reference_and_one_dimensional_quadrature():
 
     nodes, weights = np.polynomial.hermite_e.hermegauss(60)
     ref = np.sum(weights * np.array([tv(u) for u in nodes])) / math.sqrt(2 * math.pi)
-    mc, mc_se = gaussian_mean_fp_delta(n, 1, num_samples=400_000, seed=2)
+    mc, mc_se = gaussian_mean_fp_delta(jax.random.key(2), n, 1, num_samples=400_000)
     assert abs(mc - ref) < 4 * mc_se
 
 
@@ -108,7 +108,9 @@ def test_exact_validation():
     with pytest.raises(ValueError, match="step"):
         gaussian_mean_quantized_delta(10, mu=0.0, step=0.0)
     with pytest.raises(ValueError, match="d"):
-        gaussian_mean_fp_delta(10, 0)
+        gaussian_mean_fp_delta(jax.random.key(0), 10, 0)
+    with pytest.raises(ValueError, match="key must be a JAX PRNG key"):
+        gaussian_mean_fp_delta(0, 10, 2)  # an int seed is refused: keys first, one kind
 
 
 @pytest.mark.slow

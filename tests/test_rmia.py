@@ -193,7 +193,7 @@ def test_rmia_reaches_exact_delta_full_precision_gaussian_mean():
     held-out advantage stays below Delta within 3 standard errors and reaches 60% of it by more than 3 standard
     errors, online and offline (a tuned on the shadows)."""
     n, d = 50, 50
-    delta, delta_se = gaussian_mean_fp_delta(n, d, num_samples=400_000)
+    delta, delta_se = gaussian_mean_fp_delta(jax.random.key(0), n, d, num_samples=400_000)
     log_px, log_pz, members, sh = _simulate(
         groups=100, replicates=64, shadows=32, n=n, d=d, targets=10, zs=256, mu=0.0, step=None, seed=10
     )

@@ -1,10 +1,8 @@
-"""Counting primitives on two score vectors (members, non-members), shared by the metrics and the held-out limits,
-and the host-side generator that their random splits draw from."""
+"""Counting primitives on two score vectors (members, non-members), shared by the metrics and the held-out limits
+(their random splits draw from :func:`qmis_jax._random.numpy_rng`)."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -49,16 +47,3 @@ def rule_counts(member: np.ndarray, nonmember: np.ndarray, threshold: float, dir
     if direction > 0:
         return int(np.sum(member >= threshold)), int(np.sum(nonmember >= threshold))
     return int(np.sum(member < threshold)), int(np.sum(nonmember < threshold))
-
-
-@jax.jit
-def seed_words(key):
-    return jax.random.bits(key, (4,), dtype=jnp.uint32)
-
-
-def numpy_rng(key) -> np.random.Generator:
-    """A NumPy generator seeded from a JAX PRNG key (typed or raw ``uint32``), for host-side permutations."""
-    arr = jnp.asarray(key) if not isinstance(key, (int, np.integer, type(None))) else None
-    if arr is not None and (jnp.issubdtype(arr.dtype, jax.dtypes.prng_key) or arr.dtype == jnp.uint32):
-        return np.random.default_rng(np.asarray(seed_words(key)).tolist())
-    raise ValueError(f"key must be a JAX PRNG key, got key={key!r}")

@@ -13,9 +13,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from qmis_jax._random import numpy_rng
 from qmis_jax.stats.intervals import check_level, mean_lower_limit
 
-from ._scores import best_threshold, numpy_rng
+from ._scores import best_threshold
 
 __all__ = ["HeldoutAdvantage", "heldout_advantage", "heldout_advantage_embedded"]
 

@@ -18,9 +18,10 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy import stats as _sps
 
+from qmis_jax._random import numpy_rng
 from qmis_jax.stats.intervals import check_level, clopper_pearson
 
-from ._scores import as_scores, best_threshold, numpy_rng, roc_counts, rule_counts
+from ._scores import as_scores, best_threshold, roc_counts, rule_counts
 from .heldout import heldout_advantage, heldout_advantage_embedded
 
 __all__ = ["AttackMetrics", "attack_metrics", "attack_metrics_by_replicate", "attack_metrics_embedded", "roc_curve"]

@@ -166,7 +166,7 @@ def _fresh_scores(member: np.ndarray, nonmember: np.ndarray) -> Scores:
     return Scores(np.ravel(member), np.ravel(nonmember), ids(member), ids(nonmember))
 
 
-def _per_replicate_epsilon(sc: Scores, level: float = 0.95) -> dict[str, Any]:
+def _per_replicate_epsilon(key, sc: Scores, level: float = 0.95) -> dict[str, Any]:
     """An epsilon lower bound from one member and one non-member decision per replicate (pairs of one replicate
     share its release, theory.md section 7): the rule is chosen on the pairs of the first half of the replicates and
     applied to the first member and first non-member pair of each replicate of the other half."""
@@ -176,7 +176,7 @@ def _per_replicate_epsilon(sc: Scores, level: float = 0.95) -> dict[str, Any]:
     select = reps[: reps.size // 2]
     sel_m, sel_n = np.isin(sc.member_ids[:, 0], select), np.isin(sc.nonmember_ids[:, 0], select)
     # only the in-sample rule (threshold, direction) is read, which no key changes
-    rule = attacks.attack_metrics(jax.random.key(0), sc.member[sel_m], sc.nonmember[sel_n])
+    rule = attacks.attack_metrics(key, sc.member[sel_m], sc.nonmember[sel_n])
     t, direction = rule.threshold, rule.direction
 
     def first(scores, ids):
@@ -192,11 +192,12 @@ def _per_replicate_epsilon(sc: Scores, level: float = 0.95) -> dict[str, Any]:
     return {"epsilon": float(bound.epsilon), "replicates": int(m.size), "level": level}
 
 
-def _with_roc_extras(metrics: dict[str, Any], sc: Scores) -> dict[str, Any]:
-    """The jax_privacy-compatible convex-hull AUC, the TPR at 0% FPR and the per-replicate epsilon bound."""
+def _with_roc_extras(key, metrics: dict[str, Any], sc: Scores) -> dict[str, Any]:
+    """The jax_privacy-compatible convex-hull AUC, the TPR at 0% FPR and the per-replicate epsilon bound (``key``:
+    the split of its rule's metrics, of which only the in-sample rule is read)."""
     metrics["auc_convex_hull"] = attacks.auc_convex_hull(sc.member, sc.nonmember)
     metrics["tpr_at_0pct_fpr"] = float(attacks.tpr_at_fpr(sc.member, sc.nonmember, fpr=0.0))
-    metrics["epsilon_lower_bound"] = _per_replicate_epsilon(sc)
+    metrics["epsilon_lower_bound"] = _per_replicate_epsilon(key, sc)
     return metrics
 
 
@@ -215,7 +216,7 @@ def _rmia(emb: Embedded, name: str, shadow, online: bool, key, bound_level) -> t
 def _embedded_attacks(plan, problem, pop, store, progress, bound_level, results, raw) -> None:
     emb = embedded_target_scores(plan, problem, pop, store, progress)
     shadow = np.asarray(attacks.shadow_mask(plan.lira_replicates, shadows=plan.lira_replicates // 2))
-    key = jax.random.fold_in(plan.keys.lira, 7)
+    key, k_epsilon = jax.random.fold_in(plan.keys.lira, 7), jax.random.fold_in(plan.keys.lira, 8)
     for name in plan.quantizers:
         for attack in plan.attacks:
             if attack in LIRA_ATTACKS:
@@ -228,7 +229,7 @@ def _embedded_attacks(plan, problem, pop, store, progress, bound_level, results,
             else:
                 continue
             raw[name][attack] = _matrix_scores(matrix, emb.membership, ~shadow)
-            results[name][attack] = _with_roc_extras(metrics, raw[name][attack])
+            results[name][attack] = _with_roc_extras(k_epsilon, metrics, raw[name][attack])
 
 
 def attack_stage(
@@ -242,10 +243,10 @@ def attack_stage(
     if "loss" in plan.attacks:
         for name in plan.quantizers:
             m, nm = attacks.loss_attack(per_rep.of(name, "member_loss"), per_rep.of(name, "nonmember_loss"))
-            key = jax.random.fold_in(plan.keys.nonmember, 7)
+            key, k_epsilon = jax.random.fold_in(plan.keys.nonmember, 7), jax.random.fold_in(plan.keys.nonmember, 8)
             metrics = attacks.attack_metrics_by_replicate(key, m, nm, bound_level=bound_level)
             raw[name]["loss"] = _fresh_scores(np.asarray(m), np.asarray(nm))
-            results[name]["loss"] = _with_roc_extras(metrics.to_dict(), raw[name]["loss"])
+            results[name]["loss"] = _with_roc_extras(k_epsilon, metrics.to_dict(), raw[name]["loss"])
     if any(a in LIRA_ATTACKS + RMIA_ATTACKS for a in plan.attacks):
         _embedded_attacks(plan, problem, pop, store, progress, bound_level, results, raw)
     if "lira_pool" in plan.attacks:

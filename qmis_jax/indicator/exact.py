@@ -29,6 +29,7 @@ from scipy import integrate, optimize
 from scipy import stats as sps
 from scipy.special import ndtr
 
+from qmis_jax._random import numpy_rng
 from qmis_jax.quantizers import get as get_quantizer
 
 __all__ = [
@@ -300,7 +301,7 @@ def gaussian_mean_mis_approximation(n: int, *, mu: float, sigma: float = 1.0, st
 
 
 def gaussian_mean_fp_delta(
-    n: int, d: int, *, num_samples: int = 1_000_000, seed: int = 0, batch: int = 250_000
+    key: jax.Array, n: int, d: int, *, num_samples: int = 1_000_000, batch: int = 250_000
 ) -> tuple[float, float]:
     """``Delta`` of the full-precision Gaussian mean in ``d`` dimensions by reduced Monte Carlo (section 7).
 
@@ -314,19 +315,20 @@ def gaussian_mean_fp_delta(
     depend on ``mu``.
 
     Args:
+      key: JAX PRNG key of the Monte Carlo draws (a NumPy generator derived from it, host-side).
       n: training-set size (>= 2). d: dimension (>= 1).
-      num_samples: Monte Carlo draws. seed: NumPy seed. batch: draws per batch (memory).
+      num_samples: Monte Carlo draws. batch: draws per batch (memory).
 
     Returns:
       ``(delta, standard_error)``.
     """
+    rng = numpy_rng(key)
     n = int(_check_positive("n", n, integer=True))
     d = int(_check_positive("d", d, integer=True))
     num_samples = int(_check_positive("num_samples", num_samples, integer=True))
     batch = int(_check_positive("batch", batch, integer=True))
     if n < 2:
         raise ValueError(f"n must be >= 2, got n={n}")
-    rng = np.random.default_rng(seed)
     s0sq = 1.0 / n
     s1sq = (n - 1) / n**2
     s1 = math.sqrt(s1sq)
