@@ -12,7 +12,6 @@ from qmis_jax.indicator.estimate import (
     single_model_indicator,
     single_model_indicator_batched,
 )
-from qmis_jax.indicator.rates import gaussian_rate
 from qmis_jax.problems import gaussian_mean, logistic_mixture
 from qmis_jax.quantizers import identity, prune, ternary, uniform
 
@@ -55,18 +54,43 @@ def test_batched_single_audit_matches_per_replicate_calls():
     _assert_audits_equal(jax.tree.map(lambda a: a[2], out), one)
 
 
-def test_single_audit_interval_formula():
-    q = uniform(step=0.5)
-    x, y = GAUSS.sample(jax.random.key(3), 120)
-    params = {"mu": jnp.mean(x, axis=0)}
-    out = single_model_indicator(q, GAUSS, params, x, y, z=2.0)
-    half = 2.0 * out.sigma / jnp.sqrt(120.0)
-    lo = jnp.min(gaussian_rate(out.delta - half, out.sigma))
-    hi = jnp.min(gaussian_rate(out.delta + half, out.sigma))
-    np.testing.assert_allclose(np.asarray(out.r_interval), [float(lo), float(hi)], rtol=1e-12)
-    assert float(out.r_interval[0]) <= float(out.r_hat) <= float(out.r_interval[1])
-    assert float(out.r_hat) == pytest.approx(float(jnp.min(out.rates)))
-    cr = single_model_indicator(q, GAUSS, params, x, y, z=2.0, method="cramer")
+def test_single_audit_matches_a_float64_recomputation_from_the_definitions():
+    # theory.md sections 3(a), 4 and 6 in NumPy float64, for the squared loss l(theta, z) = |theta - z|^2 / 2:
+    # the loss-PTQ release of this separable loss is the codebook point nearest the sample mean, its competitors
+    # are the one-step moves theta_0 +- h e_j, D_k(z) = l(theta_k, z) - l(theta_0, z), delta_k and sigma_k the
+    # mean and (plug-in, 1/n) standard deviation of D_k over the training set, I_k = max(delta_k, 0)^2 /
+    # (2 sigma_k^2), r_hat = min_k I_k, and the interval the rates at delta_k -/+ z sigma_k / sqrt(n).
+    n, h, z = 120, 0.5, 2.0
+    x, y = GAUSS.sample(jax.random.key(3), n)
+    x32 = np.asarray(x, np.float32)
+    params = {"mu": jnp.asarray(x32.mean(axis=0))}
+    out = single_model_indicator(uniform(step=h), GAUSS, params, jnp.asarray(x32), jnp.asarray(y, np.float32), z=z)
+    z64 = x32.astype(np.float64)
+    theta0 = np.round(z64.mean(axis=0) / h) * h
+    np.testing.assert_array_equal(np.asarray(out.release["mu"], np.float64), theta0)
+    competitors = [theta0 + s * h * np.eye(2)[j] for j in range(2) for s in (-1.0, 1.0)]
+    D = np.stack([0.5 * (np.sum((t - z64) ** 2, 1) - np.sum((theta0 - z64) ** 2, 1)) for t in competitors])
+    delta, sigma = D.mean(axis=1), D.std(axis=1)
+
+    def rate(gap):
+        return np.min(np.maximum(gap, 0.0) ** 2 / (2 * sigma**2))
+
+    half = z * sigma / np.sqrt(n)
+    # float32 data: each D_k(Z_i) carries a relative rounding error of a few eps32 (6e-8) and its mean and spread
+    # accumulate at most n of them (n eps32 = 7e-6); a rate, a ratio of squares, doubles that: rtol 1e-4 holds it
+    # with room, and a wrong formula (1/(n-1) for 1/n already moves sigma by 0.4%, a missing 1/2 by 100%) fails it.
+    rtol = 1e-4
+    assert bool(out.ok) and bool(np.all(np.asarray(out.valid)))
+    got = sorted(zip(np.asarray(out.delta, np.float64), np.asarray(out.sigma, np.float64)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(sorted(zip(delta, sigma))), rtol=rtol)
+    assert float(out.r_hat) == pytest.approx(rate(delta), rel=rtol)
+    np.testing.assert_allclose(
+        np.asarray(out.r_interval, np.float64), [rate(delta - half), rate(delta + half)], rtol=rtol
+    )
+    # the closest competitor's shifted gap is negative here, so the lower end checks the clipping to 0 of section 4
+    assert rate(delta - half) == 0.0 < rate(delta) < rate(delta + half)
+    cr = single_model_indicator(uniform(step=h), GAUSS, params, jnp.asarray(x32), jnp.asarray(y, np.float32), z=z,
+                                method="cramer")  # fmt: skip
     assert float(cr.r_interval[0]) <= float(cr.r_hat) <= float(cr.r_interval[1])
 
 
