@@ -264,9 +264,22 @@ def _resume_command(argv: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``qmis`` console script; returns the exit status."""
+    """Entry point of the ``qmis`` console script; returns the exit status.
+
+    Run as the command (``argv`` None), stderr goes through :func:`qmis_jax._xla_log.filter_stderr`, which drops
+    jaxlib's harmless compilation-cache lines (``QMIS_JAX_XLA_LOG=all`` keeps them).
+    """
+    if argv is None:
+        from qmis_jax import _xla_log
+
+        quiet = _xla_log.filter_stderr()
+        try:
+            return main(sys.argv[1:])
+        finally:
+            if quiet is not None:
+                quiet.close()
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = list(argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help, or a one-line usage error already printed

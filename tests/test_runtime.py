@@ -208,3 +208,32 @@ def test_d128_round_to_nearest_audit_finishes():
         pytest.fail("the d = 128 round-to-nearest audit did not finish in 900 s")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-1] == "12"
+
+
+def test_command_stderr_drops_only_the_harmless_cache_lines(tmp_path):
+    """Programs read back from the persistent cache make jaxlib 0.9.2 log three harmless lines each; the command's
+    stderr filter drops exactly those, keeps any other line (a real missing processor feature included), passes
+    a progress bar's ``\\r`` segments at once, and still forwards what was written before a crash."""
+    code = f"""
+        import os, sys
+        from qmis_jax import _xla_log
+        quiet = _xla_log.filter_stderr()
+        import jax, jax.numpy as jnp
+        jax.config.update("jax_compilation_cache_dir", {str(tmp_path / "xla")!r})
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        for _ in range(3):
+            jax.clear_caches()
+            jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()
+        sys.stderr.write("bar 1\\rbar 2\\r")
+        print("E1206 12:00:00.000000 1 cpu_aot_loader.cc:220] Loading XLA:CPU AOT result. Target machine feature "
+              "+avx512f is not  supported on the host machine.", file=sys.stderr)
+        print("last words", file=sys.stderr, flush=True)
+        os.abort()
+    """
+    unfiltered = _python(code.replace("quiet = _xla_log.filter_stderr()", "quiet = None"), timeout=120)
+    assert "Assume version compatibility" in unfiltered.stderr  # the lines the filter is for do appear
+    assert "+prefer-no-gather is not" in unfiltered.stderr
+    done = _python(code, timeout=120)
+    assert done.returncode != 0
+    assert "Assume version compatibility" not in done.stderr and "prefer-no-" not in done.stderr, done.stderr
+    assert "bar 1\nbar 2\n" in done.stderr and "+avx512f is not" in done.stderr and "last words" in done.stderr
