@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 
 from qmis_jax.problems import gaussian_mean, linear_regression, logistic_mixture, mlp_mixture
 from qmis_jax.problems._mixture import mixture_centres
-from qmis_jax.train import FitResult, fit, fit_fresh, per_sample_grads, per_sample_losses, replicate_data
+from qmis_jax.train import FitResult, fit, fit_fresh, per_sample_grads_batched, per_sample_losses, replicate_data
 
 
 @pytest.fixture
@@ -180,7 +180,7 @@ def test_per_sample_losses_and_grads(x64, pool16):
         np.testing.assert_allclose(np.asarray(losses[r]), np.logaddexp(0.0, -(2 * y - 1) * eta), rtol=1e-12)
     chunked = per_sample_losses(LOGISTIC, res.params, x, y, chunk_size=5)
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(losses), rtol=1e-13)
-    grads = per_sample_grads(LOGISTIC, res.params, x, y)
+    grads = per_sample_grads_batched(LOGISTIC, res.params, x, y)
     assert grads.shape == (16, 800, 17)
     for r in [0, 12]:
         prob = 1 / (1 + np.exp(-(design @ _theta(res.params, r))))
@@ -227,7 +227,7 @@ def test_mlp_shared_init_and_loss_decrease():
     end = per_sample_losses(MLP, shared.params, x, y).mean(1)
     assert bool(jnp.all(end < 0.7 * start)), (start, end)
     # The reported gradient norm is that of the mean per-sample gradient at the final parameters.
-    mean_grad = per_sample_grads(MLP, shared.params, x, y).mean(1)
+    mean_grad = per_sample_grads_batched(MLP, shared.params, x, y).mean(1)
     np.testing.assert_allclose(np.asarray(shared.grad_norm), np.linalg.norm(mean_grad, axis=1), rtol=1e-4)
 
 

@@ -92,7 +92,9 @@ def per_sample_losses(problem: Problem, params: PyTree, x: Array, y: Array, *, c
     return _losses(problem, params, x, y, _check_xy(x, y, r), chunk_size)
 
 
-def per_sample_grads(problem: Problem, params: PyTree, x: Array, y: Array, *, chunk_size: int | None = None) -> Array:
+def per_sample_grads_batched(
+    problem: Problem, params: PyTree, x: Array, y: Array, *, chunk_size: int | None = None
+) -> Array:
     """Per-example gradients ``grad_theta l(theta_r, z_i)`` as flat vectors in ``ravel_pytree`` order, ``(R, N, p)``.
 
     These are the scores whose outer products give ``V_hat`` of theory.md section 2.
