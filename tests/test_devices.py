@@ -58,7 +58,18 @@ PER_REPLICATE = replicate_bytes(n=100, p=2, dx=2)
 BUDGET = 4 * PER_REPLICATE + 100
 
 # Diagnostics that describe the run rather than the result.
-RUN_SPECIFIC = {"chunk_size", "peak_rss_mib", "device_peak_mib", "memory_budget_mib", "replicate_estimate_mib"}
+RUN_SPECIFIC = {
+    "chunk_size",
+    "peak_rss_mib",
+    "device_peak_mib",
+    "memory_budget_mib",
+    "replicate_estimate_mib",
+    "compiled_programs",  # the process's compiled programs and memory mappings depend on the chunking
+    "live_compiled_programs",
+    "program_releases",
+    "peak_memory_mappings",
+    "memory_mapping_limit",
+}
 
 
 def _start(out: str, devices: int, sizes: dict) -> subprocess.Popen:
