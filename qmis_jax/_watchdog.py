@@ -33,18 +33,21 @@ def beat(where: str) -> None:
         dog.beat(where)
 
 
+def parse_timeout(text: str, *, name: str) -> float:
+    """``text`` as a finite number of seconds >= 0 (0: off); a ``ValueError`` naming ``name`` otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a number of seconds >= 0 (0 turns it off), got {text!r}")
+    return value
+
+
 def default_timeout() -> float:
     """``QMIS_JAX_STALL_TIMEOUT`` (seconds; 0 turns the watchdog off) or :data:`DEFAULT_TIMEOUT`."""
     setting = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not setting:
-        return DEFAULT_TIMEOUT
-    try:
-        value = float(setting)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds >= 0 (0 turns it off), got {setting!r}")
-    return value
+    return parse_timeout(setting, name=TIMEOUT_ENV) if setting else DEFAULT_TIMEOUT
 
 
 class Watchdog:

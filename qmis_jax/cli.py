@@ -66,13 +66,12 @@ def _memory_size(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
+    from qmis_jax._watchdog import parse_timeout
+
     try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"--stall-timeout must be a number of seconds >= 0 (0: off), got {text!r}")
-    return value
+        return parse_timeout(text, name="--stall-timeout")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _seed(text: str) -> int:

@@ -23,6 +23,8 @@ def run(capsys, *argv):
         (("synthetic", "--quick", "--memory-budget", "-1"), "--memory-budget must be a positive"),
         (("molecular", "--dataset", "nope", "--quick"), "unknown data set 'nope'"),
         (("molecular", "--dataset", "solubility", "--featurizers", "morgan9", "--quick"), "unknown featurizer"),
+        (("synthetic", "--quick", "--stall-timeout", "-1"), "--stall-timeout must be a number of seconds >= 0"),
+        (("synthetic", "--quick", "--stall-timeout", "inf"), "--stall-timeout must be a number of seconds >= 0"),
         (("synthetic", "--bogus-flag"), "unrecognized arguments"),
     ],
 )

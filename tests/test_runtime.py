@@ -187,9 +187,10 @@ def test_injected_stall_ends_with_stack_dump_and_one_line(tmp_path):
 def test_watchdog_off_and_bad_timeout(monkeypatch):
     monkeypatch.setenv(_watchdog.TIMEOUT_ENV, "0")
     assert _watchdog.default_timeout() == 0
-    monkeypatch.setenv(_watchdog.TIMEOUT_ENV, "soon")
-    with pytest.raises(ValueError, match=_watchdog.TIMEOUT_ENV):
-        _watchdog.default_timeout()
+    for bad in ("soon", "-1", "inf", "nan"):
+        monkeypatch.setenv(_watchdog.TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=_watchdog.TIMEOUT_ENV):
+            _watchdog.default_timeout()
 
 
 @pytest.mark.slow
