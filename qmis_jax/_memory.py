@@ -50,7 +50,8 @@ def replicate_bytes(
     """A rough estimate of one replicate's working memory in bytes, the one model chunks are sized by.
 
     ``solver=None``: a replicate of an audit (training data, per-example gradients and loss differences of
-    ``2 p + 2`` columns, and a ``p x p`` curvature matrix). A solver name: the training alone, as
+    ``2 p + 2`` columns, a ``p x p`` curvature matrix, and the loss-PTQ events: the recorded descent, its replay,
+    the start descents and the sandwich of their margins). A solver name: the training alone, as
     :mod:`qmis_jax.train` runs it: ``fresh`` data held per replicate (``2 n (dx + 1)``, else a shared pool),
     ``features`` the shared Khatri-Rao features of ``glm_newton`` (else ``2 n p`` per replicate), the line search's
     ``line_search_steps`` trial losses and L-BFGS's ``qn_memory`` curvature pairs.
@@ -60,12 +61,15 @@ def replicate_bytes(
       itemsize: bytes per float. solver, fresh, features, line_search_steps, qn_memory: as above.
 
     >>> replicate_bytes(n=1000, p=129, dx=128)
-    5250564
+    5733056
     >>> replicate_bytes(n=1000, p=129, dx=128, solver="glm_lbfgs")
     1668512
     """
     if solver is None:
-        return itemsize * ((2 * p + 2) * n * 3 + n * (dx + 1) * 4 + p * p)
+        # + the loss-PTQ events: the recorded descent (16 sweeps x p steps), its replay, the 4 start descents'
+        # per-example states and the sandwich behind their margins
+        events = 32 * n + 300 * p + 3 * p * p
+        return itemsize * ((2 * p + 2) * n * 3 + n * (dx + 1) * 4 + p * p + events)
     ls = line_search_steps
     data = 2 * n * (dx + 1) if fresh else 0
     if solver == "glm_newton":

@@ -44,6 +44,7 @@ def molecular():
 API_ERRORS = [
     ("audit n=0", lambda: small_audit(n=0), ValueError, r"n must be a positive integer, got 0"),
     ("audit n=2.5", lambda: small_audit(n=2.5), ValueError, r"n must be a positive integer, got 2.5"),
+    ("audit n=1", lambda: small_audit(n=1), ValueError, r"n must be >= 2 .* got n=1"),
     (
         "audit replicates<0",
         lambda: small_audit(replicates=-3),
@@ -66,7 +67,7 @@ API_ERRORS = [
         "audit lira_replicates=0",
         lambda: small_audit(lira_replicates=0),
         ValueError,
-        r"lira_replicates must be an integer >= 4, got 0",
+        r"lira_replicates must be a positive integer, got 0",
     ),
     (
         "audit lira_targets=0",

@@ -61,8 +61,8 @@ def _compiled_audit_bytes(n: int, dim: int, replicates: int) -> int:
     x, y = problem.sample(key, n)
     params0 = problem.init(key)
     stack = lambda a: jnp.broadcast_to(a, (replicates, *a.shape))  # noqa: E731
-    pop_codes = quantizers.tree_codes(q, params0, params0, skip=opts.skip)
-    args = (jax.tree.map(stack, params0), stack(x), stack(y), jax.random.split(key, replicates), pop_codes)
+    pop_published = quantizers.tree_published(q, params0, params0, skip=opts.skip)
+    args = (jax.tree.map(stack, params0), stack(x), stack(y), jax.random.split(key, replicates), pop_published)
     stats = single_program(q, problem, opts).lower(*args).compile().memory_analysis()
     if stats is None:  # the CPU backend (CI's) always reports them: there the test must run
         assert jax.default_backend() != "cpu", "XLA's CPU backend reported no compiled memory statistics"

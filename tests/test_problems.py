@@ -12,6 +12,8 @@ from jax.flatten_util import ravel_pytree
 from scipy.optimize import linprog
 from sklearn.linear_model import LogisticRegression
 
+from qmis_jax import train
+from qmis_jax.indicator import sandwich_covariance
 from qmis_jax.problems import (
     MLP,
     Problem,
@@ -131,6 +133,71 @@ def test_logistic_default_law_is_not_separable_and_about_85_percent_accurate():
     assert 0.80 <= acc <= 0.90, acc
 
 
+PRIOR_125 = float(1 / (1 + np.exp(-1.25)))  # sigmoid(1.25): theta*'s intercept is 1.25
+
+
+def test_logistic_prior_closed_form_population_example():
+    # The example of the closed form: separation 1.6, seed 3, dim 2, prior sigmoid(1.25) -> (1.25, 0.998, -1.250).
+    p = logistic_mixture(dim=2, k_modes=4, separation=1.6, scale=2.0, seed=3, prior=PRIOR_125)
+    star = p.population(jax.random.key(0))
+    assert star["b"].shape == (1,) and star["w"].shape == (2, 1)
+    np.testing.assert_allclose(np.asarray(ravel_pytree(star)[0]), [1.25, 0.998, -1.250], atol=5e-4)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(star["w"])), 1.6, rtol=1e-6)
+    assert p.config["prior"] == PRIOR_125 and logistic_mixture(dim=2).config["prior"] == 0.5
+    # the default prior keeps the symmetric law: intercept exactly 0
+    assert float(logistic_mixture(dim=3).population(None)["b"][0]) == 0.0
+    # with a ridge penalty there is no closed form
+    assert logistic_mixture(dim=2, prior=PRIOR_125, l2=0.1).population is None
+    assert mlp_mixture(dim=2, hidden=3, prior=0.3).config["prior"] == 0.3
+
+
+@pytest.mark.parametrize("prior", [0.5, PRIOR_125])
+@pytest.mark.parametrize("dim", [2, 5])
+def test_logistic_prior_population_optimum_is_stationary_and_the_fit_agrees(x64, prior, dim):
+    p = logistic_mixture(dim=dim, k_modes=4, separation=1.6, scale=2.0, seed=3, prior=prior)
+    star = p.population(None)
+    theta_star = np.asarray(ravel_pytree(star)[0])
+    big = 400_000
+    x, y = (np.asarray(a) for a in _sample(p, jax.random.key(17), big))
+    # Class frequency: within 4 standard errors sqrt(prior (1 - prior) / N) of prior.
+    assert abs(y.mean() - prior) < 4 * np.sqrt(prior * (1 - prior) / big)
+    # Population gradient at theta*: the per-sample gradient (sigmoid(eta) - y) (1, x) has mean ~0; every
+    # coordinate's sample mean within 4 of its standard errors (sd / sqrt(N)).
+    design = np.c_[np.ones(big), x]
+    resid = 1 / (1 + np.exp(-(design @ theta_star))) - y
+    grads = resid[:, None] * design
+    se = grads.std(0, ddof=1) / np.sqrt(big)
+    np.testing.assert_array_less(np.abs(grads.mean(0)), 4 * se)
+    # The MLE on an independent sample of N points agrees with theta* within 4 standard errors per coordinate,
+    # the standard errors from the sandwich covariance Sigma_hat / N (theory.md section 2).
+    n_fit = 100_000
+    xf, yf = _sample(p, jax.random.key(18), n_fit)
+    fit = train.fit_data(jax.random.key(19), p, xf[None], yf[None], tol=1e-10)
+    assert bool(fit.converged[0])
+    params = jax.tree.map(lambda a: a[0], fit.params)
+    theta_hat = np.asarray(ravel_pytree(params)[0])
+    cov = np.asarray(sandwich_covariance(p.loss, params, xf, yf))
+    np.testing.assert_array_less(np.abs(theta_hat - theta_star), 4 * np.sqrt(np.diag(cov) / n_fit))
+
+
+def test_mixture_prior_moves_only_the_label_frequency(x64):
+    # P(y = 1) = prior; the class-conditional laws are those of the symmetric problem (same centres).
+    p = logistic_mixture(dim=3, k_modes=2, separation=1.6, seed=3, prior=0.2)
+    q = logistic_mixture(dim=3, k_modes=2, separation=1.6, seed=3)
+    big = 200_000
+    x, y = (np.asarray(a) for a in _sample(p, jax.random.key(5), big))
+    assert abs(y.mean() - 0.2) < 4 * np.sqrt(0.2 * 0.8 / big)
+    centres = mixture_centres(dim=3, k_modes=2, separation=1.6, scale=2.0, seed=3)
+    u = (centres[1].mean(0) - centres[0].mean(0)) / 1.6
+    for c in (0, 1):
+        t = x[y == c] @ u
+        # projection on u: N(+-0.8, 1); mean within 4 SE (1 / sqrt(n_c)), variance within 4 SE (sqrt(2 / n_c))
+        assert abs(t.mean() - (c - 0.5) * 1.6) < 4 / np.sqrt(t.size)
+        assert abs(t.var() - 1.0) < 4 * np.sqrt(2 / t.size)
+    xq, yq = (np.asarray(a) for a in _sample(q, jax.random.key(5), 1000))
+    assert abs(yq.mean() - 0.5) < 4 * 0.5 / np.sqrt(1000)
+
+
 def test_linear_regression_solve_and_population(x64):
     p = linear_regression(dim=3, noise=0.0)
     x, y = _sample(p, jax.random.key(5), 30)
@@ -246,6 +313,11 @@ def test_custom_problem_from_apply_fn_and_from_nnx_module():
         (logistic_mixture, {"l2": -1.0}, "l2"),
         (logistic_mixture, {"seed": -1}, "seed"),
         (mlp_mixture, {"hidden": 0}, "hidden"),
+        (logistic_mixture, {"prior": 0.0}, "prior"),
+        (logistic_mixture, {"prior": 1.0}, "prior"),
+        (logistic_mixture, {"prior": float("nan")}, "prior"),
+        (logistic_mixture, {"prior": "half"}, "prior"),
+        (mlp_mixture, {"prior": 1.5}, "prior"),
         (linear_regression, {"dim": 3, "noise": float("inf")}, "noise"),
     ],
 )

@@ -112,86 +112,215 @@ def test_spearman_uses_heldout_advantages_and_bracket_ends():
     )
 
 
-def test_sweep_sizes_put_n_r_near_the_targets():
-    targets = (0.3, 1.0, 2.0, 5.0)
-    half_step = synthetic.SIZE_GRID_RATIO**0.5 * 1.01  # rounding to the size grid moves n by at most this factor
-    ns = synthetic.sweep_sizes(1e-3, targets=targets, n_pilot=500, n_min=10, n_max=10**6)
-    assert len(ns) == 4
-    for n, t in zip(ns, targets):
-        assert 1 / half_step <= n * 1e-3 / t <= half_step
-    # size-adaptive grid: r(n) = r0 (n / n0)^(-2 alpha), so n r(n) must land near each target
-    alpha, r0, n0 = 0.25, 1e-3, 500
-    ns = synthetic.sweep_sizes(r0, targets=targets, n_pilot=n0, n_min=10, n_max=10**7, alpha=alpha)
-    for n, t in zip(ns, targets):
-        nr = n * r0 * (n / n0) ** (-2 * alpha)
-        assert 1 / half_step <= nr / t <= half_step
-    # clipped, deduplicated, and nothing for a continuous release
-    assert synthetic.sweep_sizes(1e-6, targets=targets, n_pilot=500, n_min=10, n_max=2000) == [2000]
-    assert synthetic.sweep_sizes(0.0, targets=targets, n_pilot=500, n_min=10, n_max=2000) == []
+def test_predicted_flip_and_choose_sizes_closed_forms():
+    # one event: Phi(-sqrt(n) c); two independent ones: 1 - (1 - p)^2
+    assert synthetic.predicted_flip([0.05], 400) == pytest.approx(sps.norm.sf(1.0))
+    assert synthetic.predicted_flip([0.05, 0.05], 400) == pytest.approx(1 - sps.norm.cdf(1.0) ** 2)
+    assert synthetic.predicted_flip([-1e6], 10) == 1.0 and synthetic.predicted_flip([], 10) == 0.0
+    # size-adaptive: c carried as c (n / n0)^-alpha
+    assert synthetic.predicted_flip([0.05], 1600, n0=400, alpha=0.5) == pytest.approx(sps.norm.sf(1.0))
+    with pytest.raises(ValueError, match="n0"):
+        synthetic.predicted_flip([0.05], 100, alpha=0.25)
+    grid = synthetic.size_grid(n_min=50, n_max=20_000)
+    assert grid[0] == 50 and grid[-1] == 20_000 and grid == sorted(set(grid))
+    assert all(abs(b / a - synthetic.SIZE_GRID_RATIO) < 0.05 for a, b in zip(grid[1:-2], grid[2:-1]))
+    # a flat prediction at the small end still gives distinct sizes
+    got = synthetic.choose_sizes(lambda n: 0.5, [10, 20, 40], (0.6, 0.25, 0.06))
+    assert sorted(n for _, n, _ in got) == [10, 20, 40]
+    assert synthetic.choose_sizes(lambda n: 0.99, [10, 20], (0.5,)) == []  # never measurable
+
+
+def test_fixed_grid_sizes_give_three_measurable_flips():
+    """A fixed grid's pilot events (the c_k of the validation problem's h = 1 grid under RTN, as its pilot at
+    n = 1024 measured them) yield at least three distinct sizes whose predicted flips lie in [0.02, 0.9]."""
+    c = [0.077, 0.105, 0.131, 0.136, 0.157, 0.188]
+    grid = synthetic.size_grid(n_min=50, n_max=20_000)
+    sel = synthetic.select_sizes(c, grid=grid, targets=(0.6, 0.25, 0.06))
+    assert len(sel) >= 3 and len({e["n"] for e in sel}) == len(sel)
+    for e in sel:
+        assert 0.02 <= e["predicted"] <= 0.9
+        assert e["predicted"] == pytest.approx(synthetic.predicted_flip(c, e["n"]))
+    assert min(e["predicted"] for e in sel) < 0.1 < 0.2 < max(e["predicted"] for e in sel)
+
+
+def test_adaptive_sizes_are_probed_until_near_their_targets():
+    # the pilot's c_k (0.2) is ten times the truth's (0.02 at n0 = 1000, shrinking as n^-alpha): the first probe
+    # lands far from the target, the next ones start from the probe's own c_k
+    truth = lambda n: synthetic.predicted_flip([0.02], n, n0=1000, alpha=0.25)  # noqa: E731
+    calls = []
+
+    def probe(n):
+        calls.append(n)
+        return [0.02 * (n / 1000) ** -0.25], truth(n)
+
+    grid = synthetic.size_grid(n_min=50, n_max=20_000)
+    sel = synthetic.select_sizes([0.2], grid=grid, targets=(0.25, 0.06), n0=1000, alpha=0.25, probe=probe)
+    assert len(sel) == 2 and len(calls) <= 2 * synthetic.MAX_PROBES
+    for e in sel:
+        assert e["predicted"] == truth(e["n"]) and abs(math.log(e["predicted"] / e["target"])) < 1.0
+
+
+def test_replicates_and_agreement():
+    cfg = synthetic.SyntheticConfig()
+    for p in (0.03, 0.06, 0.25, 0.5, 0.6, 0.9):
+        r = synthetic.replicates_for(p, cfg)
+        assert r % synthetic.VALIDATION_CHUNK == 0 and r >= cfg.validation_min_replicates
+        assert math.sqrt(p * (1 - p) / r) <= cfg.validation_se
+    assert synthetic.replicates_for(0.5, synthetic.SyntheticConfig(validation_replicates=16)) == 16
+    agree, z = synthetic.flip_agreement(0.1, 0.01, 0.2, 0.02, 400)
+    assert z == pytest.approx(0.1 / math.sqrt(0.02**2 + 0.01**2)) and agree is False
+    agree, z = synthetic.flip_agreement(0.05, 0.0, 0.0, 0.0, 100)  # nothing seen: binomial SE at the prediction
+    assert agree and z == pytest.approx(-0.05 / math.sqrt(0.05 * 0.95 / 100))
+    assert synthetic.flip_agreement(None, None, 1.0, 0.0, 10) == (None, None)
+
+
+def test_validation_config_errors_name_the_setting():
+    for kwargs, needle in (
+        ({"validation_ptqs": ("loss", "gptq")}, "validation_ptqs"),
+        ({"validation_flip_targets": (0.5, 1.2)}, "validation_flip_targets"),
+        ({"validation_prior": 1.0}, "validation_prior"),
+        ({"validation_se": 0.0}, "validation_se"),
+        ({"validation_min_replicates": 2}, "validation_min_replicates"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            synthetic.validate(synthetic.SyntheticConfig(**kwargs))
 
 
 def validation_dict():
     rows = []
-    for name, r in (("grid_fixed", 2e-3), ("sign@e8m0", 1e-3)):
-        for n in (250, 1000, 2500):
-            p = math.exp(-1.3 * n * r)
+    for name, ptq, base in (("grid_fixed_h1", "loss", 0.6), ("sign@e8m0", "rtn", 0.5)):
+        for k, n in enumerate((250, 1000, 2500)):
+            p = base / (2.5**k)
             rows.append(
                 {
                     "quantizer": name,
+                    "ptq": ptq,
                     "n": n,
-                    "replicates": 64,
-                    "r": r,
-                    "n_r": n * r,
+                    "replicates": 640,
+                    "target": p,
+                    "selection_predicted": p,
+                    "r": 1e-3,
+                    "r_se": 1e-5,
+                    "n_r": n * 1e-3,
+                    "r_zero_reason": None,
+                    "events": {"release": 6} if ptq == "loss" else {"threshold": 3, "scale": 4},
                     "continuous": False,
                     "flip_rate": p,
-                    "flip_rate_se": math.sqrt(p * (1 - p) / 64),
+                    "flip_rate_se": math.sqrt(p * (1 - p) / 640),
                     "empirical_rate": -math.log(p) / n,
-                    "flip_rate_predicted": p,
+                    "flip_rate_predicted": p * 1.01,
+                    "flip_rate_predicted_se": 0.002,
                     "flip_union_bound": p,
+                    "z": -0.5,
+                    "agree": True,
+                    "in_range": True,
                     "swap_rate": p / 3,
                     "swap_upper": p / 2,
                     "mis_bracket": [1 - p / 2, 0.99],
                     "mis_asymptotic": 1 - p / 4,
-                    "asymptotic_regime": n * r > 2,
-                    "sqrt_n_c_min": math.sqrt(2 * n * r),
+                    "asymptotic_regime": n > 500,
+                    "sqrt_n_c_min": math.sqrt(2 * n * 1e-3),
                 }
             )
+    rows[1].update(agree=False, z=5.25)
+    rows.append(
+        dict(rows[0], quantizer="grid_adaptive", r=0.0, n_r=0.0, r_zero_reason="coordinate b on a threshold", z=0.1)
+    )
     width = [dict(rows[1], replicates=k, mis_bracket=[0.5 + k / 1000, 1.0]) for k in (16, 32, 64)]
-    pilot = report({"grid_fixed": entry(r=2e-3), "int4": entry(r=1e-3, continuous=True)}, n=300)
+    pilot_q = {
+        "grid_fixed_h1": {"r": 3e-3, "r_se": 1e-4, "flip_rate_predicted": 0.004, "sqrt_n_c_min": 2.7,
+                          "events": {"release": 6}, "r_zero_reason": None, "continuous": False, "c": [0.08, 0.1]},
+        "int4": {"r": 0.0, "r_se": None, "flip_rate_predicted": None, "sqrt_n_c_min": None, "events": {},
+                 "r_zero_reason": "float32 scale", "continuous": True, "c": []},
+    }  # fmt: skip
     return {
-        "problem": pilot["problem"],
-        "replicates": 64,
-        "targets": [0.5, 2.0, 5.0],
-        "pilot": pilot,
-        "sizes": {"grid_fixed": [250, 1000, 2500], "int4": [], "int8@e8m0": []},
-        "out_of_reach": {"int8@e8m0": {"r": 1e-7, "n_needed": 5e6}},
+        "problem": {"name": "logistic_mixture", "dim": 2, "prior": 0.711},
+        "theta_star": {"b": [0.9], "w": [2.139, -1.089]},
+        "ptqs": ["loss", "rtn"],
+        "targets": [0.6, 0.25, 0.06],
+        "se_target": 0.02,
+        "replicates": None,
+        "attacks": ["loss"],
+        "agreement_z": 4.0,
+        "n_min": 50,
         "n_max": 5000,
+        "pilot": {"loss": {"n": 1024, "quantizers": pilot_q}, "rtn": {"n": 1024, "quantizers": pilot_q}},
+        "sizes": {"loss": {"grid_fixed_h1": [250, 1000, 2500], "int4": []}, "rtn": {"int4": []}},
+        "no_sizes": {"loss": {"int4": "continuous release: r = 0"}},
         "rows": rows,
         "width": width,
+        "summary": {"points": len(rows), "judged": len(rows), "agree": len(rows) - 1, "in_range": len(rows)},
     }
 
 
 def test_validation_section_and_figures(tmp_path):
     val = validation_dict()
     text = "\n".join(markdown.validation_section(val))
+    header = next(line for line in text.splitlines() if line.startswith("| quantizer | PTQ |"))
+    for col in ("r", "sqrt(n) c_min", "events", "predicted flip ± SE", "measured flip ± SE", "agree", "swap rate",
+                "MIS bracket"):  # fmt: skip
+        assert f"| {col}" in header
     for row in val["rows"]:
-        ratio = row["empirical_rate"] / row["r"]
-        assert f"| {row['quantizer']} | {row['n']} | {fmt(row['n_r'])} |" in text and fmt(ratio) in text
-    assert "No sweep for int4:" in text and "int8@e8m0 (r = 1.00e-07, n needed 5.00e+06)" in text
-    assert "continuous (r = 0): int4" in text
+        assert f"| {row['quantizer']} | {row['ptq']} | {row['n']} | {row['replicates']} |" in text
+        assert f"{fmt(row['flip_rate_predicted'])} ± {fmt(row['flip_rate_predicted_se'])}" in text
+    assert "0 (coordinate b on a threshold)" in text  # r = 0: the reason in the row
+    assert "**no** (z = +5.25)" in text and "Disagreeing: grid_fixed_h1 (loss, n = 1000)" in text
+    assert "release 6" in text and "threshold 3, scale 4" in text
+    assert "int4 (loss): continuous release" in text
+    assert "6 of 7 points agree within 4 combined standard errors" in text
     for fn, arg in (
-        (plots.plot_rate_convergence, val["rows"]),
+        (plots.plot_flip_agreement, val["rows"]),
         (plots.plot_validation_bracket, val["rows"]),
         (plots.plot_bracket_width, val["width"]),
-        (plots.plot_privacy_utility, val["pilot"]),
-        (plots.plot_indicator_vs_attack, val["pilot"]),
-        (plots.plot_indicator, val["pilot"]),
+        (plots.plot_validation_pilot, val["pilot"]),
+        (plots.plot_rate_convergence, val["rows"]),
     ):
         path = tmp_path / f"{fn.__name__}.png"
         fn(arg, str(path))
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    md = markdown.render("t", [val["pilot"]], validation=val)
+    pilot = report({"grid_fixed": entry(r=2e-3), "int4": entry(r=1e-3, continuous=True)}, n=300)
+    for fn in (plots.plot_privacy_utility, plots.plot_indicator_vs_attack, plots.plot_indicator):
+        path = tmp_path / f"{fn.__name__}.png"
+        fn(pilot, str(path))
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = markdown.render("t", [pilot], validation=val)
     assert "Part one: validation" in md and "Part two" in md and "E8M0" in md
+
+
+def test_tiny_validation_study_writes_table_and_figure(tmp_path):
+    """Part one end to end on a miniature (one fixed grid, both PTQs, one size each, 16 replicates): the rows carry
+    the new fields, the markdown table and the flip figure are produced, and a second run reads every point back."""
+    from qmis_jax.store import ResultStore, write_json
+
+    cfg = synthetic.validate(
+        synthetic.SyntheticConfig(
+            validation_quantizers=("grid_fixed",),
+            validation_grid_steps=(1.0,),
+            validation_flip_targets=(0.25,),
+            validation_pilot_n=128,
+            validation_n_max=2000,
+            validation_replicates=16,
+            validation_width_replicates=(),
+        )
+    )
+    config = {"study": "tiny-validation", "seed": cfg.seed}
+    import jax
+
+    val = synthetic.run_validation(cfg, ResultStore(str(tmp_path / "s"), config), jax.random.key(0))
+    assert [r["ptq"] for r in val["rows"]] == ["loss", "rtn"]
+    for row in val["rows"]:
+        assert row["quantizer"] == "grid_fixed_h1" and row["replicates"] == 16 and row["r"] > 0
+        assert 0.03 <= row["selection_predicted"] <= 0.85 and row["flip_rate_predicted"] is not None
+        assert row["events"] and row["agree"] is not None
+    assert val["theta_star"]["b"][0] == pytest.approx(0.9, abs=1e-5)
+    text = "\n".join(markdown.validation_section(val))
+    assert "| grid_fixed_h1 | loss |" in text and "| grid_fixed_h1 | rtn |" in text
+    path = tmp_path / "validation_rates.png"
+    plots.plot_flip_agreement(val["rows"], str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    write_json(str(tmp_path / "v.json"), val)  # JSON-serialisable
+    again = synthetic.run_validation(cfg, ResultStore(str(tmp_path / "s"), config, resume=True), jax.random.key(0))
+    assert again["rows"] == val["rows"]
 
 
 def test_float32_and_e8m0_scales_side_by_side():

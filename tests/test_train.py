@@ -16,6 +16,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from qmis_jax.problems import gaussian_mean, linear_regression, logistic_mixture, mlp_mixture
 from qmis_jax.problems._mixture import mixture_centres
 from qmis_jax.train import FitResult, fit, fit_fresh, per_sample_grads_batched, per_sample_losses, replicate_data
+from qmis_jax.train._engine import training_keys
 
 
 @pytest.fixture
@@ -97,7 +98,7 @@ def test_replicate_data_is_the_fresh_stream(x64, fresh16):
     key, _, xs, ys = fresh16
     assert xs.shape == (16, 400, 16) and ys.shape == (16, 400)
     sample = jax.jit(LOGISTIC.sample, static_argnums=1)
-    x3, y3 = sample(jax.random.fold_in(key, 3), 400)
+    x3, y3 = sample(jax.random.fold_in(training_keys(key).data, 3), 400)
     np.testing.assert_allclose(xs[3], np.asarray(x3), rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(ys[3], np.asarray(y3))
     assert set(np.unique(ys)) == {0.0, 1.0}
@@ -221,8 +222,8 @@ def test_mlp_shared_init_and_loss_decrease():
     sep = np.asarray(separate.params["hidden"]["kernel"])
     assert np.abs(sep[0] - sep[1]).max() > 1e-2
     assert int(shared.steps[0]) == 100
-    # The shared start is problem.init(k_init) with k_init = split(key)[0]; training lowers the loss from there.
-    init = jax.tree.map(lambda a: a[None], jax.jit(MLP.init)(jax.random.split(key)[0]))
+    # The shared start is problem.init(k_init) with k_init = training_keys(key).init; training lowers the loss.
+    init = jax.tree.map(lambda a: a[None], jax.jit(MLP.init)(training_keys(key).init))
     start = per_sample_losses(MLP, init, x, y).mean()
     end = per_sample_losses(MLP, shared.params, x, y).mean(1)
     assert bool(jnp.all(end < 0.7 * start)), (start, end)

@@ -4,6 +4,7 @@ per-score helpers, metrics with held-out limits by replicate, and ROC-based boun
 Experiment only: it imports :mod:`qmis_jax.stats` and never :mod:`qmis_jax.indicator`.
 """
 
+from ._errors import AttackNotRun
 from .designs import embedded_target_membership, loss_attack, pool_membership, score_from_loss, shadow_mask
 from .heldout import HeldoutAdvantage, heldout_advantage, heldout_advantage_embedded
 from .lira import (
@@ -20,12 +21,20 @@ from .lira import (
     lira_pool,
     lira_scores,
 )
-from .metrics import AttackMetrics, attack_metrics, attack_metrics_by_replicate, attack_metrics_embedded, roc_curve
+from .metrics import (
+    AttackMetrics,
+    attack_metrics,
+    attack_metrics_by_replicate,
+    attack_metrics_embedded,
+    not_run_dict,
+    roc_curve,
+)
 from .rmia import RmiaResult, rmia, rmia_probability, rmia_scores, rmia_tune_a
 from .roc import EpsilonBound, auc_convex_hull, epsilon_lower_bound, roc_convex_hull, tpr_at_fpr
 
 __all__ = [
     "AttackMetrics",
+    "AttackNotRun",
     "EpsilonBound",
     "FIX_VARIANCE_BELOW",
     "HeldoutAdvantage",
@@ -50,6 +59,7 @@ __all__ = [
     "lira_pool",
     "lira_scores",
     "loss_attack",
+    "not_run_dict",
     "pool_membership",
     "rmia",
     "rmia_probability",

@@ -16,6 +16,7 @@ import numpy as np
 from qmis_jax._random import numpy_rng
 from qmis_jax.stats.intervals import check_level, mean_lower_limit
 
+from ._errors import AttackNotRun
 from ._scores import best_threshold
 
 __all__ = ["HeldoutAdvantage", "heldout_advantage", "heldout_advantage_embedded"]
@@ -57,8 +58,9 @@ class HeldoutAdvantage(NamedTuple):
 
 
 def _split(rng: np.random.Generator, size: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Random halves of ``range(size)``; :class:`AttackNotRun` when ``size < 4`` (two halves of at least 2)."""
     if size < 4:
-        raise ValueError(f"{name}: need at least 4 to split into two halves of >= 2, got {size}")
+        raise AttackNotRun(f"{name}: the held-out split needs at least 4 {name} (two halves of >= 2), got {size}")
     perm = rng.permutation(size)
     return np.sort(perm[: size // 2]), np.sort(perm[size // 2 :])
 
@@ -79,7 +81,10 @@ def _flag(scores: np.ndarray, threshold: float, direction: int) -> np.ndarray:
 def _result(values, level, sel, ev, sel_t, ev_t, threshold, direction) -> HeldoutAdvantage:
     values = np.clip(np.asarray(values, np.float64), -1.0, 1.0)
     if values.size < 2:
-        raise ValueError(f"need at least 2 evaluation replicates with both classes present, got {values.size}")
+        raise AttackNotRun(
+            f"replicates: the held-out limit needs at least 2 evaluation replicates with both a member and a "
+            f"non-member among the evaluation targets, got {values.size}"
+        )
     lower, upper, hl, bl = mean_lower_limit(values, level=level)
     return HeldoutAdvantage(
         mean=float(np.clip(values.mean(), -1.0, 1.0)),
@@ -116,6 +121,10 @@ def heldout_advantage(key, member_scores, nonmember_scores, *, level: float = 0.
 
     Returns:
       :class:`HeldoutAdvantage` (``select_targets`` and ``eval_targets`` are ``None``).
+
+    Raises:
+      AttackNotRun: fewer than 4 replicates (no split into two halves of >= 2).
+      ValueError: malformed scores (shapes, NaN).
     """
     level = check_level(level)
     m = _finite_matrix(member_scores, "member_scores")
@@ -151,6 +160,12 @@ def heldout_advantage_embedded(
 
     Returns:
       :class:`HeldoutAdvantage`.
+
+    Raises:
+      AttackNotRun: fewer than 4 replicates, or (``split_targets``) fewer than 4 targets, a selection half without
+        both classes, or fewer than 2 evaluation replicates with both classes: the design is too small to hold the
+        attack out. These depend on the design only, never on the scores.
+      ValueError: malformed scores or membership.
     """
     level = check_level(level)
     s = _finite_matrix(scores, "scores")
@@ -166,7 +181,7 @@ def heldout_advantage_embedded(
         sel_t = ev_t = np.arange(s.shape[1])
     sa, ma = s[np.ix_(sel, sel_t)], mem[np.ix_(sel, sel_t)]
     if not ma.any() or ma.all():
-        raise ValueError("membership: the selection half needs both members and non-members")
+        raise AttackNotRun("membership: the selection half of the held-out split has no member or no non-member")
     t, d, _ = best_threshold(sa[ma], sa[~ma])
     sb, mb = s[np.ix_(ev, ev_t)], mem[np.ix_(ev, ev_t)]
     flag = _flag(sb, t, d)

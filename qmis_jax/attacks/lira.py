@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._errors import AttackNotRun
 from .metrics import attack_metrics, attack_metrics_embedded
 
 __all__ = [
@@ -298,8 +299,9 @@ def lira(scores, membership, *, shadow, online: bool = True, fix_variance: bool 
       fitted with a fallback.
 
     Raises:
-      ValueError: on malformed inputs, when every replicate is a shadow, or when no target has two shadow scores
-        on a side the test needs (fewer than two shadows, for instance).
+      AttackNotRun: when every replicate is a shadow, or when no target has two shadow scores on a side the test
+        needs (fewer than two shadows, for instance): the design is too small for the fits.
+      ValueError: on malformed inputs.
     """
     lr, member, sh, fallbacks = lira_matrix(scores, membership, shadow=shadow, online=online, fix_variance=fix_variance)
     ev_member, ev_lr = member[~sh], lr[~sh]
@@ -324,16 +326,16 @@ def lira_matrix(scores, membership, *, shadow, online: bool = True, fix_variance
     if not bool(jnp.all(jnp.isfinite(scores))):
         raise ValueError("scores must be finite (use score_from_loss, which keeps them finite)")
     if sh.all():
-        raise ValueError("shadow: no evaluation replicate left (all replicates are shadows)")
+        raise AttackNotRun("shadow: no evaluation replicate left (all replicates are shadows)")
     n_in = (member & sh[:, None]).sum(axis=0)
     n_out = (~member & sh[:, None]).sum(axis=0)
     if online and n_in.max() < 2:
-        raise ValueError(
+        raise AttackNotRun(
             f"shadow: no target has >= 2 in-shadow replicates to estimate a variance from (most: {int(n_in.max())}, "
             f"with {int(sh.sum())} shadow(s)); use more shadows, or online=False for the offline test"
         )
     if n_out.max() < 2:
-        raise ValueError(
+        raise AttackNotRun(
             f"shadow: no target has >= 2 out-shadow replicates to estimate a variance from (most: "
             f"{int(n_out.max())}, with {int(sh.sum())} shadow(s)); use more shadows"
         )

@@ -21,10 +21,18 @@ from scipy import stats as _sps
 from qmis_jax._random import numpy_rng
 from qmis_jax.stats.intervals import check_level, clopper_pearson
 
+from ._errors import AttackNotRun
 from ._scores import as_scores, best_threshold, roc_counts, rule_counts
 from .heldout import heldout_advantage, heldout_advantage_embedded
 
-__all__ = ["AttackMetrics", "attack_metrics", "attack_metrics_by_replicate", "attack_metrics_embedded", "roc_curve"]
+__all__ = [
+    "AttackMetrics",
+    "attack_metrics",
+    "attack_metrics_by_replicate",
+    "attack_metrics_embedded",
+    "not_run_dict",
+    "roc_curve",
+]
 
 
 def roc_curve(member_scores, nonmember_scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -162,6 +170,49 @@ class AttackMetrics(NamedTuple):
         }
 
 
+NOT_RUN_FIELDS = (
+    "advantage",
+    "advantage_ci",
+    "advantage_heldout",
+    "advantage_heldout_mean",
+    "advantage_heldout_ci",
+    "auc",
+    "tpr_at_1pct_fpr",
+    "tpr_at_01pct_fpr",
+    "threshold",
+    "direction",
+    "heldout_threshold",
+    "heldout_direction",
+    "n_members",
+    "n_nonmembers",
+    "level",
+    "advantage_bound",
+    "bound_level",
+    "heldout_design",
+    "heldout_replicates",
+)
+
+
+def not_run_dict(reason: str, extra_fields=()) -> dict[str, Any]:
+    """The report entry of an attack that did not run (theory.md section 10: it enters no bracket limit).
+
+    ``{"ran": False, "reason": reason}`` with every field of :meth:`AttackMetrics.to_dict` but the ROC curve set to
+    None (JSON null), and the ``extra_fields`` too: a reader finds the same keys as for an attack that ran.
+
+    Args:
+      reason: why the attack could not run at this size (an :class:`AttackNotRun` message).
+      extra_fields: further keys the caller's entries carry (set to None as well).
+
+    Returns:
+      a JSON-serialisable dict.
+
+    >>> d = not_run_dict("targets: too few")
+    >>> d["ran"], d["reason"], d["advantage_bound"]
+    (False, 'targets: too few', None)
+    """
+    return {"ran": False, "reason": str(reason), **dict.fromkeys((*NOT_RUN_FIELDS, *extra_fields))}
+
+
 def _clip01(x: float) -> float:
     return float(min(max(x, 0.0), 1.0))
 
@@ -251,6 +302,9 @@ def attack_metrics(
     Returns:
       :class:`AttackMetrics` with ``heldout_design="pair"``.
 
+    Raises:
+      AttackNotRun: fewer than 2 member or 2 non-member scores (no split into halves).
+
     >>> import jax
     >>> m = attack_metrics(jax.random.key(0), [3.0, 2.0, 1.5], [1.0, 0.0, 2.5])
     >>> round(m.advantage, 4), round(m.auc, 4)
@@ -260,7 +314,7 @@ def attack_metrics(
     m = as_scores(member_scores, "member_scores")
     nm = as_scores(nonmember_scores, "nonmember_scores")
     if m.size < 2 or nm.size < 2:
-        raise ValueError(
+        raise AttackNotRun(
             f"need at least 2 member and 2 non-member scores for the held-out split, got "
             f"{m.size} members and {nm.size} non-members"
         )
@@ -318,6 +372,9 @@ def attack_metrics_by_replicate(
 
     Returns:
       :class:`AttackMetrics` with ``heldout_design="replicate"``.
+
+    Raises:
+      AttackNotRun: fewer than 4 replicates (:func:`~qmis_jax.attacks.heldout_advantage`).
     """
     level, bound_level = _check_common(level, bound_level, max_roc_points)
     mm = np.asarray(member_scores, dtype=np.float64)
@@ -366,6 +423,9 @@ def attack_metrics_embedded(
     Returns:
       :class:`AttackMetrics` with ``heldout_design="replicate+target"`` (``"replicate"`` without
       ``split_targets``).
+
+    Raises:
+      AttackNotRun: the design is too small for the split (:func:`~qmis_jax.attacks.heldout_advantage_embedded`).
     """
     level, bound_level = _check_common(level, bound_level, max_roc_points)
     s = np.asarray(scores, dtype=np.float64)

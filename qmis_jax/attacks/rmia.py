@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._errors import AttackNotRun
 from .lira import LiraFallbacks, _check_design
 
 __all__ = ["A_GRID", "RmiaResult", "rmia", "rmia_counts", "rmia_probability", "rmia_scores", "rmia_tune_a"]
@@ -216,13 +217,16 @@ def rmia_tune_a(log_px, log_pz, membership, *, shadow, gamma=1.0, grid=A_GRID) -
 
     Returns:
       ``(a, aucs)``: the chosen value (the first maximiser) and the pooled AUC of every grid value.
+
+    Raises:
+      AttackNotRun: fewer than 2 shadows. ValueError: a grid value outside ``[0, 1]``.
     """
     grid = tuple(float(g) for g in grid)
     if not grid or any(not 0.0 <= g <= 1.0 for g in grid):
         raise ValueError(f"grid must hold values in [0, 1], got grid={grid!r}")
     sh = np.asarray(shadow, bool)
     if sh.sum() < 2:
-        raise ValueError(f"shadow: tuning `a` needs at least 2 shadows, got {int(sh.sum())}")
+        raise AttackNotRun(f"shadow: tuning the offline `a` needs at least 2 shadow replicates, got {int(sh.sum())}")
     rows = np.flatnonzero(sh)  # only shadow rows take part
     log_px, log_pz = jnp.asarray(log_px)[rows], jnp.asarray(log_pz)[rows]
     member = jnp.asarray(np.asarray(membership, bool)[rows])
@@ -286,8 +290,8 @@ def rmia(
       (replicate, target) order, as :func:`~qmis_jax.attacks.lira` returns them; ``.fallbacks``, ``.a``.
 
     Raises:
-      ValueError: on malformed inputs, non-positive probabilities, no evaluation replicate, no shadow, or ``a``
-        outside ``[0, 1]``.
+      AttackNotRun: no evaluation replicate, no shadow, or (offline, ``a="auto"``) fewer than 2 shadows.
+      ValueError: on malformed inputs, non-positive probabilities, or ``a`` outside ``[0, 1]``.
     """
     px = jnp.asarray(target_probs)
     pz = jnp.asarray(z_probs)
@@ -308,9 +312,9 @@ def rmia(
                 raise ValueError(f"{name} must be finite and >= 0 (or pass log-likelihoods with log=True)")
         log_px, log_pz = jnp.log(px), jnp.log(pz)
     if sh.all():
-        raise ValueError("shadow: no evaluation replicate left (all replicates are shadows)")
+        raise AttackNotRun("shadow: no evaluation replicate left (all replicates are shadows)")
     if not sh.any():
-        raise ValueError("shadow: RMIA needs at least one reference (shadow) replicate, got none")
+        raise AttackNotRun("shadow: RMIA needs at least one reference (shadow) replicate, got none")
     if not isinstance(gamma, (int, float, np.number)) or not math.isfinite(gamma) or gamma <= 0:
         raise ValueError(f"gamma must be a finite number > 0, got gamma={gamma!r}")
     a_used, a_aucs = None, None

@@ -6,7 +6,8 @@
     train       fresh-data replicates, chunk by chunk                                   -> Trained
     population  theta*, each quantizer's population release, r and asymptotic MIS      -> Population
     statistics  per replicate: release, r_hat, flip, LOSS scores, utility              -> ReplicateStats
-    attacks     LOSS; LiRA on embedded targets; optionally the pool design             -> {quantizer: {attack: ...}}
+    attacks     LOSS; LiRA on embedded targets; optionally the pool design; those      -> {quantizer: {attack: ...}}
+                the sizes rule out are reported as not run, with the reason
     report      entries, paired comparisons, ranking                                   -> AuditReport
 
 :func:`audit_model` audits one trained model and its training set (what a practitioner has): no replicates, so no
@@ -65,6 +66,7 @@ def audit(
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     population_size: int | None = None,
+    population_max: int | None = None,
     star_size: int | None = None,
     test_size: int = 10_000,
     lira_replicates: int | None = None,
@@ -87,23 +89,30 @@ def audit(
         the chunking.
       problem: a :class:`~qmis_jax.problems.Problem`.
       quantizers: preset names, Quantizer objects, or a dict name -> either.
-      n: training-set size per replicate.
+      n: training-set size per replicate, at least 2.
       replicates: number of fresh-data replicates ``R`` (flip rates, ``r_single``, LOSS attack).
       ptq: ``"loss"`` (loss-minimising PTQ, section 3(a)) or ``"rtn"`` (round-to-nearest, section 3(b)).
       method: ``"gaussian"`` or ``"cramer"`` rates (section 4).
       attacks: any of ``"loss"`` (fresh-data design), ``"lira"`` / ``"lira_offline"`` and ``"rmia"`` /
         ``"rmia_offline"`` (embedded-target design, sharing its shadow replicates; section-1 games that enter the
-        bracket), and ``"lira_pool"`` (pool design, a different game, reported apart).
+        bracket), and ``"lira_pool"`` (pool design, a different game, reported apart). An attack that cannot be
+        held out at these sizes (LOSS: fewer than 4 replicates; LiRA and RMIA: fewer than 4 targets, i.e.
+        ``lira_targets < 2``, which is the default below n = 20, or fewer than 4 attacked replicates) is reported
+        with ``"ran": false`` and its ``"reason"``, its numbers null; it enters no limit of the bracket and takes no
+        share of its Bonferroni split (theory.md section 10).
       chunk_size: replicates per chunk (default: from ``memory_budget``).
       memory_budget: bytes a chunk may use (default 2 GiB); refused when one replicate alone needs more (rough
         estimate). The report's ``diagnostics`` record it with the chunk size and the peak memory.
       population_size: size of each of the two large fresh samples of the population quantities, one to choose the
-        loss-PTQ release, one to estimate its gaps (default ``max(50 n, 20000)``; the standard error of
-        ``sqrt(n) c_k`` is about ``sqrt(n / population_size)``).
+        loss-PTQ release, one to start estimating its gaps (default ``max(50 n, 20000)``). The gap sample then
+        grows by chunks of this size until the predicted flip's relative standard error is at most 10% wherever
+        ``sqrt(n) c_min <= 3.5`` (the standard error of ``sqrt(n) c_k`` is about ``sqrt(n / m)`` for ``m`` points).
+      population_max: the gap sample's largest size (default ``max(1500 n, population_size)``).
       star_size: size of the fresh sample ``theta*`` is fitted on where the problem has no closed form (default
         ``max(100 n, 20000)``, theory.md section 6).
       test_size: size of the common test set for utility.
-      lira_replicates: replicates of the LiRA designs (default ``replicates``), half shadows, half attacked.
+      lira_replicates: replicates of the LiRA designs (default ``replicates``), half shadows, half attacked; the
+        embedded-target attacks need at least 7 (4 attacked), ``lira_pool`` at least 4 (2 shadows).
       lira_targets: ``k``: ``2k`` targets, each replicate trains on ``k`` of them plus ``n - k`` fresh points
         (default ``max(1, n // 10)``).
       tol, max_steps: training tolerance and step cap (see :func:`qmis_jax.train.fit`).
@@ -130,6 +139,7 @@ def audit(
         chunk_size=chunk_size,
         memory_budget=memory_budget,
         population_size=population_size,
+        population_max=population_max,
         star_size=star_size,
         test_size=test_size,
         lira_replicates=lira_replicates,

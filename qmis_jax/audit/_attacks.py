@@ -6,11 +6,15 @@
   half attacked;
 - optionally the classic pool design (:func:`pool_design_scores`), reported apart as ``lira_pool``: a different
   game, whose advantage bounds nothing.
+
+An attack that cannot be held out at the audit's sizes (theory.md section 10: too few replicates, targets or
+shadows) is reported as not run, with its reason, and takes no share of the bracket's Bonferroni split.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -22,7 +26,7 @@ from qmis_jax.indicator.options import IndicatorOptions
 from qmis_jax.problems import Problem
 from qmis_jax.store import Store
 
-from ._plan import SECTION1_ATTACKS, AuditPlan
+from ._plan import EMBEDDED_ATTACKS, SECTION1_ATTACKS, AuditPlan
 from ._population import Population
 from ._programs import loss_program, per_quantizer, release_program, replicate_keys
 from ._statistics import ReplicateStats
@@ -213,43 +217,113 @@ def _rmia(emb: Embedded, name: str, shadow, online: bool, key, bound_level) -> t
     return out, matrix
 
 
-def _embedded_attacks(plan, problem, pop, store, progress, bound_level, results, raw) -> None:
-    emb = embedded_target_scores(plan, problem, pop, store, progress)
+# fields an attack's entry carries besides AttackMetrics.to_dict(): None in the entry of an attack that did not run
+ROC_EXTRAS = ("auc_convex_hull", "tpr_at_0pct_fpr", "epsilon_lower_bound")
+EXTRA_FIELDS = {
+    "loss": ROC_EXTRAS,
+    "lira": (*ROC_EXTRAS, "fallbacks", "fixed_variance"),
+    "lira_offline": (*ROC_EXTRAS, "fallbacks", "fixed_variance"),
+    "rmia": (*ROC_EXTRAS, "a"),
+    "rmia_offline": (*ROC_EXTRAS, "a"),
+    "lira_pool": ("fallbacks", "fixed_variance"),
+}
+
+# an attack ready to run on one quantizer: bound level -> (metrics, raw Scores or None); raises AttackNotRun
+Run = Callable[[float], tuple[dict[str, Any], Scores | None]]
+
+
+def _loss_run(plan: AuditPlan, per_rep: ReplicateStats, name: str) -> Run:
+    """LOSS on the fresh-data replicates of one quantizer (held out by replicate)."""
+    m, nm = attacks.loss_attack(per_rep.of(name, "member_loss"), per_rep.of(name, "nonmember_loss"))
+    key, k_epsilon = jax.random.fold_in(plan.keys.nonmember, 7), jax.random.fold_in(plan.keys.nonmember, 8)
+
+    def run(bound_level):
+        metrics = attacks.attack_metrics_by_replicate(key, m, nm, bound_level=bound_level)
+        sc = _fresh_scores(np.asarray(m), np.asarray(nm))
+        return _with_roc_extras(k_epsilon, metrics.to_dict(), sc), sc
+
+    return run
+
+
+def _embedded_runs(plan: AuditPlan, emb: Embedded, name: str) -> dict[str, Run]:
+    """LiRA and RMIA (online and offline) of one quantizer on the embedded-target design, as the plan asks."""
     shadow = np.asarray(attacks.shadow_mask(plan.lira_replicates, shadows=plan.lira_replicates // 2))
     key, k_epsilon = jax.random.fold_in(plan.keys.lira, 7), jax.random.fold_in(plan.keys.lira, 8)
-    for name in plan.quantizers:
-        for attack in plan.attacks:
+
+    def make(attack):
+        def run(bound_level):
             if attack in LIRA_ATTACKS:
-                online = attack == "lira"
                 metrics, matrix = attacks.lira_metrics_with_matrix(
-                    key, emb.scores[name], emb.membership, shadow=shadow, online=online, bound_level=bound_level
+                    key,
+                    emb.scores[name],
+                    emb.membership,
+                    shadow=shadow,
+                    online=attack == "lira",
+                    bound_level=bound_level,
                 )
-            elif attack in RMIA_ATTACKS:
-                metrics, matrix = _rmia(emb, name, shadow, attack == "rmia", key, bound_level)
             else:
-                continue
-            raw[name][attack] = _matrix_scores(matrix, emb.membership, ~shadow)
-            results[name][attack] = _with_roc_extras(k_epsilon, metrics, raw[name][attack])
+                metrics, matrix = _rmia(emb, name, shadow, attack == "rmia", key, bound_level)
+            sc = _matrix_scores(matrix, emb.membership, ~shadow)
+            return _with_roc_extras(k_epsilon, metrics, sc), sc
+
+        return run
+
+    return {a: make(a) for a in plan.runnable_attacks if a in EMBEDDED_ATTACKS}
+
+
+def run_attacks(runs: dict[str, Run], planned: int) -> tuple[dict[str, Any], dict[str, Scores], dict[str, str]]:
+    """Run one quantizer's attacks with the Bonferroni share of the attacks that ran (theory.md section 10).
+
+    Each section-1 attack's held-out lower limit is computed at ``bracket_levels(J)[1]``. ``J`` is first the
+    number of attacks the sizes allow (``planned``); an attack whose held-out split turns out impossible on the
+    membership design (:class:`~qmis_jax.attacks.AttackNotRun`) is dropped and, when ``J`` shrinks, the others are
+    computed again at the level of the attacks that ran. Which attacks run depends on the design only, never on
+    the scores, so the bracket stays valid.
+
+    Args:
+      runs: attack name -> :data:`Run`, in report order.
+      planned: the number of section-1 attacks among ``runs``.
+
+    Returns:
+      ``(metrics, raw, not_run)``: the metrics of the attacks that ran, their raw scores, and the reason of each
+      attack that did not.
+    """
+    level = stats.bracket_levels(max(1, planned))[1]
+    done: dict[str, tuple[dict[str, Any], Scores | None]] = {}
+    not_run: dict[str, str] = {}
+    for attack, run in runs.items():
+        try:
+            done[attack] = run(level)
+        except attacks.AttackNotRun as err:
+            not_run[attack] = str(err)
+    ran = [a for a in done if a in SECTION1_ATTACKS]
+    final = stats.bracket_levels(max(1, len(ran)))[1]
+    if final != level:
+        done.update({a: runs[a](final) for a in ran})
+    metrics = {a: {"ran": True, **m} for a, (m, _) in done.items()}
+    raw = {a: sc for a, (_, sc) in done.items() if sc is not None}
+    return metrics, raw, not_run
 
 
 def attack_stage(
     plan: AuditPlan, problem: Problem, pop: Population, per_rep: ReplicateStats, store: Store, progress
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Scores]]]:
-    """``{quantizer: {attack: metrics}}`` for the attacks the plan asks for, and their raw :class:`Scores`."""
-    results: dict[str, dict[str, Any]] = {name: {} for name in plan.quantizers}
-    raw: dict[str, dict[str, Scores]] = {name: {} for name in plan.quantizers}
-    # each section-1 attack's one-sided bound at its Bonferroni share of the bracket's level (theory.md section 10)
-    bound_level = stats.bracket_levels(max(1, len([a for a in plan.attacks if a in SECTION1_ATTACKS])))[1]
-    if "loss" in plan.attacks:
+    """``{quantizer: {attack: metrics}}`` for the attacks the plan asks for, and their raw :class:`Scores`.
+
+    An attack that cannot be held out at the audit's sizes (``plan.not_run``, or found so on the membership design)
+    keeps its entry with ``"ran": False``, its ``"reason"`` and every numeric field None
+    (:func:`~qmis_jax.attacks.not_run_dict`); it enters no bracket limit and takes no Bonferroni share. The others
+    carry ``"ran": True``. The embedded-target design is trained only when one of its attacks can run."""
+    runnable = plan.runnable_attacks
+    runs: dict[str, dict[str, Run]] = {name: {} for name in plan.quantizers}
+    if "loss" in runnable:
         for name in plan.quantizers:
-            m, nm = attacks.loss_attack(per_rep.of(name, "member_loss"), per_rep.of(name, "nonmember_loss"))
-            key, k_epsilon = jax.random.fold_in(plan.keys.nonmember, 7), jax.random.fold_in(plan.keys.nonmember, 8)
-            metrics = attacks.attack_metrics_by_replicate(key, m, nm, bound_level=bound_level)
-            raw[name]["loss"] = _fresh_scores(np.asarray(m), np.asarray(nm))
-            results[name]["loss"] = _with_roc_extras(k_epsilon, metrics.to_dict(), raw[name]["loss"])
-    if any(a in LIRA_ATTACKS + RMIA_ATTACKS for a in plan.attacks):
-        _embedded_attacks(plan, problem, pop, store, progress, bound_level, results, raw)
-    if "lira_pool" in plan.attacks:
+            runs[name]["loss"] = _loss_run(plan, per_rep, name)
+    if any(a in EMBEDDED_ATTACKS for a in runnable):
+        emb = embedded_target_scores(plan, problem, pop, store, progress)
+        for name in plan.quantizers:
+            runs[name].update(_embedded_runs(plan, emb, name))
+    if "lira_pool" in runnable:
         scores, membership = pool_design_scores(
             plan.keys.pool,
             problem,
@@ -264,7 +338,20 @@ def attack_stage(
         progress("lira_pool", 1)
         shadow = attacks.shadow_mask(plan.lira_replicates, shadows=plan.lira_replicates // 2)
         for name in plan.quantizers:
-            results[name]["lira_pool"] = attacks.lira_metrics(
-                jax.random.fold_in(plan.keys.pool, 7), scores[name], membership, shadow=shadow, pool=True
-            )
+
+            def pool_run(_level, name=name):  # a different game: no bound, no share of the bracket
+                key = jax.random.fold_in(plan.keys.pool, 7)
+                return attacks.lira_metrics(key, scores[name], membership, shadow=shadow, pool=True), None
+
+            runs[name]["lira_pool"] = pool_run
+    results: dict[str, dict[str, Any]] = {}
+    raw: dict[str, dict[str, Scores]] = {}
+    for name in plan.quantizers:
+        planned = sum(a in SECTION1_ATTACKS for a in runs[name])
+        metrics, raw[name], not_run = run_attacks(runs[name], planned)
+        not_run = {**plan.not_run, **not_run}
+        results[name] = {
+            a: metrics[a] if a in metrics else attacks.not_run_dict(not_run[a], EXTRA_FIELDS.get(a, ()))
+            for a in plan.attacks
+        }
     return results, raw

@@ -164,7 +164,11 @@ def _pool_lira(key, problem, qs, x, y, entries, opts, replicates, memory_budget,
     )
     shadow = attacks.shadow_mask(replicates, shadows=replicates // 2)
     for name in qs:
-        res = attacks.lira_metrics(k_metrics, scores[name], membership, shadow=shadow, pool=True)
+        try:
+            res = attacks.lira_metrics(k_metrics, scores[name], membership, shadow=shadow, pool=True)
+            res["ran"] = True
+        except attacks.AttackNotRun as err:  # too small a pool for LiRA's fits: reported, not raised
+            res = attacks.not_run_dict(str(err), ("fallbacks", "fixed_variance"))
         res["game"] = POOL_GAME
         entries[name]["attacks"]["lira_pool"] = res
 
@@ -172,7 +176,7 @@ def _pool_lira(key, problem, qs, x, y, entries, opts, replicates, memory_budget,
 def _model_report(problem, params, qs, entries, opts: IndicatorOptions, n: int, utility_of) -> AuditReport:
     def pool_advantage(name):
         attacks = entries[name]["attacks"]
-        return max((a["advantage"] for a in attacks.values()), default=0.0)
+        return max((a["advantage"] for a in attacks.values() if a.get("advantage") is not None), default=0.0)
 
     ranking = sorted(qs, key=lambda nm: (-entries[nm]["r_hat"], pool_advantage(nm)))
     config = {

@@ -17,6 +17,8 @@ from qmis_jax.problems import Problem
 
 ATTACKS = ("loss", "lira", "lira_offline", "rmia", "rmia_offline", "lira_pool")
 SECTION1_ATTACKS = ("loss", "lira", "lira_offline", "rmia", "rmia_offline")
+EMBEDDED_ATTACKS = ("lira", "lira_offline", "rmia", "rmia_offline")  # the embedded-target design's attacks
+MIN_SPLIT = 4  # a held-out split needs two halves of at least 2 (replicates, or targets)
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
 
 
@@ -43,6 +45,7 @@ class AuditPlan(NamedTuple):
     attacks: tuple[str, ...]
     indicator: IndicatorOptions
     population_size: int
+    population_max: int
     star_size: int
     test_size: int
     lira_replicates: int
@@ -54,6 +57,12 @@ class AuditPlan(NamedTuple):
     fit_kwargs: dict[str, Any]
     keys: AuditKeys
     key: jax.Array
+    not_run: dict[str, str]  # requested attacks that cannot be held out at these sizes -> the reason
+
+    @property
+    def runnable_attacks(self) -> tuple[str, ...]:
+        """The requested attacks the sizes allow (:func:`attacks_not_run`); others are reported as not run."""
+        return tuple(a for a in self.attacks if a not in self.not_run)
 
     def chunks(self, total: int | None = None) -> list[tuple[int, int]]:
         """``[(start, stop), ...]`` covering ``total`` replicates (default: the fresh-data replicates)."""
@@ -98,6 +107,53 @@ def _attacks(attacks) -> tuple[str, ...]:
     return attacks
 
 
+def attacks_not_run(
+    attacks: tuple[str, ...], *, n: int, replicates: int, lira_replicates: int, lira_targets: int
+) -> dict[str, str]:
+    """The requested attacks that cannot be held out at these sizes, each with its reason (theory.md sections 7, 10).
+
+    Sizes only, so the decision is made before any data are seen: such an attack is reported as not run and takes
+    no Bonferroni share of the bracket. A held-out split needs two halves of at least 2 (:data:`MIN_SPLIT`):
+
+    - LOSS (fresh-data design): ``replicates >= 4``;
+    - LiRA and RMIA (embedded-target design): ``2 k >= 4`` targets, since the threshold is chosen on other targets
+      than it is evaluated on, and ``lira_replicates - lira_replicates // 2 >= 4`` attacked replicates (the others
+      are shadows), i.e. ``lira_replicates >= 7``;
+    - ``lira_pool``: at least 2 shadows for LiRA's fits, ``lira_replicates >= 4``.
+
+    Conditions of the random membership design (a selection half without both classes, a target with too few in-
+    or out-shadows) are found when the attack runs, and reported the same way.
+
+    Returns:
+      ``{attack: reason}`` for the attacks of ``attacks`` that cannot run (empty when all can).
+    """
+    out: dict[str, str] = {}
+    k, shadows = lira_targets, lira_replicates // 2
+    attacked = lira_replicates - shadows
+    for a in attacks:
+        if a == "loss" and replicates < MIN_SPLIT:
+            out[a] = (
+                f"too few replicates: the held-out split by replicate needs >= {MIN_SPLIT} (2 to choose the "
+                f"threshold on, 2 to evaluate it on), got replicates={replicates}"
+            )
+        elif a in EMBEDDED_ATTACKS and 2 * k < MIN_SPLIT:
+            out[a] = (
+                f"too few targets: {2 * k} embedded targets (lira_targets={k} at n={n}), the held-out split over "
+                f"targets needs >= {MIN_SPLIT} (lira_targets >= 2, the default from n = 20 on)"
+            )
+        elif a in EMBEDDED_ATTACKS and attacked < MIN_SPLIT:
+            out[a] = (
+                f"too few replicates: lira_replicates={lira_replicates} leaves {attacked} attacked replicates "
+                f"({shadows} shadows), the held-out split by replicate needs >= {MIN_SPLIT} (lira_replicates >= 7)"
+            )
+        elif a == "lira_pool" and shadows < 2:
+            out[a] = (
+                f"too few shadows: lira_replicates={lira_replicates} gives {shadows} shadow replicates, LiRA's fits "
+                "need >= 2 (lira_replicates >= 4)"
+            )
+    return out
+
+
 def _chunk_size(problem: Problem, n: int, replicates: int, chunk_size, memory_budget) -> tuple[int, int, int]:
     """``(chunk_size, memory_budget, bytes per replicate)``; refuses a budget that cannot hold one replicate."""
     budget_given = memory_budget is not None
@@ -125,6 +181,7 @@ def plan(
     chunk_size: int | None,
     memory_budget: int | None,
     population_size: int | None,
+    population_max: int | None,
     star_size: int | None,
     test_size: int,
     lira_replicates: int | None,
@@ -133,21 +190,31 @@ def plan(
     max_steps: int | None,
     n_boot: int,
 ) -> AuditPlan:
-    """Check every argument of :func:`qmis_jax.audit` (a ValueError names the first bad one) and plan the work."""
+    """Check every argument of :func:`qmis_jax.audit` (a ValueError names the first bad one) and plan the work.
+
+    Sizes too small for an attack's held-out split are not errors: :func:`attacks_not_run` records the attack and
+    its reason in ``not_run``, and the audit reports it as not run."""
     if not isinstance(problem, Problem):
         raise ValueError(f"problem must be a qmis_jax.problems.Problem, got {type(problem).__name__}")
     qs = resolve_quantizers(quantizers)
     n = positive_int("n", n)
+    if n < 2:
+        raise ValueError(
+            "n must be >= 2 (the single-model indicator estimates sigma_k from the spread of the per-sample D_k over "
+            f"the training set, theory.md section 6: one point has none), got n={n}"
+        )
     replicates = positive_int("replicates", replicates)
     attacks = _attacks(attacks)
     if population_size is None:
         population_size = max(50 * n, 20_000)
     population_size = positive_int("population_size", population_size)
+    # the gap sample grows in chunks of population_size until the predicted flip is precise (theory.md section 6)
+    population_max = max(1500 * n, population_size) if population_max is None else population_max
+    population_max = positive_int("population_max", population_max)
     star_size = positive_int("star_size", max(100 * n, 20_000) if star_size is None else star_size, minimum=2)
     test_size = positive_int("test_size", test_size)
-    lira_replicates = positive_int(
-        "lira_replicates", replicates if lira_replicates is None else lira_replicates, minimum=4
-    )
+    # too few for an attack is not an error: the attack is reported as not run (attacks_not_run)
+    lira_replicates = positive_int("lira_replicates", replicates if lira_replicates is None else lira_replicates)
     k_targets = positive_int("lira_targets", max(1, n // 10) if lira_targets is None else lira_targets)
     if k_targets >= n:
         raise ValueError(f"lira_targets must be smaller than n={n}, got lira_targets={k_targets}")
@@ -160,6 +227,7 @@ def plan(
         attacks=attacks,
         indicator=indicator,
         population_size=population_size,
+        population_max=population_max,
         star_size=star_size,
         test_size=test_size,
         lira_replicates=lira_replicates,
@@ -172,4 +240,7 @@ def plan(
         # fold_in(key, 1445) is a derivation that split(key, 8) never makes: the other keys stay as they were
         keys=AuditKeys(*jax.random.split(key, 8), swap=jax.random.fold_in(key, 1445)),
         key=key,
+        not_run=attacks_not_run(
+            attacks, n=n, replicates=replicates, lira_replicates=lira_replicates, lira_targets=k_targets
+        ),
     )

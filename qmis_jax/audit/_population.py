@@ -33,7 +33,7 @@ def estimate_theta_star(plan: AuditPlan, problem: Problem) -> tuple[Any, str]:
     if problem.population is not None:
         return problem.population(k_pop), "closed form"
     x, y = problem.sample(jax.random.fold_in(k_pop, 2), plan.star_size)
-    k_init = jax.random.split(plan.keys.train)[0]  # the replicates' shared initialisation (train.fit_fresh)
+    k_init = train.training_keys(plan.keys.train).init  # the replicates' shared init (train.fit_fresh)
     fit = train.fit_data(
         plan.keys.train, problem, x[None], y[None], init_params=jax.jit(problem.init)(k_init), **plan.fit_kwargs
     )
@@ -42,7 +42,8 @@ def estimate_theta_star(plan: AuditPlan, problem: Problem) -> tuple[Any, str]:
 
 def population_stage(plan: AuditPlan, problem: Problem, progress) -> Population:
     """``theta*`` (:func:`estimate_theta_star`), the population release of every quantizer on a large fresh
-    sample, its rates and asymptotic MIS for training sets of size ``n``."""
+    sample, its events, rates and asymptotic MIS for training sets of size ``n``; the gap sample grows in chunks of
+    ``plan.population_size`` until the predicted flip is precise, up to ``plan.population_max`` points."""
     k_pop = plan.keys.population
     theta_star, source = estimate_theta_star(plan, problem)
     # the gaps are estimated on one fresh sample, the loss-PTQ release chosen on another (theory.md section 6)
@@ -54,6 +55,11 @@ def population_stage(plan: AuditPlan, problem: Problem, progress) -> Population:
     opts = plan.indicator
     k_q = jax.random.fold_in(plan.keys.quantize, 0)
     k_flip = jax.random.fold_in(k_pop, 4)
+    k_more = jax.random.fold_in(k_pop, 5)
+
+    def more(c):
+        """Fresh chunk ``c >= 1`` of the gap sample, drawn when the predicted flip needs more precision."""
+        return problem.sample(jax.random.fold_in(k_more, c), plan.population_size)
 
     def one(j, name, q):
         return indicator.population_indicator(
@@ -67,6 +73,9 @@ def population_stage(plan: AuditPlan, problem: Problem, progress) -> Population:
             options=opts,
             select=select,
             flip_key=k_flip,
+            more=more,
+            max_size=plan.population_max,
+            exact_star=source == "closed form",
         )
 
     audits = dict(zip(plan.quantizers, per_quantizer(one, plan.quantizers)))

@@ -35,26 +35,38 @@ def release_program(q, problem, opts: IndicatorOptions, shared: bool = False):
 @functools.lru_cache(maxsize=256)
 def single_program(q, problem, opts: IndicatorOptions):
     """jit over replicates of the single-model audit: the releases at once
-    (:func:`~qmis_jax.indicator.ptq_release_batched`), then per replicate the indicator, each release's codes compared
-    to ``pop_codes`` (one program per quantizer, shared by every chunk of the fresh-data statistics).
+    (:func:`~qmis_jax.indicator.ptq_release_batched`), then per replicate the indicator and whether the release left
+    the population release: everything it publishes (:func:`~qmis_jax.quantizers.tree_published`, read in the
+    replicate's codebook) compared to ``pop_published``, the population release's in ``theta*``'s (theory.md
+    sections 9-10; one program per quantizer, shared by every chunk of the fresh-data statistics).
 
     The releases stay inside this program: run as a separate release program whose outputs feed an indicator
     program, the audit hung in XLA's CPU client (about one audit in three on two cores, every thread idle)."""
 
-    def one(params, x, y, key, pop_codes, released):
+    def one(params, x, y, key, pop_published, released):
         single = indicator.single_model_indicator(q, problem, params, x, y, key=key, options=opts, released=released)
-        codes = _quantizers.tree_codes(q, single.release, params, skip=opts.skip)
-        same = functools.reduce(
-            jnp.logical_and,
-            jax.tree_util.tree_leaves(jax.tree.map(lambda a, b: jnp.all(a == b), codes, pop_codes)),
-        )
-        return single, same
+        published = _quantizers.tree_published(q, single.release, params, skip=opts.skip)
+        return single, ~_quantizers.published_differ(published, pop_published)
 
-    def program(params, x, y, keys, pop_codes):
-        released = indicator.ptq_release_batched(q, problem, params, x, y, keys=keys, options=opts)
-        return jax.vmap(one, in_axes=(0, 0, 0, 0, None, 0))(params, x, y, keys, pop_codes, released)
+    def program(params, x, y, keys, pop_published):
+        if opts.ptq == "loss":  # the descents with every comparison they made: the release's events
+            released = indicator.ptq_paths_batched(q, problem, params, x, y, keys=keys, options=opts)
+        else:
+            released = indicator.ptq_release_batched(q, problem, params, x, y, keys=keys, options=opts)
+        return jax.vmap(one, in_axes=(0, 0, 0, 0, None, 0))(params, x, y, keys, pop_published, released)
 
     return jax.jit(program)
+
+
+@functools.lru_cache(maxsize=256)
+def differ_program(q, skip):
+    """jit(vmap) of :func:`~qmis_jax.quantizers.releases_differ` over replicates: whether each replicate's release
+    ``(release_a, params_a)`` and ``(release_b, params_b)`` differ in any published number (theory.md section 10)."""
+
+    def one(release_a, params_a, release_b, params_b):
+        return _quantizers.releases_differ(q, release_a, params_a, release_b, params_b, skip=skip)
+
+    return jax.jit(jax.vmap(one))
 
 
 @functools.lru_cache(maxsize=64)

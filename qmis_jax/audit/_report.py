@@ -65,6 +65,9 @@ class AuditReport:
     def _raw(self, quantizer: str, attack: str):
         if quantizer not in self.raw_scores:
             raise KeyError(f"quantizer {quantizer!r} has no scores; this report has {sorted(self.raw_scores)}")
+        entry = self.data.get("quantizers", {}).get(quantizer, {}).get("attacks", {}).get(attack)
+        if attack not in self.raw_scores[quantizer] and entry is not None and entry.get("ran") is False:
+            raise KeyError(f"attack {attack!r} did not run on {quantizer!r}: {entry.get('reason')}")
         if attack not in self.raw_scores[quantizer]:
             raise KeyError(
                 f"attack {attack!r} has no scores here; this report has {sorted(self.raw_scores[quantizer])}"
@@ -128,6 +131,12 @@ def significant(x, digits: int = 4) -> float | None:
     return x if x is None or x == 0 else float(f"{x:.{digits - 1}e}")
 
 
+SINGLE_NOTE = (
+    "each replicate's own indicator on the data that chose its release: every decision holds there, so it is "
+    "biased upward (theory.md section 6); its spread shows how reliable one audit is, r_population is the value"
+)
+
+
 def _entry(plan: AuditPlan, name: str, population: Population, per_rep: ReplicateStats, attacks) -> dict:
     pop = population.audits[name]
     opts = plan.indicator
@@ -136,7 +145,9 @@ def _entry(plan: AuditPlan, name: str, population: Population, per_rep: Replicat
     continuous = bool(pop.continuous)
     # theory.md section 10: the swap coupling bounds Delta from above, the held-out attacks (thresholds chosen on
     # other replicates) from below; jointly 95%
-    bounds = {a: attacks[a]["advantage_bound"] for a in SECTION1_ATTACKS if a in attacks}
+    # an attack that did not run (too small a design) enters no limit and no Bonferroni share
+    ran = [a for a in SECTION1_ATTACKS if a in attacks and attacks[a].get("ran", True)]
+    bounds = {a: attacks[a]["advantage_bound"] for a in ran}
     bracket = stats.bracket_report(per_rep.of(name, "swap_changed"), bounds, continuous=continuous)
     regime = (not continuous) and bool(indicator.asymptotic_regime(float(pop.sqrt_n_c_min)))
     return {
@@ -144,8 +155,13 @@ def _entry(plan: AuditPlan, name: str, population: Population, per_rep: Replicat
         "continuous": continuous,
         "release": _quantizers.release_info(q, population.theta_star, skip=opts.skip, ptq=opts.ptq),
         "r_population": significant(pop.r),
+        "r_population_se": significant(pop.r_se),
+        "r_zero_reason": pop.r_zero_reason,
+        "events": pop.events,
+        "population_sample_size": pop.sample_size,
         "r_codes": significant(pop.r_codes),
         "r_single": summary(per_rep.of(name, "r_hat")),
+        "r_single_note": SINGLE_NOTE,
         "r_single_interval_mean": [
             float(np.nanmean(per_rep.of(name, "r_lo"))),
             float(np.nanmean(per_rep.of(name, "r_hi"))),
@@ -158,6 +174,7 @@ def _entry(plan: AuditPlan, name: str, population: Population, per_rep: Replicat
         "flip_rate": float(flips.mean()),
         "flip_rate_se": float(flips.std(ddof=1) / math.sqrt(flips.size)) if flips.size > 1 else float("nan"),
         "flip_rate_predicted": None if continuous else significant(pop.flip_rate_predicted),
+        "flip_rate_predicted_se": None if continuous else significant(pop.flip_se),
         "flip_union_bound": None if continuous else significant(pop.flip_union_bound),
         "competitors": int(np.sum(np.asarray(pop.valid))),
         "rates_capped": int(np.sum(np.asarray(pop.capped))),
@@ -174,6 +191,10 @@ def rank(key, entries: dict[str, dict], r_hats: dict[str, np.ndarray], *, n_boot
     if len(r_hats) < 2:
         return list(r_hats), []
     rows = np.all([np.isfinite(v) for v in r_hats.values()], axis=0)
+    upper = {name: entries[name]["mis_empirical_upper"] or 0.0 for name in r_hats}
+    if rows.size < 2:  # a single replicate: an order, but no paired interval to put behind it
+        mean_r = {name: float(np.nan_to_num(np.mean(v), nan=-np.inf)) for name, v in r_hats.items()}
+        return sorted(r_hats, key=lambda nm: (-mean_r[nm], -upper[nm])), []
     if rows.sum() < 2:
         raise ValueError(
             f"only {rows.sum()} of {rows.size} replicates have a finite single-model indicator for every "
@@ -182,7 +203,6 @@ def rank(key, entries: dict[str, dict], r_hats: dict[str, np.ndarray], *, n_boot
     r_hats = {name: v[rows] for name, v in r_hats.items()}
     ranking, table = stats.rank_quantizers(key, r_hats, n_boot=n_boot)
     mean_r = {name: float(np.mean(v)) for name, v in r_hats.items()}
-    upper = {name: entries[name]["mis_empirical_upper"] or 0.0 for name in r_hats}
     ranking = sorted(ranking, key=lambda nm: (-mean_r[nm], -upper[nm]))
     intervals = [
         {
@@ -207,6 +227,7 @@ def _config(plan: AuditPlan, problem: Problem) -> dict[str, Any]:
         "problem": problem.info(),
         "quantizers": {nm: repr(q) for nm, q in plan.quantizers.items()},
         "population_size": plan.population_size,
+        "population_max": plan.population_max,
         "star_size": plan.star_size,
         "test_size": plan.test_size,
         "lira_replicates": plan.lira_replicates,

@@ -9,13 +9,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qmis_jax import indicator, train
+from qmis_jax import indicator, quantizers, train
 from qmis_jax.problems import Problem
 from qmis_jax.store import Store
 
 from ._plan import AuditPlan
 from ._population import Population
-from ._programs import loss_program, per_quantizer, release_program, replicate_keys, single_program, utility_program
+from ._programs import (
+    differ_program,
+    loss_program,
+    per_quantizer,
+    release_program,
+    replicate_keys,
+    single_program,
+    utility_program,
+)
 from ._train import Trained
 
 
@@ -44,10 +52,19 @@ def swapped_fit(plan: AuditPlan, problem: Problem, x, y, idx: np.ndarray):
     return xs, ys, jax.device_put(fit.params, xs.sharding)
 
 
-def _releases_differ(a, b) -> jax.Array:
-    """Per replicate: whether any published number of release ``a`` differs from release ``b``."""
-    leaves = jax.tree_util.tree_leaves(jax.tree.map(lambda u, v: jnp.any((u != v).reshape(u.shape[0], -1), 1), a, b))
-    return jnp.any(jnp.stack(leaves), axis=0)
+def _releases_differ(q, release, params, swapped, params_s, skip) -> jax.Array:
+    """Per replicate: whether the release of ``params`` and the swapped release of ``params_s`` differ in any
+    published number, each read in its own codebook (:func:`~qmis_jax.quantizers.releases_differ`: codes, scale
+    codes and the bits of float leaves; theory.md section 10)."""
+    return differ_program(q, skip)(release, params, swapped, params_s)
+
+
+def _population_published(q, audit, theta_star, skip):
+    """What the population release publishes in ``theta*``'s codebook (computed here when the audit lacks it)."""
+    published = getattr(audit, "published", None)
+    if published is not None:
+        return published
+    return quantizers.tree_published(q, audit.release, theta_star, skip=skip)
 
 
 def _chunk_statistics(plan: AuditPlan, problem: Problem, params, idx: np.ndarray, pop: Population) -> dict:
@@ -61,12 +78,13 @@ def _chunk_statistics(plan: AuditPlan, problem: Problem, params, idx: np.ndarray
     def one(j, name, q):
         keys = replicate_keys(jax.random.fold_in(plan.keys.quantize, j + 1), idx)
         program = single_program(q, problem, opts)
-        single, same = program(params, x, y, keys, pop.audits[name].codes)
+        pop_published = _population_published(q, pop.audits[name], pop.theta_star, opts.skip)
+        single, same = program(params, x, y, keys, pop_published)
         swapped = release_program(q, problem, opts)(params_s, xs, ys, keys)
         continuous = indicator.no_exponential_security(q, opts.ptq, pop.theta_star, opts.skip)
         flipped = jnp.ones_like(same) if continuous else ~same
         part = {
-            f"{name}.swap_changed": _releases_differ(single.release, swapped),
+            f"{name}.swap_changed": _releases_differ(q, single.release, params, swapped, params_s, opts.skip),
             f"{name}.r_hat": single.r_hat,
             f"{name}.r_lo": single.r_interval[:, 0],
             f"{name}.r_hi": single.r_interval[:, 1],

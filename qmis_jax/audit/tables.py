@@ -24,23 +24,34 @@ def fmt(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def _attack_cell(q: Mapping[str, Any], name: str) -> str:
-    """The held-out advantage of one attack with its interval (never the in-sample one)."""
-    res = q.get("attacks", {}).get(name)
-    if res is None:
-        return "-"
-    value = res.get("advantage_heldout")
-    lo, hi = res.get("advantage_heldout_ci", (None, None))
+def not_run_cell(res: Mapping[str, Any] | None) -> str | None:
+    """``not run: REASON`` for an attack entry with ``"ran": false`` (too small a design, theory.md section 10),
+    else None."""
+    if res is None or res.get("ran", True):
+        return None
+    return f"not run: {res.get('reason') or 'no reason recorded'}"
+
+
+def _interval(value: Any, ci: Any) -> str:
+    lo, hi = ci if ci is not None else (None, None)
     return f"{fmt(value)} [{fmt(lo)}, {fmt(hi)}]"
 
 
-def _pool_cell(q: Mapping[str, Any], name: str) -> str:
-    """The advantage of a pool-design attack with its interval (a different game: it bounds nothing)."""
+def _attack_cell(q: Mapping[str, Any], name: str) -> str:
+    """The held-out advantage of one attack with its interval (never the in-sample one), or why it did not run."""
     res = q.get("attacks", {}).get(name)
     if res is None:
         return "-"
-    lo, hi = res["advantage_ci"]
-    return f"{fmt(res['advantage'])} [{fmt(lo)}, {fmt(hi)}]"
+    return not_run_cell(res) or _interval(res.get("advantage_heldout"), res.get("advantage_heldout_ci"))
+
+
+def _pool_cell(q: Mapping[str, Any], name: str) -> str:
+    """The advantage of a pool-design attack with its interval (a different game: it bounds nothing), or why it
+    did not run."""
+    res = q.get("attacks", {}).get(name)
+    if res is None:
+        return "-"
+    return not_run_cell(res) or _interval(res.get("advantage"), res.get("advantage_ci"))
 
 
 def _utility_cell(u: Mapping[str, Any]) -> str:
@@ -130,7 +141,8 @@ def _head(first: str, rule: str, attack_columns: list[str]) -> list[str]:
 
 def attack_table(report: Report) -> list[str]:
     """Markdown table of the attacks per quantizer: held-out advantage with its interval and one-sided lower limit
-    (the bracket's input), then the in-sample advantage and AUC, which are descriptive only."""
+    (the bracket's input), then the in-sample advantage and AUC, which are descriptive only. An attack that did
+    not run shows ``not run: REASON``."""
     attacks = sorted({a for q in report["quantizers"].values() for a in q.get("attacks", {})})
     lines = [
         "| quantizer | attack | held-out advantage [95% CI] | lower limit (bracket) | in-sample advantage "

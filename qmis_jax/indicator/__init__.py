@@ -1,6 +1,7 @@
 """The asymptotic MIS indicator (theory.md sections 2-6, 8, 9): sandwich covariances, post-training quantization
 procedures and their events, competitors and loss gaps, rates and the indicator ``r_Q^n``, the asymptotic MIS with
-its regime rule, single-model and population estimates, and exact Gaussian-mean oracles.
+its regime rule, single-model and population estimates, exact Gaussian-mean oracles and the exact loss-PTQ flip
+probability of small models on fixed grids.
 
 Theory only: it imports :mod:`qmis_jax.stats`, :mod:`qmis_jax.quantizers` and never :mod:`qmis_jax.attacks`.
 """
@@ -10,16 +11,20 @@ from .estimate import (
     SingleAudit,
     no_exponential_security,
     population_indicator,
+    ptq_paths_batched,
     ptq_release,
     ptq_release_batched,
     single_model_indicator,
     single_model_indicator_batched,
 )
+from .events import EVENT_KINDS, EventSet
 from .exact import (
+    LossPtqFlip,
     gaussian_mean_fp_delta,
     gaussian_mean_gaps,
     gaussian_mean_mis_approximation,
     gaussian_mean_quantized_delta,
+    loss_ptq_flip_exact,
 )
 from .margins import (
     LOSS_DIFFERENCE_METHODS,
@@ -32,7 +37,7 @@ from .margins import (
 )
 from .mis import MIS_METHODS, MisApprox, mis_asymptotic
 from .options import PTQ_METHODS, IndicatorOptions
-from .ptq import ptq_loss, ptq_loss_batched, ptq_rtn
+from .ptq import DescentPath, descent_path, descent_path_batched, ptq_loss, ptq_loss_batched, ptq_rtn
 from .rates import CramerRate, cramer_rate, gaussian_rate, indicator
 from .regime import REGIME_THRESHOLD, asymptotic_regime
 from .sandwich import (
@@ -46,8 +51,12 @@ from .sandwich import (
 
 __all__ = [
     "CramerRate",
+    "DescentPath",
+    "EVENT_KINDS",
+    "EventSet",
     "IndicatorOptions",
     "LOSS_DIFFERENCE_METHODS",
+    "LossPtqFlip",
     "MIS_METHODS",
     "MisApprox",
     "Moves",
@@ -58,6 +67,8 @@ __all__ = [
     "asymptotic_regime",
     "competitors",
     "cramer_rate",
+    "descent_path",
+    "descent_path_batched",
     "gap_stats",
     "gaussian_mean_fp_delta",
     "gaussian_mean_gaps",
@@ -67,12 +78,14 @@ __all__ = [
     "hessian_diag",
     "indicator",
     "loss_differences",
+    "loss_ptq_flip_exact",
     "mis_asymptotic",
     "no_exponential_security",
     "per_sample_grads",
     "population_indicator",
     "ptq_loss",
     "ptq_loss_batched",
+    "ptq_paths_batched",
     "ptq_release",
     "ptq_release_batched",
     "ptq_rtn",

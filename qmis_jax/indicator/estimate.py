@@ -23,29 +23,38 @@ parameters) follow the ``2p`` element events under both PTQs, and ``r`` is the m
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from qmis_jax._checks import positive_int
 from qmis_jax.quantizers import get as _get_quantizer
-from qmis_jax.quantizers import is_continuous, tree_codes
+from qmis_jax.quantizers import is_continuous, tree_codes, tree_published
 
+from . import _population
+from .events import KIND, EventSet, single_loss_events
+from .events import count_events as _count_events
 from .margins import (
-    competitors,
-    gap_stats,
-    loss_differences,
     rtn_differences,
     rtn_margins,
-    scale_differences,
-    scale_margins,
 )
 from .mis import mis_asymptotic
 from .options import PTQ_METHODS, IndicatorOptions
-from .ptq import ptq_loss, ptq_loss_batched, ptq_rtn
+from .ptq import (
+    DescentPath,
+    _check_sweeps,
+    descent_path,
+    descent_path_batched,
+    ptq_loss,
+    ptq_loss_batched,
+    ptq_rtn,
+)
 from .rates import cramer_rate, gaussian_rate, indicator
+from .rates import indicator as indicator_fn
 from .sandwich import check_chunk, check_data, sandwich_covariance_flagged
 
 Array = jax.Array
@@ -81,6 +90,8 @@ class SingleAudit(NamedTuple):
         not meaningful.
       r_codes: scalar, the codes' own rate ``min_k I_k`` even when the release is continuous (section 9): a label
         for reports, never the indicator (``r_hat`` is 0 for a continuous release).
+      kind: ``(K,)`` int32, each event's kind (:data:`~qmis_jax.indicator.events.EVENT_KINDS`).
+      settled: bool, the loss-PTQ descent stopped because a sweep moved nothing (False: ``max_sweeps``, ``r = 0``).
     """
 
     r_hat: Array
@@ -94,6 +105,8 @@ class SingleAudit(NamedTuple):
     n_moves: Array
     ok: Array
     r_codes: Array = None
+    kind: Array = None
+    settled: Array = None
 
 
 class PopulationAudit(NamedTuple):
@@ -120,6 +133,8 @@ class PopulationAudit(NamedTuple):
       ptq: ``"loss"`` or ``"rtn"``. method: ``"gaussian"`` or ``"cramer"``.
       r_codes: the codes' own rate (section 9), equal to ``r`` for a discrete release; never the indicator.
       continuous: whether the release is continuous (:func:`qmis_jax.quantizers.is_continuous`): ``r = 0``.
+      published: what it publishes in ``theta*``'s codebook (:func:`~qmis_jax.quantizers.tree_published`), the
+        Monte Carlo flip's reference (theory.md sections 9-10).
     """
 
     r: Array
@@ -143,6 +158,16 @@ class PopulationAudit(NamedTuple):
     continuous: bool = False
     flip_union_bound: Array = None
     sqrt_n_c_min: Array = None
+    r_se: float = None
+    flip_se: float = None
+    events: dict = None
+    r_zero_reason: str | None = None
+    sample_size: int = None
+    kind: Any = None
+    coord: Any = None
+    settled: bool = True
+    determined: bool = True
+    published: PyTree = None
 
 
 def no_exponential_security(q, ptq: str, params=None, skip=None) -> bool:
@@ -155,44 +180,6 @@ def no_exponential_security(q, ptq: str, params=None, skip=None) -> bool:
 def _codes_only(q, ptq: str) -> bool:
     """The rule before section 9, for the codes' own rate ``r_codes``: continuous values or stochastic RTN."""
     return bool(q.continuous or (ptq == "rtn" and q.stochastic))
-
-
-class _Events(NamedTuple):
-    """A release's events as parallel rows: gaps or margins ``delta``, their ``sigma`` and ``valid`` flags ``(K,)``,
-    the linearised contributions ``D`` ``(K, n)`` (or None), and the ok flag of the statistics behind them."""
-
-    delta: Array
-    sigma: Array
-    valid: Array
-    D: Array | None
-    ok: Array
-
-
-def _with_scale_events(q, problem, params, x, y, weights, events: _Events, opts: IndicatorOptions) -> _Events:
-    """Append the scale code's events (theory.md section 9) to the code events of a loss-PTQ release.
-
-    The margins need the sandwich ``Sigma`` at ``params`` (HC0 on ``(x, y)``); for Cramer rates their linearised
-    contributions extend ``D``. Nothing changes without a discrete scale format.
-    """
-    if not q.discrete_scale:
-        return events
-    skip, chunk_size, D = opts.skip, opts.chunk_size, events.D
-    cov, cov_ok = sandwich_covariance_flagged(problem.loss, params, x, y, weights=weights)
-    m, s, v = scale_margins(q, params, cov, skip=skip, chunk_size=chunk_size)
-    if D is not None:
-        if opts.method == "cramer":
-            D_s, _ = scale_differences(q, problem.loss, params, x, y, skip=skip, weights=weights, chunk_size=chunk_size)
-        else:
-            D_s = jnp.zeros((m.shape[0], D.shape[1]), D.dtype)
-        D = jnp.concatenate([D, D_s.astype(D.dtype)])
-    dtype = events.delta.dtype
-    return _Events(
-        jnp.concatenate([events.delta, m.astype(dtype)]),
-        jnp.concatenate([events.sigma, s.astype(dtype)]),
-        jnp.concatenate([events.valid, v]),
-        D,
-        events.ok & cov_ok,
-    )
 
 
 def _glm(problem, differences: str) -> dict[str, Any]:
@@ -232,6 +219,27 @@ def ptq_release_batched(q, problem, params: PyTree, x: Array, y: Array, *, keys=
     )
 
 
+def ptq_paths_batched(q, problem, params: PyTree, x: Array, y: Array, *, keys=None, options: IndicatorOptions):
+    """The loss-PTQ descents of ``R`` models on their own data sets, with every comparison they made
+    (:func:`~qmis_jax.indicator.descent_path_batched`; settled models leave the batch).
+
+    Args:
+      q, problem, params, x, y, keys, options: as in :func:`ptq_release_batched`; ``options.ptq`` must be
+        ``"loss"``.
+
+    Returns:
+      :class:`~qmis_jax.indicator.DescentPath` with a leading axis ``R``, to pass one replicate at a time as
+      ``released`` of :func:`single_model_indicator`.
+    """
+    if options.ptq != "loss":
+        raise ValueError(f"options.ptq must be 'loss' for descent paths, got {options.ptq!r}")
+    glm = _glm(problem, options.differences)
+    return descent_path_batched(
+        _get_quantizer(q), problem.loss, params, x, y, keys=keys, skip=options.skip, max_sweeps=options.max_sweeps,
+        **glm,
+    )  # fmt: skip
+
+
 def ptq_release(q, problem, params, x, y, *, key=None, weights=None, options=None, **indicator) -> PyTree:
     """The release :func:`single_model_indicator` audits, alone: loss PTQ on ``(x, y)`` (with ``weights``) or
     round-to-nearest, as ``options.ptq`` says, without the indicator's statistics.
@@ -258,37 +266,40 @@ def ptq_release(q, problem, params, x, y, *, key=None, weights=None, options=Non
     return _release(q, problem, params, x, y, weights, key, opts)[0]
 
 
-def _statistics(
-    q, problem, params, x, y, weights, key, opts: IndicatorOptions, select=None, rtn_samples=False, released=None
-):
-    """Release, ``(delta, sigma, valid)``, the samples ``D`` (or None), moves and an ok flag.
+def _statistics(q, problem, params, x, y, weights, key, opts: IndicatorOptions, released=None):
+    """Release, its :class:`~qmis_jax.indicator.events.EventSet` on ``(x, y)`` and the loss-PTQ move count.
 
-    ``select``: an optional sample ``(x_s, y_s)`` on which the loss-PTQ release is chosen, the gaps being estimated
-    on ``(x, y)`` (theory.md section 6: on one sample ``delta_k >= 0`` by construction). ``rtn_samples``: also
-    return the RTN events' linearised contributions ``D`` (their correlations enter the joint flip probability).
-    ``released``: ``(release, n_moves)`` already computed (:func:`_release` or its batched form) instead of the PTQ.
+    Loss PTQ: every event of the descent that chose the release on this data (:func:`single_loss_events`).
+    RTN: the thresholds and scale codes of section 3(b) and 9, with the sandwich at ``params``.
+    ``released``: the release's :class:`~qmis_jax.indicator.ptq.DescentPath` (loss PTQ) or ``(release, n_moves)``
+    (RTN) already computed on this data with these options, used instead of running the PTQ again.
     """
-    glm = _glm(problem, opts.differences)
     skip, chunk_size = opts.skip, opts.chunk_size
     if opts.ptq == "loss":
-        xs, ys, ws = (x, y, weights) if select is None else (*select, None)
-        release, n_moves = _release(q, problem, params, xs, ys, ws, key, opts) if released is None else released
-        moves = competitors(q, release, params, skip=skip)
-        D = loss_differences(problem.loss, release, moves, x, y, **glm, chunk_size=chunk_size, method=opts.differences)
-        valid = moves.valid
-        delta, sigma = gap_stats(D, valid, weights=weights)
-        events = _Events(delta, sigma, valid, D, jnp.asarray(True))
-        delta, sigma, valid, D, ok = _with_scale_events(q, problem, params, x, y, weights, events, opts)
+        glm = _glm(problem, opts.differences)
+        path = released
+        if not isinstance(path, DescentPath):
+            path = descent_path(q, problem.loss, params, x, y, key=key, skip=skip, weights=weights,
+                                max_sweeps=opts.max_sweeps, **glm)  # fmt: skip
+        theta, unravel = ravel_pytree(params)
+        release = unravel(path.release.astype(theta.dtype))
+        events = single_loss_events(q, problem, params, path, x, y, weights, opts, glm,
+                                    start_descents=opts.start_descents)  # fmt: skip
+        n_moves = path.moves
     else:
         release, n_moves = _release(q, problem, params, x, y, weights, key, opts) if released is None else released
         cov, ok = sandwich_covariance_flagged(problem.loss, params, x, y, weights=weights)
         delta, sigma, valid = rtn_margins(q, params, cov, skip=skip, chunk_size=chunk_size)
+        p = int(ravel_pytree(params)[0].shape[0])
+        kind = jnp.where(jnp.arange(valid.shape[0]) < 2 * p, KIND["threshold"], KIND["scale"]).astype(jnp.int32)
+        coord = jnp.where(jnp.arange(valid.shape[0]) < 2 * p, jnp.arange(valid.shape[0]) // 2, -1).astype(jnp.int32)
         D = None
-        if opts.method == "cramer" or rtn_samples:
+        if opts.method == "cramer":
             D, _ = rtn_differences(q, problem.loss, params, x, y, skip=skip, weights=weights, chunk_size=chunk_size)
-    finite = jnp.all(jnp.where(valid, jnp.isfinite(delta) & jnp.isfinite(sigma), True))
-    finite = finite & jnp.all(jnp.isfinite(ravel_pytree(params)[0]))  # NaN parameters have no neighbours at all
-    return release, delta, sigma, valid, D, n_moves, ok & finite
+        finite = jnp.all(jnp.where(valid, jnp.isfinite(delta) & jnp.isfinite(sigma), True))
+        events = EventSet(delta, sigma, valid, kind, coord, D, ok & finite, jnp.asarray(True))
+    ok = events.ok & jnp.all(jnp.isfinite(ravel_pytree(params)[0]))  # NaN parameters have no neighbours at all
+    return release, events._replace(ok=ok), n_moves
 
 
 def _indicator_options(options: IndicatorOptions | None, indicator: dict[str, Any]) -> IndicatorOptions:
@@ -349,8 +360,9 @@ def single_model_indicator(
       options: the indicator's settings (:class:`~qmis_jax.indicator.IndicatorOptions`: ``ptq``, ``method``, ``z``,
         ``skip``, ``max_sweeps``, ``chunk_size``, ``cap`` (Cramer cap, default ``log(n)``), ``differences``
         (``"exact"``, or the ``"taylor"`` form for large models, section 6 "Cost")).
-      released: ``(release, n_moves)`` of this model already computed on this data with these options
-        (:func:`ptq_release_batched`), used instead of running the PTQ again.
+      released: this model's release already computed on this data with these options, used instead of running
+        the PTQ again: its :class:`~qmis_jax.indicator.DescentPath` (loss PTQ, :func:`ptq_paths_batched`) or
+        ``(release, n_moves)`` (RTN, :func:`ptq_release_batched`).
       **indicator: or those fields as keywords (``ptq="rtn"``...), not both.
 
     Returns:
@@ -362,8 +374,9 @@ def single_model_indicator(
     >>> problem = gaussian_mean(mu=[0.3])
     >>> x, y = problem.sample(jax.random.key(0), 500)
     >>> audit = single_model_indicator(uniform(step=1.0), problem, problem.solve(x, y, y + 1), x, y)
-    >>> audit.delta.shape, bool(audit.r_interval[0] <= audit.r_hat <= audit.r_interval[1])
-    ((2,), True)
+    >>> from qmis_jax.indicator.events import count_events
+    >>> count_events(audit.kind, audit.valid), bool(audit.r_interval[0] <= audit.r_hat <= audit.r_interval[1])
+    ({'release': 2}, True)
     """
     opts = _indicator_options(options, indicator)
     q = _get_quantizer(q)
@@ -374,32 +387,34 @@ def single_model_indicator(
 @functools.partial(jax.jit, static_argnums=(0, 1, 7))
 def _single_core(q, problem, params, x, y, weights, key, opts: IndicatorOptions, released=None):
     n, z, method, cap = x.shape[0], opts.z, opts.method, opts.cap
-    stats_ = _statistics(q, problem, params, x, y, weights, key, opts, released=released)
-    release, delta, sigma, valid, D, n_moves, ok = stats_
+    release, ev, n_moves = _statistics(q, problem, params, x, y, weights, key, opts, released=released)
+    delta, sigma, valid, D = ev.delta, ev.sigma, ev.valid, ev.D
     dtype = delta.dtype
     n_eff = _effective_n(weights, n, dtype)
     half = jnp.where(valid, z * sigma / jnp.sqrt(n_eff), 0.0)
     capped = jnp.zeros(valid.shape, bool)
-    if method == "gaussian":
-        rates = gaussian_rate(delta, sigma)
-        lo_rates = gaussian_rate(delta - half, sigma)
-        hi_rates = gaussian_rate(delta + half, sigma)
-    else:
-        k = valid.shape[0]
-        stacked = jnp.concatenate([D, D - half[:, None], D + half[:, None]])  # one batched solve for all three
-        cr = cramer_rate(stacked, jnp.tile(valid, 3), weights=weights, cap=cap)
-        rates, capped = cr.rate[:k], cr.capped[:k]
-        lo_rates, hi_rates = cr.rate[k : 2 * k], cr.rate[2 * k :]
+    rates = gaussian_rate(delta, sigma)
+    lo_rates = gaussian_rate(delta - half, sigma)
+    hi_rates = gaussian_rate(delta + half, sigma)
+    if method == "cramer" and D is not None:  # the events with rows: empirical Chernoff rates (section 4)
+        k = D.shape[0]
+        h = half[:k, None]
+        stacked = jnp.concatenate([D, D - h, D + h])  # one batched solve for all three
+        cr = cramer_rate(stacked, jnp.tile(valid[:k], 3), weights=weights, cap=cap)
+        rates, capped = rates.at[:k].set(cr.rate[:k]), capped.at[:k].set(cr.capped[:k])
+        lo_rates, hi_rates = lo_rates.at[:k].set(cr.rate[k : 2 * k]), hi_rates.at[:k].set(cr.rate[2 * k :])
     flat = no_exponential_security(q, opts.ptq, params, opts.skip)
-    # a statistic that is not finite (NaN parameters, NaN losses) gives NaN, never a spurious +inf or 0
-    bad = ~ok
-    r_hat = jnp.where(bad, jnp.nan, indicator(rates, valid, continuous=flat))
-    r_codes = jnp.where(bad, jnp.nan, indicator(rates, valid, continuous=_codes_only(q, opts.ptq)))
-    r_interval = jnp.where(
-        bad,
-        jnp.nan,
-        jnp.stack([indicator(lo_rates, valid, continuous=flat), indicator(hi_rates, valid, continuous=flat)]),
-    )
+    # a statistic that is not finite (NaN parameters, NaN losses) gives NaN, never a spurious +inf or 0; a descent
+    # stopped at max_sweeps is not known to be a local minimiser: r = 0 (section 4)
+    bad = ~ev.ok
+    unsettled = ~ev.settled
+
+    def r_of(rt, continuous):
+        return jnp.where(bad, jnp.nan, jnp.where(unsettled, 0.0, indicator(rt, valid, continuous=continuous)))
+
+    r_hat = r_of(rates, flat)
+    r_codes = r_of(rates, _codes_only(q, opts.ptq))
+    r_interval = jnp.stack([r_of(lo_rates, flat), r_of(hi_rates, flat)])
     return SingleAudit(
         r_hat=r_hat,
         r_interval=r_interval,
@@ -410,8 +425,10 @@ def _single_core(q, problem, params, x, y, weights, key, opts: IndicatorOptions,
         rates=rates,
         capped=capped,
         n_moves=n_moves,
-        ok=ok,
+        ok=ev.ok,
         r_codes=r_codes,
+        kind=ev.kind,
+        settled=ev.settled,
     )
 
 
@@ -482,57 +499,100 @@ def population_indicator(
     select: tuple[Array, Array] | None = None,
     flip_key: Array | None = None,
     options: IndicatorOptions | None = None,
+    more: Callable[[int], tuple[Array, Array]] | None = None,
+    max_size: int | None = None,
+    exact_star: bool = False,
     **indicator,
 ) -> PopulationAudit:
-    """Population indicator ``r_pop`` and asymptotic MIS at ``theta*`` from a large fresh sample (section 6).
+    """Population indicator ``r_pop`` and asymptotic MIS at ``theta*`` from large fresh samples (section 6).
 
     ``ptq="loss"``: the population release is the loss-minimising PTQ of ``theta*`` with the population loss
-    replaced by the mean loss on ``(x_big, y_big)`` (codebook fixed by ``theta*``); ``delta_k``, ``sigma_k`` (and
-    the Cramer rates) come from its competitors' loss differences on the big sample. ``ptq="rtn"``: the release is
-    ``Q(theta*)``; the margins use ``Sigma = sandwich_covariance(problem.loss, theta*, x_big, y_big)`` at ``theta*``
-    (so ``Cov(theta_hat) ~ Sigma / n``, entering through ``sqrt(n)`` in ``p_k``) and the delta method. Then
-    ``r = min_k I_k`` (section 4) and ``mis_asymptotic = 1 - sum_k p_k f_k`` for training sets of size ``n``
-    (section 5). Never average ``exp(-n r_hat)`` over replicates instead (section 6).
+    replaced by the mean loss on ``select`` (or on ``(x_big, y_big)``), codebook fixed by ``theta*``. Its events
+    (section 3(a), :mod:`~qmis_jax.indicator.events`) are every comparison of that descent, the start events that
+    lead elsewhere and the scale code's events; their gaps ``delta_k``, ``sigma_k`` are estimated on
+    ``(x_big, y_big)`` and, when ``more`` is given, on further fresh chunks ``more(1), more(2), ...`` until the
+    predicted flip probability's relative standard error is at most 10% wherever ``sqrt(n) c_min <= 3.5`` (or
+    ``max_size`` points are used). A path decision whose sign on that independent sample differs from the one
+    taken on ``select`` gives ``r = 0`` ("population path not determined at this precision"); a descent that
+    stops at ``max_sweeps`` gives ``r = 0`` too. ``ptq="rtn"``: the release is ``Q(theta*)``, its events the
+    thresholds and scale codes with the sandwich ``Sigma`` at ``theta*`` (section 3(b)). Then ``r = min_k I_k``
+    (section 4), ``mis_asymptotic = 1 - sum_k p_k f_k`` and the joint flip probability for training sets of size
+    ``n`` (section 5), each event with its per-example influence row. ``r`` and the predicted flip carry standard
+    errors from the sample size (delta method, ``se(c_k) = sqrt((1 + c_k^2 / 2) / m)``; the flip's is the sum of
+    ``|dP / dc_k| se(c_k)``, conservative). Never average ``exp(-n r_hat)`` over replicates instead (section 6).
 
     Args:
       q: the quantizer (or a preset name).
       problem: the :class:`~qmis_jax.problems.Problem`.
-      theta_star: ``theta*`` (pytree), e.g. the replicate mean or ``problem.population(key)``.
-      x_big: ``(m, ...)`` a large fresh sample. y_big: ``(m,)``.
+      theta_star: ``theta*`` (pytree), e.g. ``problem.population(key)`` or the fit of a large fresh sample.
+      x_big: ``(m, ...)`` a large fresh sample (the first chunk). y_big: ``(m,)``.
       n: training-set size of the replicates (for ``p_k``).
       key: PRNG key for stochastic quantizers.
       select: a second, independent fresh sample ``(x, y)`` on which the loss-PTQ population release is chosen
-        (its gaps are then estimated on ``(x_big, y_big)``; on one sample ``delta_k >= 0`` by construction,
-        theory.md section 6). None: both on ``(x_big, y_big)``.
-      flip_key: PRNG key of the joint flip probability's importance sampling
-        (:func:`~qmis_jax.stats.union_probability`; None: a fixed key).
+        (theory.md section 6: on one sample ``delta_k >= 0`` by construction). None: chosen on ``(x_big, y_big)``.
+      flip_key: PRNG key of the joint flip probability's importance sampling (None: a fixed key).
       options, **indicator: the indicator's settings, as in :func:`single_model_indicator` (``z`` unused; the
-        Cramer cap defaults to ``log(m)``).
+        Cramer cap defaults to ``log`` of the rows' sample size).
+      more: optional ``more(c) -> (x, y)``, fresh chunk ``c >= 1`` (independent of everything else).
+      max_size: at most this many gap-sample points (default: ``1500 n``, what ``sqrt(n) c_min = 3.5`` needs).
+      exact_star: ``theta_star`` is the population optimum exactly (``problem.population``): the per-example
+        gradient at it, of mean 0, is then a control variate of the gap estimates (far fewer points needed).
 
     Returns:
       :class:`PopulationAudit`.
 
     Raises:
-      ValueError: unknown ``ptq``/``method``, bad ``n``, or (``"rtn"``) a singular Hessian at ``theta*``.
+      ValueError: unknown ``ptq``/``method``, bad ``n``, or a singular Hessian at ``theta*``.
     """
     opts = _indicator_options(options, indicator)
-    ptq = opts.ptq
     n = positive_int("n", n)
     q = _get_quantizer(q)
     check_data(x_big, y_big)
     if select is not None:
         check_data(*select)
-    skip = opts.skip
-    release, delta, sigma, valid, rates, capped, r, r_codes, approx, n_moves, ok = _population_core(
-        q, problem, theta_star, x_big, y_big, select, key, flip_key, n, opts
-    )
-    if not bool(ok):
-        what = "H (the mean Hessian at theta_star) is singular or non-finite" if ptq == "rtn" else "a statistic"
+    m0 = int(x_big.shape[0])
+    max_size = positive_int("max_size", max(1500 * n, m0) if max_size is None else max_size)
+    if more is None:
+        max_size = m0
+    pr = _population._Problem(q, problem.loss, _glm(problem, opts.differences), opts.skip,
+                              _check_sweeps(opts.max_sweeps), opts.chunk_size, opts.differences)  # fmt: skip
+
+    def chunks(c):
+        return (x_big, y_big) if c == 0 else more(c)
+
+    ev = _population.population_events(pr, theta_star, chunks, select, ptq=opts.ptq, n=n, key=key,
+                                       max_size=max_size, first_size=m0, exact_star=exact_star)  # fmt: skip
+    if not ev.ok:
+        what = "H (the mean Hessian at theta_star) is singular or non-finite" if opts.ptq == "rtn" else "a statistic"
         raise ValueError(f"theta_star: {what}; the population indicator is not defined there")
-    codes = tree_codes(q, release, theta_star, skip=skip)
+    flat = no_exponential_security(q, opts.ptq, theta_star, opts.skip)
+    if ev.delta.size == 0:  # no event at all (a continuous release): one invalid row keeps the shapes non-empty
+        nan = np.full(1, np.nan)
+        none, zero = np.zeros(1, bool), np.zeros(1, np.int32)
+        ev = ev._replace(delta=nan, sigma=nan, valid=none, kind=zero, coord=zero, rows=np.zeros((1, 2)))
+        ev = ev._replace(undetermined=none)
+    delta, sigma, valid = (jnp.asarray(a, jnp.float32) for a in (ev.delta, ev.sigma, ev.valid))
+    valid = valid.astype(bool)
+    rows = jnp.asarray(ev.rows, jnp.float32)
+    capped = jnp.zeros(valid.shape, bool)
+    if opts.method == "gaussian":
+        rates = gaussian_rate(delta, sigma)
+    else:
+        cr = cramer_rate(rows, valid, cap=opts.cap)
+        rates, capped = cr.rate, cr.capped
+    approx = mis_asymptotic(n, delta, sigma, valid, method=opts.method, D=rows, continuous=flat, cap=opts.cap,
+                            key=flip_key)  # fmt: skip
+    determined = not bool(np.any(ev.undetermined))
+    r_codes = indicator_fn(rates, valid, continuous=_codes_only(q, opts.ptq))
+    r = indicator_fn(rates, valid, continuous=flat)
+    reason = _population.zero_reason(q, theta_star, opts, ev, flat, np.asarray(rates))
+    if not ev.settled or not determined:
+        r = jnp.zeros_like(r)
+    r_se, flip_se = _population.standard_errors(n, ev, float(r), flat, key=flip_key)
+    codes = tree_codes(q, ev.release, theta_star, skip=opts.skip)
     return PopulationAudit(
         r=r,
-        release=release,
+        release=ev.release,
         codes=codes,
         delta=delta,
         sigma=sigma,
@@ -545,30 +605,21 @@ def population_indicator(
         flip_rate_predicted=approx.flip_probability,
         flip_union_bound=approx.flip_union_bound,
         sqrt_n_c_min=approx.sqrt_n_c_min,
-        applicable=approx.applicable,
-        n_moves=n_moves,
+        applicable=approx.applicable & bool(ev.settled and determined),
+        n_moves=jnp.int32(ev.n_moves),
         n=n,
-        ptq=ptq,
+        ptq=opts.ptq,
         method=opts.method,
         r_codes=r_codes,
-        continuous=no_exponential_security(q, ptq, theta_star, skip),
+        continuous=flat,
+        r_se=r_se,
+        flip_se=flip_se,
+        events=_count_events(ev.kind, ev.valid),
+        r_zero_reason=reason if float(r) == 0.0 else None,
+        sample_size=ev.sample_size,
+        kind=ev.kind,
+        coord=ev.coord,
+        settled=ev.settled,
+        determined=determined,
+        published=tree_published(q, ev.release, theta_star, skip=opts.skip),
     )
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 9))
-def _population_core(q, problem, theta_star, x_big, y_big, select, key, flip_key, n, opts: IndicatorOptions):
-    release, delta, sigma, valid, D, n_moves, ok = _statistics(
-        q, problem, theta_star, x_big, y_big, None, key, opts, select=select, rtn_samples=True
-    )
-    method, cap = opts.method, opts.cap
-    flat = no_exponential_security(q, opts.ptq, theta_star, opts.skip)
-    capped = jnp.zeros(valid.shape, bool)
-    if method == "gaussian":
-        rates = gaussian_rate(delta, sigma)
-    else:
-        cr = cramer_rate(D, valid, cap=cap)
-        rates, capped = cr.rate, cr.capped
-    r = indicator(rates, valid, continuous=flat)
-    r_codes = indicator(rates, valid, continuous=_codes_only(q, opts.ptq))
-    approx = mis_asymptotic(n, delta, sigma, valid, method=method, D=D, continuous=flat, cap=cap, key=flip_key)
-    return release, delta, sigma, valid, rates, capped, r, r_codes, approx, n_moves, ok

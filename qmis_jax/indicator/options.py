@@ -30,6 +30,10 @@ class IndicatorOptions:
       chunk_size: competitors evaluated at once (None: all).
       cap: Cramer rate cap (None: ``log`` of the sample size, section 8).
       differences: ``"exact"`` loss differences, or the second-order ``"taylor"`` form (section 6, "Cost").
+      start_descents: loss PTQ, single-model audit: how many round-to-nearest threshold crossings (those with the
+        smallest ``m / s``) are descended to see whether their start leads elsewhere (theory.md section 3(a)); the
+        others count as events unresolved, which can only lower ``r``. The population indicator descends every
+        crossing that can matter.
 
     >>> IndicatorOptions(ptq="rtn").method
     'gaussian'
@@ -47,6 +51,7 @@ class IndicatorOptions:
     chunk_size: int | None = None
     cap: float | None = None
     differences: str = "exact"
+    start_descents: int = 4
 
     def __post_init__(self):
         one_of("ptq", self.ptq, PTQ_METHODS)
@@ -56,6 +61,8 @@ class IndicatorOptions:
             raise ValueError(f"z must be a number >= 0, got z={self.z!r}")
         positive_int("max_sweeps", self.max_sweeps, allow_none=True)
         positive_int("chunk_size", self.chunk_size, allow_none=True)
+        if isinstance(self.start_descents, bool) or not isinstance(self.start_descents, int) or self.start_descents < 0:
+            raise ValueError(f"start_descents must be a non-negative int, got start_descents={self.start_descents!r}")
         if self.cap is not None and not (isinstance(self.cap, (int, float)) and self.cap > 0):
             raise ValueError(f"cap must be a positive number or None, got cap={self.cap!r}")
         object.__setattr__(self, "z", float(self.z))

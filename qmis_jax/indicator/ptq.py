@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,66 @@ from .sandwich import check_data, hashable_skip, normalized_weights
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["ptq_loss", "ptq_loss_batched", "ptq_rtn"]
+__all__ = [
+    "DescentPath",
+    "StepRecord",
+    "Trial",
+    "descent_path",
+    "descent_path_batched",
+    "ptq_loss",
+    "ptq_loss_batched",
+    "ptq_rtn",
+]
+
+
+class Trial(NamedTuple):
+    """One candidate move of a descent step: set ``theta_j = t``, then ``theta_i = u`` (``i == j``, ``u == t`` for
+    a single-coordinate move; sparse ternary's swaps move two coordinates).
+
+    Attributes:
+      valid: bool, the move exists (an adjacent level, a swap partner).
+      d: the weighted mean loss difference ``L_n(move) - L_n(current)`` the descent decided on (``+inf``-like
+        values are never recorded: invalid moves keep whatever was computed and are masked by ``valid``).
+      j, t, i, u: the move.
+    """
+
+    valid: Array
+    d: Array
+    j: Array
+    t: Array
+    i: Array
+    u: Array
+
+
+class StepRecord(NamedTuple):
+    """The two candidate moves ``a`` (lower level, or sparse ternary's flip / swap-in) and ``b`` (upper level, or
+    swap-out) of one coordinate step of a loss-PTQ descent, as :class:`Trial` s. The step takes ``b`` when
+    ``d_b < d_a`` (strictly; the first on ties), and accepts the better move when its ``d < 0`` (theory.md
+    section 3(a))."""
+
+    a: Trial
+    b: Trial
+
+
+class DescentPath(NamedTuple):
+    """A loss-PTQ descent and every comparison it made (theory.md section 3(a)).
+
+    Attributes:
+      release: ``(p,)`` the flat release where the descent stopped.
+      start: ``(p,)`` the flat start (round-to-nearest, or a start given).
+      records: :class:`StepRecord` of ``(S, p)`` arrays, ``S = max_sweeps``: sweep ``s``, coordinate ``j``
+        (sweeps never run have ``valid`` False).
+      sweeps: int32, the sweeps run. moves: int32, the moves accepted.
+      settled: bool, the last sweep moved nothing (the release is a local minimiser); False when the descent
+        stopped at ``max_sweeps``.
+    """
+
+    release: Array
+    start: Array
+    records: StepRecord
+    sweeps: Array
+    moves: Array
+    settled: Array
 
 
 def ptq_rtn(q, params: PyTree, *, key: Array | None = None, skip=None) -> PyTree:
@@ -195,33 +254,46 @@ def coordinate_trial(loss_fn, unravel, x, y, w, *, design, margin_loss, penalty)
     return init, trial
 
 
-def pair_trial(loss_fn, unravel, x, y, w, *, design, margin_loss, penalty):
-    """``trial2(theta, state, j, t, i, u) -> (d, new_state)``: set ``theta_j = t`` then ``theta_i = u`` (the
-    second after the first, so ``i == j`` with ``u == t`` is the single move); state as in
-    :func:`coordinate_trial`."""
+def pair_difference(loss_fn, unravel, x, y, *, design, margin_loss, penalty):
+    """``diff2(theta, state, j, t, i, u) -> (dv, pen, new_state)``: set ``theta_j = t`` then ``theta_i = u`` (the
+    second after the first, so ``i == j`` with ``u == t`` is the single move); ``dv`` ``(m,)`` the per-example loss
+    differences without the ridge term, ``pen`` the ridge term's change (a scalar, 0 without a ``penalty``), so an
+    example's loss difference is ``dv + pen``; state as in :func:`coordinate_trial`."""
     if design is not None:
         cols = design(x).T
 
-        def trial2(theta, state, j, t, i, u):
+        def diff2(theta, state, j, t, i, u):
             eta, base = state
             e1 = t - theta[j]
             mid = theta.at[j].set(t)
             e2 = u - mid[i]
             new_eta = eta + e1 * cols[j] + e2 * cols[i]
             new = margin_loss(new_eta, y)
-            d = jnp.sum(w * (new - base))
+            pen = jnp.zeros((), new.dtype)
             if penalty is not None:
-                d = d + 0.5 * penalty[j] * (t * t - theta[j] * theta[j])
-                d = d + 0.5 * penalty[i] * (u * u - mid[i] * mid[i])
-            return d, (new_eta, new)
+                pen = 0.5 * penalty[j] * (t * t - theta[j] * theta[j]) + 0.5 * penalty[i] * (u * u - mid[i] * mid[i])
+            return new - base, pen, (new_eta, new)
 
-        return trial2
+        return diff2
 
     batch = jax.vmap(loss_fn, in_axes=(None, 0, 0))
 
-    def trial2(theta, state, j, t, i, u):
+    def diff2(theta, state, j, t, i, u):
         new = batch(unravel(theta.at[j].set(t).at[i].set(u)), x, y)
-        return jnp.sum(w * (new - state)), new
+        return new - state, jnp.zeros((), new.dtype), new
+
+    return diff2
+
+
+def pair_trial(loss_fn, unravel, x, y, w, *, design, margin_loss, penalty):
+    """``trial2(theta, state, j, t, i, u) -> (d, new_state)``: set ``theta_j = t`` then ``theta_i = u`` (the
+    second after the first, so ``i == j`` with ``u == t`` is the single move), ``d`` the weighted mean loss
+    difference; state as in :func:`coordinate_trial`."""
+    diff2 = pair_difference(loss_fn, unravel, x, y, design=design, margin_loss=margin_loss, penalty=penalty)
+
+    def trial2(theta, state, j, t, i, u):
+        dv, pen, new = diff2(theta, state, j, t, i, u)
+        return jnp.sum(w * dv) + pen, new
 
     return trial2
 
@@ -323,14 +395,17 @@ def check_glm(design, margin_loss, penalty) -> Array | None:
     return None if penalty is None else jnp.asarray(penalty)
 
 
-def _descent(q, loss_fn, params, x, y, key, weights, penalty, *, skip, design, margin_loss):
+def _descent(q, loss_fn, params, x, y, key, weights, penalty, *, skip, design, margin_loss, start=None):
     """The pieces of one model's loss-PTQ descent: ``(theta0, unravel, init, sweep)``, with ``theta0`` the flat
-    round-to-nearest start, ``init(theta) -> state`` and ``sweep(theta, state) -> (theta, state, moved)`` one sweep
-    over the coordinates (None for a continuous quantizer, which has no adjacent levels)."""
-    release0 = quantize_tree(q, params, key=key, skip=skip)
+    round-to-nearest start (or ``start``, a flat codebook point), ``init(theta) -> state`` and
+    ``sweep(theta, state) -> (theta, state, moved, records)`` one sweep over the coordinates, ``records`` its
+    :class:`StepRecord` per coordinate (``sweep`` is None for a continuous quantizer, which has no adjacent
+    levels)."""
+    # a given start needs no rounding (nor a stochastic quantizer's key): the release has the structure of params
+    release0 = quantize_tree(q, params, key=key, skip=skip) if start is None else params
     theta0, unravel = ravel_pytree(release0)
     dtype = jnp.result_type(theta0, jnp.float32)
-    theta0 = theta0.astype(dtype)
+    theta0 = theta0.astype(dtype) if start is None else jnp.asarray(start, dtype)
     w = normalized_weights(weights, x.shape[0], dtype)
     init, trial = coordinate_trial(loss_fn, unravel, x, y, w, design=design, margin_loss=margin_loss, penalty=penalty)
     if q.continuous:
@@ -347,7 +422,9 @@ def _descent(q, loss_fn, params, x, y, key, weights, penalty, *, skip, design, m
             theta, state, _ = c
             move_lo = (has_lo[j], *trial(theta, state, j, lo[j]), theta.at[j].set(lo[j]))
             move_up = (has_up[j], *trial(theta, state, j, up[j]), theta.at[j].set(up[j]))
-            return _take_better(c, move_lo, move_up)
+            record = StepRecord(Trial(has_lo[j], move_lo[1], j, lo[j], j, lo[j]),
+                                Trial(has_up[j], move_up[1], j, up[j], j, up[j]))  # fmt: skip
+            return _take_better(c, move_lo, move_up), record
 
         return _scan_coordinates(coordinate, theta, state)
 
@@ -361,9 +438,12 @@ _ptq_jit = functools.partial(
 
 
 def _scan_coordinates(coordinate, theta, state):
-    """One sweep: ``coordinate`` (a :func:`_take_better` step) over every coordinate in order."""
-    (theta, state, moved), _ = jax.lax.scan(coordinate, (theta, state, jnp.int32(0)), jnp.arange(theta.shape[0]))
-    return theta, state, moved
+    """One sweep: ``coordinate`` (a :func:`_take_better` step and its :class:`StepRecord`) over every coordinate in
+    order. Returns ``(theta, state, moved, records)``, ``records`` a :class:`StepRecord` of ``(p,)`` arrays."""
+    (theta, state, moved), records = jax.lax.scan(
+        coordinate, (theta, state, jnp.int32(0)), jnp.arange(theta.shape[0], dtype=jnp.int32)
+    )
+    return theta, state, moved, records
 
 
 @_ptq_jit
@@ -372,7 +452,7 @@ def _ptq_loss(q, loss_fn, params, x, y, key, weights, penalty, *, skip, max_swee
     theta0, unravel, init, sweep = _descent(q, loss_fn, params, x, y, key, weights, penalty, **glm)
     if sweep is None:  # no adjacent levels: the release is round-to-nearest
         return unravel(theta0), jnp.int32(0)
-    theta, moves = _greedy_sweeps(sweep, theta0, init(theta0), max_sweeps)
+    theta, moves, _ = _greedy_sweeps(sweep, theta0, init(theta0), max_sweeps)
     return unravel(theta), moves
 
 
@@ -393,6 +473,26 @@ def ptq_loss_batched(q, loss_fn, params, x, y, *, keys=None, weights=None, **opt
     Returns:
       ``(releases, n_moves)``: the stacked releases and the ``(R,)`` int32 move counts.
     """
+    q, args, glm = _batched_args(q, x, y, keys, weights, options)
+    return _ptq_loss_batched(q, loss_fn, params, x, y, keys, weights, *args, record=False, **glm)
+
+
+def descent_path_batched(q, loss_fn, params, x, y, *, keys=None, weights=None, **options) -> DescentPath:
+    """:func:`descent_path` of ``R`` models at once from their round-to-nearest starts, settled models leaving the
+    batch as in :func:`ptq_loss_batched` (the same releases).
+
+    Args:
+      q, loss_fn, params, x, y, keys, weights, **options: as in :func:`ptq_loss_batched`.
+
+    Returns:
+      :class:`DescentPath` whose fields have a leading axis ``R``.
+    """
+    q, args, glm = _batched_args(q, x, y, keys, weights, options)
+    return _ptq_loss_batched(q, loss_fn, params, x, y, keys, weights, *args, record=True, **glm)
+
+
+def _batched_args(q, x, y, keys, weights, options):
+    """Check the arguments of the batched descents: ``(q, (penalty,), static options)``."""
     unknown = sorted(set(options) - {"skip", "max_sweeps", "design", "margin_loss", "penalty"})
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; valid: skip, max_sweeps, design, margin_loss, penalty")
@@ -406,11 +506,14 @@ def ptq_loss_batched(q, loss_fn, params, x, y, *, keys=None, weights=None, **opt
         raise ValueError(f"x must be (R, n, ...) and y (R, n), got x.shape={jnp.shape(x)}, y.shape={jnp.shape(y)}")
     check_data(x[0], y[0], None if weights is None else weights[0])
     glm = dict(skip=hashable_skip(options.get("skip")), max_sweeps=max_sweeps, design=design, margin_loss=margin_loss)
-    return _ptq_loss_batched(q, loss_fn, params, x, y, keys, weights, penalty, **glm)
+    return q, (penalty,), glm
 
 
-@_ptq_jit
-def _ptq_loss_batched(q, loss_fn, params, x, y, keys, weights, penalty, *, skip, max_sweeps, design, margin_loss):
+@functools.partial(
+    jax.jit, static_argnums=(0, 1), static_argnames=("skip", "max_sweeps", "design", "margin_loss", "record")
+)
+def _ptq_loss_batched(q, loss_fn, params, x, y, keys, weights, penalty, *, skip, max_sweeps, design, margin_loss,
+                      record):  # fmt: skip
     glm = dict(skip=skip, design=design, margin_loss=margin_loss)
 
     def descent(m):
@@ -425,20 +528,26 @@ def _ptq_loss_batched(q, loss_fn, params, x, y, keys, weights, penalty, *, skip,
 
     members = {"params": params, "x": x, "y": y, "key": keys, "w": weights}
     theta0, state0 = jax.vmap(start)(members)
+    size = theta0.shape[0]
+    buf = jax.vmap(lambda t: _empty_records(t, max(max_sweeps, 1)))(theta0)
     if q.continuous:
-        return jax.vmap(unravel)(members, theta0), jnp.zeros(theta0.shape[0], jnp.int32)
+        if record:
+            zeros = jnp.zeros(size, jnp.int32)
+            return DescentPath(theta0, theta0, buf, zeros, zeros, jnp.ones(size, bool))
+        return jax.vmap(unravel)(members, theta0), jnp.zeros(size, jnp.int32)
 
     def active(c):
         return c["improving"] & (c["sweeps"] < max_sweeps)
 
     def member_step(c):
-        theta, state, moved = descent(c["m"])[3](c["theta"], c["state"])
+        theta, state, moved, rec = descent(c["m"])[3](c["theta"], c["state"])
         new = {**c, "theta": theta, "state": state, "moves": c["moves"] + moved, "sweeps": c["sweeps"] + 1}
         new["improving"] = moved > 0
+        if record:
+            new["buf"] = jax.tree.map(lambda b, r: b.at[c["sweeps"]].set(r.astype(b.dtype)), c["buf"], rec)
         go = active(c)
         return jax.tree.map(lambda a, b: jnp.where(go, a, b), new, c)
 
-    size = theta0.shape[0]
     carry = {
         "m": members,
         "theta": theta0,
@@ -447,14 +556,18 @@ def _ptq_loss_batched(q, loss_fn, params, x, y, keys, weights, penalty, *, skip,
         "sweeps": jnp.zeros(size, jnp.int32),
         "improving": jnp.ones(size, bool),
     }
+    if record:
+        carry["buf"] = buf
     carry = compacting_while(jax.vmap(member_step), carry, active)
+    if record:
+        return DescentPath(carry["theta"], theta0, carry["buf"], carry["sweeps"], carry["moves"], ~carry["improving"])
     return jax.vmap(unravel)(members, carry["theta"]), carry["moves"]
 
 
 def _take_better(carry, first, second):
     """One coordinate step of a greedy descent of ``L_n``: of two candidate moves, each ``(valid, change of L_n,
     trial state, new theta)``, take the one lowering ``L_n`` more (the first on ties) when it lowers it at all;
-    ``carry = (theta, state, moved)`` with ``moved`` the count of accepted moves. A ``lax.scan`` body."""
+    ``carry = (theta, state, moved)`` with ``moved`` the count of accepted moves; returns the new carry."""
     theta, state, moved = carry
     valid_a, d_a, s_a, new_a = first
     valid_b, d_b, s_b, new_b = second
@@ -466,7 +579,7 @@ def _take_better(carry, first, second):
     moved_state = jax.tree.map(lambda a, b: jnp.where(b_wins, b, a), s_a, s_b)
     theta = jnp.where(accept, target, theta)
     state = jax.tree.map(lambda new, old: jnp.where(accept, new, old), moved_state, state)
-    return (theta, state, moved + accept.astype(jnp.int32)), None
+    return theta, state, moved + accept.astype(jnp.int32)
 
 
 def _greedy_sweeps(sweep, theta0, state0, max_sweeps):
@@ -475,12 +588,13 @@ def _greedy_sweeps(sweep, theta0, state0, max_sweeps):
     ``sweep(theta, state) -> (theta, state, moved)`` is one sweep over the coordinates.
 
     Returns:
-      ``(theta, moves)``: the final flat parameters and the total count of accepted moves.
+      ``(theta, moves, settled)``: the final flat parameters, the total count of accepted moves and whether the
+      last sweep moved nothing (False: stopped at ``max_sweeps``).
     """
 
     def body(carry):
         theta, state, moves, sweeps, _ = carry
-        theta, state, moved = sweep(theta, state)
+        theta, state, moved, _ = sweep(theta, state)
         return theta, state, moves + moved, sweeps + 1, moved > 0
 
     def cond(carry):
@@ -488,8 +602,102 @@ def _greedy_sweeps(sweep, theta0, state0, max_sweeps):
         return improving & (sweeps < max_sweeps)
 
     carry = (theta0, state0, jnp.int32(0), jnp.int32(0), jnp.asarray(True))
-    theta, _, moves, _, _ = jax.lax.while_loop(cond, body, carry)
-    return theta, moves
+    theta, _, moves, _, improving = jax.lax.while_loop(cond, body, carry)
+    return theta, moves, ~improving
+
+
+def _empty_records(theta, sweeps: int) -> StepRecord:
+    """``(sweeps, p)`` records with nothing valid, the buffer :func:`_recorded_sweeps` fills."""
+    p = theta.shape[0]
+    zeros = jnp.zeros((sweeps, p), theta.dtype)
+    ints = jnp.zeros((sweeps, p), jnp.int32)
+    trial = Trial(jnp.zeros((sweeps, p), bool), zeros, ints, zeros, ints, zeros)
+    return StepRecord(trial, trial)
+
+
+def _recorded_sweeps(sweep, theta0, state0, max_sweeps):
+    """:func:`_greedy_sweeps` that also records every coordinate step of every sweep.
+
+    Returns:
+      ``(theta, moves, sweeps, settled, records)``: ``records`` a :class:`StepRecord` of ``(max_sweeps, p)``
+      arrays, ``settled`` whether the last sweep moved nothing.
+    """
+
+    def body(carry):
+        theta, state, moves, sweeps, _, buf = carry
+        theta, state, moved, rec = sweep(theta, state)
+        buf = jax.tree.map(lambda b, r: b.at[sweeps].set(r.astype(b.dtype)), buf, rec)
+        return theta, state, moves + moved, sweeps + 1, moved > 0, buf
+
+    def cond(carry):
+        sweeps, improving = carry[3], carry[4]
+        return improving & (sweeps < max_sweeps)
+
+    buf = _empty_records(theta0, max(max_sweeps, 1))
+    carry = (theta0, state0, jnp.int32(0), jnp.int32(0), jnp.asarray(True), buf)
+    theta, _, moves, sweeps, improving, buf = jax.lax.while_loop(cond, body, carry)
+    return theta, moves, sweeps, ~improving, buf
+
+
+def descent_path(
+    q,
+    loss_fn: Callable[[PyTree, Array, Array], Array],
+    params: PyTree,
+    x: Array,
+    y: Array,
+    *,
+    start: Array | None = None,
+    key: Array | None = None,
+    skip=None,
+    weights: Array | None = None,
+    max_sweeps: int | None = None,
+    design: Callable[[Array], Array] | None = None,
+    margin_loss: Callable[[Array, Array], Array] | None = None,
+    penalty: Array | None = None,
+) -> DescentPath:
+    """The loss-PTQ descent of :func:`ptq_loss` with every comparison it makes (theory.md section 3(a)).
+
+    The same sweeps, neighbour rules, acceptance (``< 0``), tie rule and ``max_sweeps`` as :func:`ptq_loss` (the
+    same code), from round-to-nearest or from ``start``; the release is a function of the start cell and of the
+    signs of the recorded comparisons, so they are its events
+    (:func:`~qmis_jax.indicator.events.path_events`).
+
+    Args:
+      q, loss_fn, params, x, y, key, skip, weights, max_sweeps, design, margin_loss, penalty: as in
+        :func:`ptq_loss`.
+      start: optional ``(p,)`` flat codebook point (of the codebook ``params`` fix) to start from instead of
+        round-to-nearest.
+
+    Returns:
+      :class:`DescentPath` (a continuous quantizer has no moves: ``sweeps`` 0, ``settled`` True).
+
+    >>> import jax.numpy as jnp
+    >>> from qmis_jax.quantizers import uniform
+    >>> loss = lambda prm, xi, yi: 0.5 * jnp.sum((prm["mu"] - xi) ** 2)
+    >>> x = jnp.array([[0.3], [0.6], [0.9]])
+    >>> path = descent_path(uniform(step=1.0), loss, {"mu": jnp.array([0.49])}, x, jnp.zeros(3))
+    >>> path.release.tolist(), int(path.sweeps), bool(path.records.b.d[0, 0] < 0)  # moved up, then settled
+    ([1.0], 2, True)
+    """
+    penalty = check_glm(design, margin_loss, penalty)
+    check_data(x, y, weights)
+    q = get_quantizer(q)
+    if q.stochastic and key is None and start is None:
+        raise ValueError(f"key is required: quantizer {q.name!r} rounds stochastically, got key=None")
+    max_sweeps = _check_sweeps(max_sweeps)
+    glm = dict(skip=hashable_skip(skip), max_sweeps=max_sweeps, design=design, margin_loss=margin_loss)
+    return _descent_path(q, loss_fn, params, x, y, key, weights, penalty, start, **glm)
+
+
+@_ptq_jit
+def _descent_path(q, loss_fn, params, x, y, key, weights, penalty, start, *, skip, max_sweeps, design, margin_loss):
+    glm = dict(skip=skip, design=design, margin_loss=margin_loss)
+    theta0, _, init, sweep = _descent(q, loss_fn, params, x, y, key, weights, penalty, start=start, **glm)
+    if sweep is None:
+        return DescentPath(theta0, theta0, _empty_records(theta0, max(max_sweeps, 1)), jnp.int32(0), jnp.int32(0),
+                           jnp.asarray(True))  # fmt: skip
+    theta, moves, sweeps, settled, records = _recorded_sweeps(sweep, theta0, init(theta0), max_sweeps)
+    return DescentPath(theta, theta0, records, sweeps, moves, settled)
 
 
 def _sparse_sweep(q, params, skip, trial2):
@@ -517,8 +725,11 @@ def _sparse_sweep(q, params, skip, trial2):
         # move B: swap a kept entry out (its partner i_in enters)
         u_b = sign_hat[i_in] * alpha[i_in]
         valid_b = movable[j] & is_kept & has_in
+        t_b = 0.0 * theta[j]
         move_a = (valid_a, *trial2(theta, state, j, t_a, i_a, u_a), theta.at[j].set(t_a).at[i_a].set(u_a))
-        move_b = (valid_b, *trial2(theta, state, j, 0.0 * theta[j], i_in, u_b), theta.at[j].set(0.0).at[i_in].set(u_b))
-        return _take_better(c, move_a, move_b)
+        move_b = (valid_b, *trial2(theta, state, j, t_b, i_in, u_b), theta.at[j].set(0.0).at[i_in].set(u_b))
+        record = StepRecord(Trial(valid_a, move_a[1], j, t_a, i_a.astype(jnp.int32), u_a),
+                            Trial(valid_b, move_b[1], j, t_b, i_in.astype(jnp.int32), u_b))  # fmt: skip
+        return _take_better(c, move_a, move_b), record
 
     return lambda theta, state: _scan_coordinates(coordinate, theta, state)

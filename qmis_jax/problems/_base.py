@@ -24,7 +24,8 @@ class Problem:
       name: short identifier used in reports (``"gaussian_mean"``, ``"logistic_mixture"``...).
       sample: ``sample(key, n) -> (x, y)`` draws ``n`` i.i.d. examples; ``x`` is ``(n, dx)`` float, ``y`` is
         ``(n,)`` (float targets, or 0/1 labels for binary problems). Replicate ``i`` of a fresh-data design draws
-        ``sample(jax.random.fold_in(key, i), n)``.
+        ``sample(jax.random.fold_in(k_data, i), n)``, ``k_data`` a subkey used for data only
+        (:func:`qmis_jax.train.fit_fresh`).
       init: ``init(key) -> params`` a parameter pytree for one model.
       loss: ``loss(params, x_i, y_i) -> scalar`` the loss of ONE example (``x_i`` is ``(dx,)``, ``y_i`` a scalar).
         The training objective is the (weighted) mean of it (theory.md section 1).

@@ -16,6 +16,6 @@ def finite(name: str, value, *, positive: bool = False, nonnegative: bool = Fals
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, got {value!r}") from None
     if not math.isfinite(v) or (positive and v <= 0) or (nonnegative and v < 0):
-        kind = "positive" if positive else "non-negative" if nonnegative else "finite"
-        raise ValueError(f"{name} must be a {kind} finite number, got {value!r}")
+        kind = "positive finite" if positive else "non-negative finite" if nonnegative else "finite"
+        raise ValueError(f"{name} must be a {kind} number, got {value!r}")
     return v

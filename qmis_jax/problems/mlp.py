@@ -39,6 +39,7 @@ def mlp_mixture(
     activation: str = "tanh",
     l2: float = 0.0,
     seed: int = 0,
+    prior: float = 0.5,
 ) -> Problem:
     """A one-hidden-layer MLP classifier on the data law of :func:`logistic_mixture` (same config, same law).
 
@@ -52,7 +53,8 @@ def mlp_mixture(
     of that basin (theory.md section 8).
 
     Args:
-      dim, k_modes, separation, scale, seed: the data law (see :func:`logistic_mixture`).
+      dim, k_modes, separation, scale, seed, prior: the data law (see :func:`logistic_mixture`; ``prior`` is
+        ``P(y = 1)``, in (0, 1)). No closed-form ``theta*`` here: it is estimated by a fit.
       hidden: hidden width.
       activation: one of ``"tanh"`` (default, smooth), ``"gelu"``, ``"softplus"``, ``"relu"``.
       l2: weight decay on the kernels, >= 0.
@@ -65,9 +67,8 @@ def mlp_mixture(
     >>> jax.tree.map(lambda a: a.shape, p.init(jax.random.key(0)))["hidden"]
     {'bias': (3,), 'kernel': (4, 3)}
     """
-    dim, k_modes, separation, scale, seed, centres = mixture_law(
-        dim=dim, k_modes=k_modes, separation=separation, scale=scale, seed=seed
-    )
+    law = mixture_law(dim=dim, k_modes=k_modes, separation=separation, scale=scale, seed=seed, prior=prior)
+    dim, k_modes, separation, scale, seed, prior = law.dim, law.k_modes, law.separation, law.scale, law.seed, law.prior
     hidden = positive_int("hidden", hidden)
     l2 = finite("l2", l2, nonnegative=True)
     if activation not in _ACTIVATIONS:
@@ -87,7 +88,7 @@ def mlp_mixture(
 
     return Problem(
         name="mlp_mixture",
-        sample=mixture_sampler(centres),
+        sample=mixture_sampler(law.centres, prior),
         init=init,
         loss=loss,
         predict=predict,
@@ -102,5 +103,6 @@ def mlp_mixture(
             "activation": activation,
             "l2": l2,
             "seed": seed,
+            "prior": prior,
         },
     )

@@ -4,7 +4,8 @@ Every quantizer is a frozen, hashable :class:`Quantizer` (usable as a static ``j
 quantizes a tensor; ``levels``, ``neighbors``, ``codes`` and ``thresholds`` expose the codebook needed by the
 indicator of theory.md sections 3-6. Presets are listed by :func:`names` and built by :func:`get` (``NAME@FORMAT``
 publishes the scale in ``f32``, ``bf16``, ``f16`` or ``e8m0``); :func:`release_info`, :func:`is_continuous` and
-:func:`published` describe what a release publishes (section 9).
+:func:`published` describe what a release publishes (section 9); :func:`tree_published` gives it as stored and
+:func:`releases_differ` says whether two releases differ (section 10).
 """
 
 from qmis_jax.quantizers._base import SCALE_CODE_BITS, SCALE_FORMATS, ContinuousQuantizer, LadderQuantizer, Quantizer
@@ -25,10 +26,14 @@ from qmis_jax.quantizers.release import (
 )
 from qmis_jax.quantizers.ternary import Ternary, ternary
 from qmis_jax.quantizers.tree import (
+    PublishedLeaf,
+    published_differ,
     quantize_tree,
+    releases_differ,
     tree_codes,
     tree_levels,
     tree_neighbors,
+    tree_published,
     tree_thresholds,
 )
 from qmis_jax.quantizers.uniform import Uniform, size_adaptive, uniform
@@ -43,6 +48,7 @@ __all__ = [
     "LadderQuantizer",
     "Prune",
     "Published",
+    "PublishedLeaf",
     "Quantizer",
     "Qwix",
     "Sign",
@@ -58,15 +64,18 @@ __all__ = [
     "names",
     "prune",
     "published",
+    "published_differ",
     "quantize_tree",
     "quantize_tree_qwix",
     "release_info",
+    "releases_differ",
     "sign",
     "size_adaptive",
     "ternary",
     "tree_codes",
     "tree_levels",
     "tree_neighbors",
+    "tree_published",
     "tree_scale_codes",
     "tree_scale_margins",
     "tree_thresholds",

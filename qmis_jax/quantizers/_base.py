@@ -79,6 +79,130 @@ def safe_positive(scale: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Scale statistics to the last bit (theory.md section 9: a release must re-derive its own scale)
+# ----------------------------------------------------------------------------------------------------------------
+#
+# Re-quantizing a release must return it bit for bit: ``q(q(w)) == q(w)``. The scale of ``q(w)`` is computed from
+# the released values, so the statistic must come back exactly: the mean magnitude of ``n`` copies of ``alpha``
+# must be ``alpha`` (a float32 sum accumulated in order is not: its rounding errors add up), and an absmax scale
+# ``s`` must be recovered from the release's largest level ``fl(qmax s)``. Under ``jit`` XLA also rewrites a
+# division by a constant into a multiplication by its rounded reciprocal, which is not a correctly rounded
+# quotient; the helpers below divide exactly.
+
+
+def exact_div(a: Array, c: float) -> Array:
+    """``a / c`` rounded once (an IEEE division), also under ``jit``, for a Python number ``c``.
+
+    XLA compiles ``a / c`` with a constant ``c`` as ``a * fl(1 / c)``, one unit in the last place away from the
+    quotient at times. Here the divisor is an array shaped like ``a`` (``c`` where ``a`` is not NaN) hidden behind
+    an optimization barrier, so the division stays a division. The divisor carries no gradient (``c`` is a
+    constant): ``d(a / c) = da / c``.
+    """
+    divisor = lax.stop_gradient(jnp.where(jnp.isnan(a), a, jnp.full(jnp.shape(a), c, jnp.result_type(a))))
+    return a / lax.optimization_barrier(divisor)
+
+
+def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
+    """``(s, e)`` with ``s = fl(a + b)`` and ``s + e = a + b`` exactly (Knuth's TwoSum: additions only)."""
+    s = a + b
+    b_virtual = s - a
+    return s, (a - (s - b_virtual)) + (b - b_virtual)
+
+
+def _add2(x: tuple[Array, Array], y: tuple[Array, Array]) -> tuple[Array, Array]:
+    """The sum of two double words ``hi + lo`` (TwoSum of the high parts, renormalised)."""
+    s, e = _two_sum(x[0], y[0])
+    return _two_sum(s, e + (x[1] + y[1]))
+
+
+def _sum2(x: Array) -> tuple[Array, Array]:
+    """Double-word sum ``(hi, lo)`` of a 1-D array: one reduction whose combiner is the compensated addition
+    :func:`_add2`, so ``hi + lo`` carries about twice the working precision whatever order XLA adds in (a sum of
+    integer multiples of one unit below ``2^48`` of them is exact)."""
+    zero = jnp.zeros((), x.dtype)
+    return lax.reduce((x, jnp.zeros_like(x)), (zero, zero), _add2, (0,))
+
+
+def _accurate_mean_value(x: Array, mask: Array | None, count: int) -> Array:
+    flat = x.ravel()
+    keep = None if mask is None else jnp.broadcast_to(mask, x.shape).ravel()
+    if keep is not None:
+        flat = jnp.where(keep, flat, jnp.zeros_like(flat))
+    hi, lo = _sum2(flat)
+    m0 = exact_div(hi + lo, count)
+    d = flat - m0
+    if keep is not None:
+        d = jnp.where(keep, d, jnp.zeros_like(d))
+    d_hi, d_lo = _sum2(d)
+    mean = m0 + exact_div(d_hi + d_lo, count)
+    # an infinite or NaN entry (or an overflowing sum) makes the compensations NaN: the plain mean says which
+    return jnp.where(jnp.isfinite(mean), mean, exact_div(jnp.sum(flat), count))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _accurate_mean(x: Array, mask: Array | None, count: int) -> Array:
+    return _accurate_mean_value(x, mask, count)
+
+
+@_accurate_mean.defjvp
+def _accurate_mean_jvp(count, primals, tangents):
+    x, mask = primals
+    dx = tangents[0]
+    if mask is not None:
+        dx = jnp.where(mask, dx, jnp.zeros_like(dx))
+    return _accurate_mean_value(x, mask, count), jnp.sum(dx) / count
+
+
+def accurate_mean(x: Array, where: Array | None = None, *, count: int | None = None) -> Array:
+    """The mean of ``x`` (over the entries where ``where`` is true) to the last bit: the scale statistic of
+    theory.md section 9 as a release re-derives it.
+
+    A corrected two-pass mean with compensated sums: ``m0 = fl(S / count)`` from a double-word sum ``S`` (a
+    reduction whose combiner is TwoSum), then ``m = m0 + fl(sum(x - m0) / count)``, the correction summed the same
+    way and both divisions exact (:func:`exact_div`). The mean of ``count`` equal values is that value exactly
+    (for ``count < 2^22``): ``S`` is exact, ``m0`` is within an ulp of the value, every ``x - m0`` is the same exact
+    difference, and so is the correction. In general the result is within about an ulp of the exact mean,
+    whatever order the backend sums in. The gradient is that of the plain mean.
+
+    Args:
+      x: float array of any shape.
+      where: None (every entry), or a boolean array broadcastable to ``x``: the entries averaged.
+      count: the number of entries averaged (a Python int > 0), required with ``where`` (the kept count of a sparse
+        leaf is known before the data are seen); default ``x.size``.
+
+    Returns:
+      A scalar of ``x``'s dtype.
+
+    >>> import jax.numpy as jnp
+    >>> x = jnp.full((7,), 0.1, jnp.float32)
+    >>> bool(accurate_mean(x) == x[0]), bool(jnp.mean(x) == x[0])
+    (True, False)
+    """
+    if count is None:
+        if where is not None:
+            raise ValueError("`count` is required with `where`, got count=None")
+        count = math.prod(jnp.shape(x))
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise ValueError(f"`count` must be a positive int, got {count!r}")
+    return _accurate_mean(x, where, int(count))
+
+
+def absmax_scale(stat: Array, qmax: float) -> Array:
+    """The absmax scale ``stat / qmax`` as the fixed point that its release re-derives (theory.md section 9).
+
+    A release's largest magnitude is its top level ``fl(qmax s)``, so re-quantizing it re-derives the scale
+    ``g(s) = fl(fl(qmax s) / qmax)``, which is not always ``s`` when ``qmax`` is not a power of two. The scale is
+    therefore ``s = g(fl(stat / qmax))``. The map ``g`` is idempotent: for ``y = fl(qmax x)`` the float nearest
+    ``y / qmax`` is no farther from it than ``x``, so it lies in ``y``'s rounding interval divided by ``qmax`` and
+    ``fl(qmax g(x)) = y`` (tests/test_quantizers_idempotent.py checks ``g(g(x)) = g(x)`` exhaustively over a float32
+    binade, hence for every normal float32, for every ``qmax`` of the package). So ``g(s) = s`` and a release
+    returns its own scale bit for bit. ``s`` is within an ulp of ``stat / qmax``; both divisions are exact
+    (:func:`exact_div`); the gradient is that of ``stat / qmax``.
+    """
+    return exact_div(qmax * exact_div(stat, qmax), qmax)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Scale formats (theory.md section 9): how a data-dependent scale is published
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -129,12 +253,13 @@ def scale_exponent(stat: Array, *, rule: str, qmax: float | None = None) -> Arra
 def publish_scale(stat: Array, fmt: str, *, rule: str, qmax: float | None = None) -> Array:
     """The published scale of a statistic in format ``fmt`` (theory.md section 9), in ``stat``'s dtype.
 
-    ``f32``: ``stat / qmax`` (absmax) or ``stat`` (absmean), with its true gradient: a continuous function of the
-    weights. ``bf16`` / ``f16``: that value rounded to the format (round to nearest even, as a cast). ``e8m0``:
-    ``2^scale_exponent(stat)``. Discrete formats are piecewise constant in the weights: no gradient flows through
-    them, so thresholds given the scale code are fixed numbers.
+    ``f32``: ``stat / qmax`` (absmax, as the fixed point :func:`absmax_scale` that a release re-derives) or
+    ``stat`` (absmean), with its true gradient: a continuous function of the weights. ``bf16`` / ``f16``: that
+    value rounded to the format (round to nearest even, as a cast). ``e8m0``: ``2^scale_exponent(stat)``. Discrete
+    formats are piecewise constant in the weights: no gradient flows through them, so thresholds given the scale
+    code are fixed numbers.
     """
-    raw = stat / qmax if rule == "absmax" else stat
+    raw = absmax_scale(stat, qmax) if rule == "absmax" else stat
     if fmt == "f32":
         return raw
     if fmt in _FORMAT_DTYPES:
@@ -591,16 +716,22 @@ class LadderQuantizer(Quantizer):
 
     # -- shared machinery --------------------------------------------------------------------------------------
 
+    def _level(self, cb: tuple[Array, ...], i: Array) -> Array:
+        """The value of index ``i``, a zero level released as ``+0``: a level is a function of its code alone (a
+        small negative weight rounded to zero would otherwise give ``-0``, and its re-quantization ``+0``)."""
+        value = self._decode(cb, i)
+        return jnp.where(value == 0, jnp.zeros_like(value), value)
+
     def _around(self, cb: tuple[Array, ...], i: Array) -> tuple[Array, Array, Array]:
         i_min, i_max = self._index_range(cb)
-        value = self._decode(cb, i)
-        lower = self._decode(cb, jnp.maximum(i - 1, i_min))
-        upper = self._decode(cb, jnp.minimum(i + 1, i_max))
+        value = self._level(cb, i)
+        lower = self._level(cb, jnp.maximum(i - 1, i_min))
+        upper = self._level(cb, jnp.minimum(i + 1, i_max))
         return value, lower, upper
 
     def _release(self, w: Array, key: Array | None) -> tuple[Array, Array]:
         cb = self._codebook(w)
-        return self._decode(cb, self._release_index(cb, w, key)), self._ste_mask(cb, w)
+        return self._level(cb, self._release_index(cb, w, key)), self._ste_mask(cb, w)
 
     def _levels(self, w: Array, key: Array | None) -> tuple[Array, Array, Array]:
         cb = self._codebook(w)

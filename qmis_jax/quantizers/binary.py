@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qmis_jax.quantizers._base import ScaledLadderQuantizer, check_scale_format, format_name
+from qmis_jax.quantizers._base import ScaledLadderQuantizer, accurate_mean, check_scale_format, format_name
 
 Array = jax.Array
 
@@ -32,7 +32,8 @@ class Sign(ScaledLadderQuantizer):
     scale_format: str = "f32"
 
     def _scale_stat(self, w: Array) -> Array:
-        return jnp.mean(jnp.abs(w))
+        # to the last bit (accurate_mean): the mean magnitude of a release, n copies of alpha, is alpha
+        return accurate_mean(jnp.abs(w))
 
     def _codebook(self, w: Array) -> tuple[Array, ...]:
         return (self._scale(w),)
@@ -54,8 +55,9 @@ def sign(*, scale_format: str = "f32", name: str | None = None) -> Sign:
     """The 1-bit quantizer ``alpha * sign(w)``, ``alpha = mean|w|``, ``sign(0) = +1``.
 
     Thresholds: 0 below a ``+alpha`` coordinate, 0 above a ``-alpha`` one, infinite on the other side (theory.md
-    section 3(b)). Idempotent up to the rounding of ``alpha``. Straight-through: identity everywhere. The scale
-    follows the absmean rule of section 9: ``e8m0`` publishes ``alpha = 2^round(log2 mean|w|)``.
+    section 3(b)). Idempotent bit for bit: ``mean|w|`` is computed to the last bit, so a release re-derives its
+    ``alpha``. Straight-through: identity everywhere. The scale follows the absmean rule of section 9: ``e8m0``
+    publishes ``alpha = 2^round(log2 mean|w|)``.
 
     Args:
       scale_format: ``"f32"`` (default, continuous), ``"bf16"``, ``"f16"`` or ``"e8m0"``.

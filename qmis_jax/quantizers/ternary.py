@@ -11,6 +11,7 @@ from jax import lax
 
 from qmis_jax.quantizers._base import (
     ScaledLadderQuantizer,
+    accurate_mean,
     check_scale_format,
     check_sparsity,
     format_name,
@@ -73,11 +74,11 @@ class Ternary(ScaledLadderQuantizer):
         return _kept_mask(lax.stop_gradient(jnp.abs(w)), kept_count(self.sparsity, w.size))
 
     def _scale_stat(self, w: Array) -> Array:
+        # to the last bit (accurate_mean), so that a sparse release, k copies of +-alpha, returns alpha
         a = jnp.abs(w)
         if self.sparsity is None:
-            return jnp.mean(a)
-        k = kept_count(self.sparsity, w.size)
-        return jnp.sum(jnp.where(self._kept(w), a, 0)) / max(k, 1)
+            return accurate_mean(a)
+        return accurate_mean(a, self._kept(w), count=max(kept_count(self.sparsity, w.size), 1))
 
     def _codebook(self, w: Array) -> tuple[Array, ...]:
         g, divisor = super()._codebook(w)

@@ -18,6 +18,7 @@ Host-side NumPy/SciPy in float64: post-processing of at most a few million numbe
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -102,6 +103,11 @@ def bracket_levels(num_attacks: int, *, level: float = 0.95) -> tuple[float, flo
     Half of ``1 - level`` goes to the swap end, half to the attack end, Bonferroni-split over its ``num_attacks``
     section-1 attacks: ``(1 - (1 - level) / 2, 1 - (1 - level) / (2 J))``.
 
+    ``J`` counts the attacks whose limits enter the bracket, i.e. those that ran: an attack that cannot be held out
+    at the audit's sizes (too few replicates, targets or shadows) contributes no limit and takes no share. Which
+    attacks run depends on the sizes and the membership design only, never on the scores, so the count is fixed
+    before the data are seen and the Bonferroni split over it stays valid.
+
     Args:
       num_attacks: ``J >= 1``, the number of section-1 attacks whose lower limits enter the upper end.
       level: joint confidence level.
@@ -151,7 +157,8 @@ def mis_bracket(swap_upper, heldout_lower_limits=(), *, continuous: bool = False
 
     Args:
       swap_upper: ``u`` in ``[0, 1]`` (e.g. ``swap_bound(...).upper``).
-      heldout_lower_limits: the attacks' lower limits ``a_j`` in ``[-1, 1]`` (e.g. ``HeldoutAdvantage.lower``).
+      heldout_lower_limits: the attacks' lower limits ``a_j`` in ``[-1, 1]`` (e.g. ``HeldoutAdvantage.lower``);
+        ``None`` entries (attacks that did not run) are left out, and ``J`` counts the others.
       continuous: the release is continuous: lower end 0 whatever ``u``.
       level: the joint level the inputs were computed for (recorded).
 
@@ -160,12 +167,14 @@ def mis_bracket(swap_upper, heldout_lower_limits=(), *, continuous: bool = False
 
     >>> mis_bracket(0.02, [0.001, -0.03]).to_list()
     [0.98, 0.999]
+    >>> mis_bracket(0.02, [0.001, None]).to_list()
+    [0.98, 0.999]
     """
     level = check_level(level)
     u = float(swap_upper)
     if not 0.0 <= u <= 1.0:
         raise ValueError(f"swap_upper must lie in [0, 1], got swap_upper={swap_upper!r}")
-    lims = np.asarray(list(heldout_lower_limits), dtype=np.float64).ravel()
+    lims = np.asarray([v for v in heldout_lower_limits if v is not None], dtype=np.float64).ravel()
     if np.any(np.isnan(lims)) or np.any(lims > 1.0):
         raise ValueError(f"heldout_lower_limits must be numbers <= 1, got {heldout_lower_limits!r}")
     a = float(lims.max()) if lims.size else -math.inf
@@ -177,22 +186,34 @@ def mis_bracket(swap_upper, heldout_lower_limits=(), *, continuous: bool = False
 def bracket_report(changed, attack_bounds=None, *, continuous: bool = False, level: float = 0.95) -> dict[str, Any]:
     """A quantizer's bracket entries for a report, in one call (theory.md section 10).
 
-    Runs :func:`swap_bound` at the swap end's level and :func:`mis_bracket` with the attacks' lower limits. The
-    lower limits must have been computed at ``bracket_levels(J, level=level)[1]`` with ``J = len(attack_bounds)``
-    (``attack_metrics(..., bound_level=...)``'s ``advantage_bound``, or ``HeldoutAdvantage.lower``).
+    Runs :func:`swap_bound` at the swap end's level and :func:`mis_bracket` with the attacks' lower limits. Only the
+    attacks that ran count: an attack given as ``None`` (it could not be held out at this size) enters no limit and
+    no Bonferroni share. The lower limits must have been computed at ``bracket_levels(J, level=level)[1]`` with
+    ``J`` the number of attacks that ran (``attack_metrics(..., bound_level=...)``'s ``advantage_bound``, or
+    ``HeldoutAdvantage.lower``).
 
     Args:
       changed: ``(R,)`` bools, ``R_i != R_i'`` under the swap (every published number compared).
-      attack_bounds: mapping attack name -> lower limit (or a sequence of them) over the section-1 attacks; ``None``
-        or empty: no attack, upper end 1.
+      attack_bounds: mapping attack name -> lower limit, or ``None`` for an attack that did not run (or a sequence
+        of limits and ``None``) over the section-1 attacks; ``None`` or empty: no attack, upper end 1.
       continuous: the release is continuous (lower end 0).
       level: joint level.
 
     Returns:
       ``{"mis_bracket": [lower, upper], "mis_empirical_upper": upper, "mis_bracket_level": level,
-      "swap": SwapBound.to_dict(), "attack_level": the per-attack level}``.
+      "swap": SwapBound.to_dict(), "attack_level": the per-attack level, "attack_count": J,
+      "attacks_in_bracket": the names of the attacks that entered (a mapping given; else None)}``.
+
+    >>> d = bracket_report([False] * 99 + [True], {"loss": 0.01, "lira": None})
+    >>> d["attack_count"], d["attacks_in_bracket"], d["attack_level"] == bracket_levels(1)[1]
+    (1, ['loss'], True)
     """
-    values = list((attack_bounds or {}).values()) if isinstance(attack_bounds, dict) else list(attack_bounds or [])
+    if isinstance(attack_bounds, Mapping):
+        names = [k for k, v in attack_bounds.items() if v is not None]
+        values = [attack_bounds[k] for k in names]
+    else:
+        names = None
+        values = [v for v in (attack_bounds or []) if v is not None]
     swap_level, attack_level = bracket_levels(max(1, len(values)), level=level)
     swap = swap_bound(changed, level=swap_level)
     b = mis_bracket(swap.upper, values, continuous=continuous, level=level)
@@ -202,4 +223,6 @@ def bracket_report(changed, attack_bounds=None, *, continuous: bool = False, lev
         "mis_bracket_level": float(level),
         "swap": swap.to_dict(),
         "attack_level": float(attack_level),
+        "attack_count": len(values),
+        "attacks_in_bracket": names,
     }

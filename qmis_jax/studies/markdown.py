@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -118,55 +119,122 @@ def scale_format_table(run: Report) -> list[str]:
     return lines
 
 
-def validation_section(validation: Mapping[str, Any], figures: Sequence[str] = ()) -> list[str]:
-    """Part one of the synthetic study: the validation table, the width study and the rank agreement."""
-    p = validation["problem"]
+def _events_cell(events: Mapping[str, Any] | None) -> str:
+    """Events behind ``r`` by kind (theory.md sections 3(a), 9), e.g. ``path 3, scale 5``; ``-`` when unknown."""
+    if not events:
+        return "-"
+    return ", ".join(f"{k} {v}" for k, v in events.items())
+
+
+def _indicator_cell(row: Mapping[str, Any]) -> str:
+    """``r`` (with its standard error), or ``0 (the reason)`` where the indicator is 0."""
+    if row.get("r"):
+        se = row.get("r_se")
+        return fmt(row["r"]) + (f" ± {fmt(se)}" if se is not None else "")
+    reason = row.get("r_zero_reason")
+    return f"0 ({reason})" if reason else "0"
+
+
+def _agreement_cell(row: Mapping[str, Any]) -> str:
+    """``yes (z = ...)`` or ``**no** (z = ...)``: predicted and measured flips within the combined standard
+    errors; ``-`` without a prediction."""
+    if row.get("agree") is None:
+        return "-"
+    z = f"z = {row['z']:+.2f}" if row.get("z") is not None and math.isfinite(row["z"]) else "z = inf"
+    return f"yes ({z})" if row["agree"] else f"**no** ({z})"
+
+
+def _pm(value: Any, se: Any) -> str:
+    return f"{fmt(value)} ± {fmt(se)}" if se is not None else fmt(value)
+
+
+def validation_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Part one's table: per quantizer, PTQ and n, the indicator ``r`` (or why it is 0), ``sqrt(n) c_min``, the
+    events by kind, the predicted flip against the Monte Carlo flip (each ± its standard error), whether they
+    agree, the swap-change rate and the certified bracket."""
     out = [
-        f"## Part one: validation ({p['name']}, dim {p.get('dim', '?')}, {validation['replicates']} replicates)",
-        "",
-        "Each discrete quantizer's training-set sizes were chosen from a pilot audit's population indicator so that "
-        f"`n r` runs near {', '.join(fmt(t) for t in validation['targets'])} (codebooks fixed in advance: "
-        "`n = T / r`; the size-adaptive grid: its step shrinks as `n^-alpha`, so `n = (T / (r0 n0^(2 alpha)))^(1 / "
-        "(1 - 2 alpha))`), rounded to a grid of ratio 2^(1/4) and capped; `n r` below is the realised value with the "
-        "point's own `r`. Theory: `-log(flip)/n` approaches `r` from above as `n r` grows (sections 4-5), the "
-        "certified bracket contains the MIS at every n, and the asymptotic MIS means something only in the regime.",
-        "",
-        "| quantizer | n | n r | flip rate ± SE | predicted flip | -log(flip)/n ÷ r | swap rate (95% upper) "
-        "| MIS bracket [95%] | MIS (asymptotic) | sqrt(n) c_min |",
-        "|---|---:|---:|---|---:|---:|---|---|---:|---:|",
+        "| quantizer | PTQ | n | R | r | sqrt(n) c_min | events | predicted flip ± SE | measured flip ± SE "
+        "| agree | swap rate (95% upper) | MIS bracket [95%] |",
+        "|---|---|---:|---:|---|---:|---|---|---|---|---|---|",
     ]
-    for row in validation["rows"]:
-        ratio = None if row["empirical_rate"] is None or not row["r"] else row["empirical_rate"] / row["r"]
-        mis = fmt(row["mis_asymptotic"]) if row["asymptotic_regime"] else f"- ({fmt(row['mis_asymptotic'])})"
+    for row in rows:
+        measured = _pm(row["flip_rate"], row.get("flip_rate_se"))
+        if row.get("in_range") is False:
+            measured += " (outside [0.02, 0.9])"
         out.append(
-            f"| {row['quantizer']} | {row['n']} | {fmt(row['n_r'])} | {fmt(row['flip_rate'])} ± "
-            f"{fmt(row['flip_rate_se'])} | {fmt(row['flip_rate_predicted'])} | {fmt(ratio)} "
-            f"| {fmt(row['swap_rate'])} ({fmt(row['swap_upper'])}) | {bracket_cell(row)} | {mis} "
-            f"| {fmt(row['sqrt_n_c_min'])} |"
+            f"| {row['quantizer']} | {row.get('ptq') or '-'} | {row['n']} | {row['replicates']} "
+            f"| {_indicator_cell(row)} | {fmt(row.get('sqrt_n_c_min'))} | {_events_cell(row.get('events'))} "
+            f"| {_pm(row.get('flip_rate_predicted'), row.get('flip_rate_predicted_se'))} | {measured} "
+            f"| {_agreement_cell(row)} | {fmt(row.get('swap_rate'))} ({fmt(row.get('swap_upper'))}) "
+            f"| {bracket_cell(row)} |"
         )
-    far = validation.get("out_of_reach") or {}
-    skipped = [nm for nm, ns in validation["sizes"].items() if not ns and nm not in far]
-    notes = [
-        f"The asymptotic MIS in parentheses is outside the regime (`sqrt(n) c_min < {REGIME_THRESHOLD}`): shown "
-        "for comparison only."
+    return out
+
+
+def validation_section(validation: Mapping[str, Any], figures: Sequence[str] = ()) -> list[str]:
+    """Part one of the synthetic study: the predicted against the measured flip per quantizer, PTQ and size, the
+    quantizers that got no size, the width study and the pilot."""
+    p = validation["problem"]
+    star = validation.get("theta_star") or {}
+    star_text = ", ".join(f"{k} = [{', '.join(fmt(v) for v in vals)}]" for k, vals in star.items())
+    z = validation.get("agreement_z", 4.0)
+    reps = validation.get("replicates")
+    rows = validation["rows"]
+    out = [
+        f"## Part one: validation ({p['name']}, dim {p.get('dim', '?')}, prior {fmt(p.get('prior'))}; "
+        f"PTQ {', '.join(validation.get('ptqs') or ['?'])})",
+        "",
+        "Does the indicator predict how often a release flips? theta* is known in closed form"
+        + (f" ({star_text})" if star_text else "")
+        + ": no published number sits at 0 or on a decision threshold (theory.md section 8). A pilot (the "
+        "population stage alone) gives each quantizer's events; from their `c_k = delta_k / sigma_k` each quantizer "
+        "gets the sizes where its predicted flip is nearest "
+        f"{', '.join(fmt(t) for t in validation['targets'])} (the size-adaptive grid's are checked by a population "
+        "stage at that size), and each point "
+        + (
+            f"{reps} replicates."
+            if reps
+            else f"enough replicates for a Monte Carlo standard error of at most {fmt(validation.get('se_target'))}."
+        )
+        + " The predicted flip is the probability of any event under the joint Gaussian of section 5, its standard "
+        "error that of the population sample; the measured flip is the share of replicates whose release (codes and "
+        f"scale codes) differs from the population release. `agree`: within {fmt(z)} combined standard errors "
+        "`sqrt(se_mc^2 + se_pred^2)` (where no flip was seen, `se_mc` is the binomial one at the predicted flip). "
+        "The swap rate and the bracket are the certified ones of section 10"
+        + (f" (upper end from {', '.join(validation['attacks'])})." if validation.get("attacks") else "."),
+        "",
+        *validation_table(rows),
+        "",
     ]
-    if skipped:
-        notes.append(
-            f"No sweep for {', '.join(skipped)}: r = 0 at the pilot (a continuous release, or a release on a "
-            "decision threshold)."
+    summary = validation.get("summary") or {}
+    if summary:
+        out.append(
+            f"{summary.get('agree', 0)} of {summary.get('judged', 0)} points agree within {fmt(z)} combined standard "
+            f"errors; {summary.get('in_range', 0)} of {summary.get('points', 0)} measured flips lie in [0.02, 0.9]."
         )
-    if far:
-        notes.append(
-            f"Out of reach below n = {validation.get('n_max', '?')} (the smallest target needs a larger n): "
-            + ", ".join(f"{nm} (r = {fmt(v['r'])}, n needed {fmt(v['n_needed'])})" for nm, v in far.items())
+    bad = [r for r in rows if r.get("agree") is False]
+    if bad:
+        out.append(
+            "Disagreeing: "
+            + "; ".join(f"{r['quantizer']} ({r.get('ptq')}, n = {r['n']}): predicted {fmt(r['flip_rate_predicted'])}, "
+                        f"measured {fmt(r['flip_rate'])}, z = {r['z']:+.2f}" for r in bad)
             + "."
+        )  # fmt: skip
+    notes = []
+    for ptq, missing in (validation.get("no_sizes") or {}).items():
+        for nm, why in missing.items():
+            notes.append(f"{nm} ({ptq}): {why}")
+    if notes:
+        out.append(
+            f"No size between n = {validation.get('n_min', '?')} and {validation.get('n_max', '?')} with a measurable "
+            "predicted flip for: " + "; ".join(notes) + "."
         )
-    out += ["", " ".join(notes), ""]
-    if validation["width"]:
+    out.append("")
+    if validation.get("width"):
         w = validation["width"]
         out += [
-            f"Bracket width against the replicate count ({w[0]['quantizer']}, n = {w[0]['n']}, "
-            f"n r = {fmt(w[0]['n_r'])}): "
+            f"Bracket width against the replicate count ({w[0]['quantizer']}, {w[0].get('ptq') or '-'} PTQ, "
+            f"n = {w[0]['n']}; the width shrinks with the replicate count, theory.md section 10): "
             + ", ".join(
                 f"{row['replicates']} replicates {bracket_cell(row)} (width "
                 f"{fmt(row['mis_bracket'][1] - row['mis_bracket'][0])})"
@@ -175,16 +243,21 @@ def validation_section(validation: Mapping[str, Any], figures: Sequence[str] = (
             + ".",
             "",
         ]
-    pilot = validation["pilot"]
-    out += [
-        f"### Pilot, n = {pilot['n']}: ranking by r against the bracket and the held-out attacks",
-        "",
-        *quantizer_table(pilot),
-        "",
-        agreement_text(pilot),
-        regime_text(pilot),
-        "",
-    ]
+    pilot = validation.get("pilot") or {}
+    if pilot:
+        out += ["### Pilot: population indicator per quantizer and PTQ", ""]
+        out += ["| quantizer | PTQ | n | r | sqrt(n) c_min | events | predicted flip | sizes chosen |",
+                "|---|---|---:|---|---:|---|---:|---|"]  # fmt: skip
+        sizes = validation.get("sizes") or {}
+        for ptq, pl in pilot.items():
+            for nm, e in pl["quantizers"].items():
+                chosen = sizes.get(ptq, {}).get(nm) or []
+                out.append(
+                    f"| {nm} | {ptq} | {pl['n']} | {_indicator_cell(e)} | {fmt(e.get('sqrt_n_c_min'))} "
+                    f"| {_events_cell(e.get('events'))} | {fmt(e.get('flip_rate_predicted'))} "
+                    f"| {', '.join(str(n) for n in chosen) or 'none'} |"
+                )
+        out.append("")
     out += [f"![{f}]({f})" for f in figures] + ([""] if figures else [])
     return out
 

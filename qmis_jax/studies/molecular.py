@@ -154,13 +154,27 @@ def _utility_text(metric: str, value: float) -> str:
     return f"rmse {-value:.3g}" if metric == "-rmse" else f"{metric} {value:.3g}"
 
 
+def _pool_privacy(q: dict[str, Any]) -> float | None:
+    """``1 -`` the pool-LiRA advantage of a quantizer entry, None where the attack did not run (too small a pool)."""
+    a = q["attacks"]["lira_pool"]
+    return None if a.get("advantage") is None else 1.0 - a["advantage"]
+
+
+def _pool_cell(a: dict[str, Any]) -> str:
+    from qmis_jax.studies.markdown import fmt  # as in markdown_report: markdown imports this module
+
+    if a.get("advantage") is None:
+        return f"not run: {a.get('reason', '')}"
+    return f"{fmt(a['advantage'])} [{fmt(a['advantage_ci'][0])}, {fmt(a['advantage_ci'][1])}]"
+
+
 def pareto_table(point: dict[str, Any]) -> list[dict[str, Any]]:
     """Quantizers on the privacy-utility Pareto front of one point (privacy: 1 - pool-LiRA advantage)."""
-    names = list(point["quantizers"])
+    names = [n for n in point["quantizers"] if _pool_privacy(point["quantizers"][n]) is not None]
     pts = []
     for name in names:
         q = point["quantizers"][name]
-        pts.append((1.0 - q["attacks"]["lira_pool"]["advantage"], plots.utility_score(q["utility"])[1]))
+        pts.append((_pool_privacy(q), plots.utility_score(q["utility"])[1]))
     return [
         {
             "quantizer": names[i],
@@ -260,10 +274,10 @@ def _plot_point(point, path, *, title):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    names = list(point["quantizers"])
+    names = [n for n in point["quantizers"] if _pool_privacy(point["quantizers"][n]) is not None]
     pts = [
         (
-            1.0 - point["quantizers"][n]["attacks"]["lira_pool"]["advantage"],
+            _pool_privacy(point["quantizers"][n]),
             plots.utility_score(point["quantizers"][n]["utility"])[1],
         )
         for n in names
@@ -314,8 +328,7 @@ def render_markdown(report, figures) -> str:
             lines.append(
                 f"| {name} | {release_cell(q)} | {fmt(q['r_hat'])} "
                 f"[{fmt(q['r_hat_interval'][0])}, {fmt(q['r_hat_interval'][1])}] "
-                f"| {fmt(None if mis is None else 1 - mis)} | {fmt(a['advantage'])} "
-                f"[{fmt(a['advantage_ci'][0])}, {fmt(a['advantage_ci'][1])}] | {util} |"
+                f"| {fmt(None if mis is None else 1 - mis)} | {_pool_cell(a)} | {util} |"
             )
         lines += [
             "",

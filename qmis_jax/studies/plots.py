@@ -266,17 +266,120 @@ def plot_rate_convergence(points: Sequence[Mapping[str, Any]], path: str) -> str
     return _save(fig, path)
 
 
+def _point_label(p: Mapping[str, Any]) -> str:
+    """A part-one point's series: its quantizer, with its PTQ when the row names one."""
+    return f"{p['quantizer']} ({p['ptq']})" if p.get("ptq") else p["quantizer"]
+
+
+PTQ_STYLES = {"loss": {"marker": "o", "color": "C0"}, "rtn": {"marker": "s", "color": "C3"}}
+
+
+def plot_flip_agreement(points: Sequence[Mapping[str, Any]], path: str, *, z: float = 4.0) -> str:
+    """Part one: the Monte Carlo flip rate against the indicator's predicted flip probability, one point per
+    quantizer, PTQ and n, on log-log axes with the diagonal (theory.md sections 5-6).
+
+    Error bars: one standard error each way (the prediction's from its population sample, the Monte Carlo rate's
+    binomial one); a marker per PTQ (circles: loss-minimising, squares: round-to-nearest). Points whose two values
+    differ by more than ``z`` combined standard errors (the row's ``agree`` is False) are outlined in black and
+    labelled; a flip rate of 0 is drawn at the axis floor as a down-pointing triangle.
+
+    ``points``: rows with ``flip_rate_predicted``, ``flip_rate_predicted_se``, ``flip_rate``, ``flip_rate_se``,
+    ``ptq``, ``quantizer``, ``n`` and ``agree``.
+    """
+    rows = [p for p in points if p.get("flip_rate_predicted") is not None]
+    fig, ax = plt.subplots(figsize=(6.2, 5.4))
+    values = [v for p in rows for v in (p["flip_rate_predicted"], p["flip_rate"]) if v and v > 0]
+    floor = min(values) / 2 if values else 1e-3
+    top = min(1.0, max([*values, 0.5]) * 1.5)
+    for ptq in dict.fromkeys(p.get("ptq") or "loss" for p in rows):
+        style = PTQ_STYLES.get(ptq, {"marker": "^", "color": "C2"})
+        sel = [p for p in rows if (p.get("ptq") or "loss") == ptq]
+        for k, p in enumerate(sel):
+            x, y = p["flip_rate_predicted"], p["flip_rate"]
+            xe, ye = p.get("flip_rate_predicted_se") or 0.0, p.get("flip_rate_se") or 0.0
+            zero = y <= 0
+            y_draw = floor if zero else y
+            ax.errorbar(
+                max(x, floor),
+                y_draw,
+                xerr=[[min(xe, max(x - floor, 0.0))], [xe]],
+                yerr=None if zero else [[min(ye, y - floor)], [ye]],
+                marker="v" if zero else style["marker"],
+                color=style["color"],
+                mec="black" if p.get("agree") is False else style["color"],
+                mew=1.5 if p.get("agree") is False else 0.8,
+                ls="none",
+                capsize=2,
+                ms=5,
+                alpha=0.85,
+                label=f"{ptq} PTQ" if k == 0 else None,
+            )
+            if p.get("agree") is False:
+                ax.annotate(f"{p['quantizer']} n={p['n']}", (max(x, floor), y_draw), fontsize=6, xytext=(3, -8),
+                            textcoords="offset points")  # fmt: skip
+    ax.plot([floor, top], [floor, top], "k:", lw=1, label="measured = predicted")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(floor * 0.9, top)
+    ax.set_ylim(floor * 0.8, top)
+    ax.set_xlabel("predicted flip probability (indicator's events, joint Gaussian)")
+    ax.set_ylabel("Monte Carlo flip rate")
+    judged = [p for p in rows if p.get("agree") is not None]
+    agree = sum(bool(p["agree"]) for p in judged)
+    ax.set_title(f"predicted vs measured flip: {agree} of {len(judged)} within {z:g} combined SE", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def plot_validation_pilot(pilot: Mapping[str, Any], path: str) -> str:
+    """Part one's pilot: each quantizer's population indicator ``r`` (with its standard error) under each PTQ, at
+    the pilot size (theory.md sections 4-6); ``r = 0`` is drawn at the left edge as a hollow marker.
+
+    ``pilot``: ``{ptq: {"n": n, "quantizers": {name: {"r", "r_se", ...}}}}``.
+    """
+    ptqs = list(pilot)
+    names = list(dict.fromkeys(nm for ptq in ptqs for nm in pilot[ptq]["quantizers"]))
+    rs = [e["r"] for ptq in ptqs for e in pilot[ptq]["quantizers"].values() if e["r"] > 0]
+    floor = min(rs) / 2 if rs else 1e-6
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(names) + 1.6))
+    for j, ptq in enumerate(ptqs):
+        style = PTQ_STYLES.get(ptq, {"marker": "^", "color": "C2"})
+        for i, nm in enumerate(names):
+            e = pilot[ptq]["quantizers"].get(nm)
+            if e is None:
+                continue
+            y = i + 0.15 * (j - (len(ptqs) - 1) / 2)
+            r, se = e["r"], e.get("r_se") or 0.0
+            if r > 0:
+                ax.errorbar(r, y, xerr=[[min(se, r - floor)], [se]], ls="none", capsize=2, marker=style["marker"],
+                            color=style["color"], label=f"{ptq} PTQ" if i == 0 else None)  # fmt: skip
+            else:
+                ax.plot(floor, y, ls="none", marker=style["marker"], mfc="none", mec=style["color"])
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlim(left=floor * 0.8)
+    ax.set_xlabel(r"population indicator $r$ (hollow at the edge: $r = 0$)")
+    n = pilot[ptqs[0]]["n"] if ptqs else "?"
+    ax.set_title(f"pilot, n = {n}: indicator per quantizer and PTQ", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="x", which="both")
+    return _save(fig, path)
+
+
 def plot_validation_bracket(points: Sequence[Mapping[str, Any]], path: str) -> str:
     """Part one: the certified MIS bracket (bar) around the asymptotic MIS (filled dot in the asymptotic regime,
-    hollow outside it) against ``n r`` per quantizer.
+    hollow outside it) against ``n r`` per quantizer (and PTQ, where the rows name one).
 
-    ``points``: rows with ``quantizer``, ``n``, ``r``, ``mis_bracket``, ``mis_asymptotic``, ``asymptotic_regime``.
+    ``points``: rows with ``quantizer``, ``n``, ``r``, ``mis_bracket``, ``mis_asymptotic``, ``asymptotic_regime``
+    and optionally ``ptq``.
     """
-    names = list(dict.fromkeys(p["quantizer"] for p in points))
+    names = list(dict.fromkeys(_point_label(p) for p in points))
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for j, name in enumerate(names):
         color = f"C{j % 10}"
-        rows = sorted((p for p in points if p["quantizer"] == name and p["r"]), key=lambda p: p["n"] * p["r"])
+        rows = sorted((p for p in points if _point_label(p) == name and p["r"]), key=lambda p: p["n"] * p["r"])
         for k, p in enumerate(rows):
             x = p["n"] * p["r"] * (1.0 + 0.04 * (j - len(names) / 2))  # small offset to keep bars apart
             lo, hi = p["mis_bracket"]
@@ -289,7 +392,7 @@ def plot_validation_bracket(points: Sequence[Mapping[str, Any]], path: str) -> s
     ax.set_xlabel(r"$n\,r$")
     ax.set_ylabel("MIS")
     ax.set_title("certified bracket (bar), asymptotic MIS (dot; hollow: outside regime)", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

@@ -2,7 +2,10 @@
 
 Replicate ``i`` depends only on ``(key, i)`` and its own weights, never on the chunking or on which other
 replicates share its batch, so results are reproducible whatever ``chunk_size`` or device count (theory.md
-section 6's population study trains thousands of them).
+section 6's population study trains thousands of them). A call's key is split once into named subkeys
+(:func:`training_keys`), each with one use: replicate ``i``'s data set comes from ``fold_in(data, i)``, its
+initialisation and minibatches from ``init`` and ``batch``, the GLM pilot from ``pilot``, so no replicate's data
+key can equal a key used for anything else.
 """
 
 from __future__ import annotations
@@ -57,6 +60,35 @@ def _replicate_bytes(opts: FitOptions, **sizes) -> int:
     )
 
 
+class TrainingKeys(NamedTuple):
+    """The subkeys ``split(key, 4)`` of one training call, each used for one purpose only.
+
+    ``data``: replicate ``i`` of :func:`fit_fresh` trains on ``problem.sample(fold_in(data, i), n)`` (and
+    :func:`replicate_data` regenerates it); ``init``: the shared initialisation ``problem.init(init)`` (replicate
+    ``i`` starts from ``problem.init(fold_in(init, i))`` when ``shared_init=False``); ``batch``: replicate ``i``'s
+    minibatches are drawn with ``fold_in(batch, i)``; ``pilot``: the pilot sample of :func:`fit_fresh`'s
+    ``"glm_lbfgs"`` solver. Since the data keys descend from ``data`` alone, a replicate's data are independent of
+    every initialisation, minibatch and pilot key, whatever the replicate count (theory.md sections 7, 8).
+    """
+
+    data: Array
+    init: Array
+    batch: Array
+    pilot: Array
+
+
+def training_keys(key: Array) -> TrainingKeys:
+    """The named subkeys ``data, init, batch, pilot = split(key, 4)`` of :func:`fit`, :func:`fit_fresh`,
+    :func:`fit_data` and :func:`replicate_data` (:class:`TrainingKeys`).
+
+    >>> import jax
+    >>> keys = training_keys(jax.random.key(0))
+    >>> keys._fields
+    ('data', 'init', 'batch', 'pilot')
+    """
+    return TrainingKeys(*jax.random.split(key, 4))
+
+
 PILOT_FACTOR = 4  # a fresh-data pilot sample holds PILOT_FACTOR * n points (at most PILOT_MAX, at least n)
 PILOT_MAX = 65536
 # Fresh-data replicates vmapped together inside a CPU chunk (their data stay in cache): few for the solvers that
@@ -83,8 +115,9 @@ def _pilot_program(problem, solver, fresh, n, max_steps, warm_start):
 
     Shared pool: the fit of the whole pool with unit weights (``warm_start``: where replicates start) and, for
     ``glm_lbfgs``, the inverse of its Hessian (the preconditioner). Fresh data (``glm_lbfgs`` only): the same on a
-    pilot sample of ``min(PILOT_FACTOR n, PILOT_MAX)`` points drawn from ``split(key, 3)[2]``, a key no replicate
-    uses. The pilot depends only on the key and the configuration, never on a replicate or a chunk.
+    pilot sample of ``min(PILOT_FACTOR n, PILOT_MAX)`` points drawn from ``training_keys(key).pilot`` (the program
+    takes that subkey), a key no replicate uses. The pilot depends only on the key and the configuration, never on
+    a replicate or a chunk.
     """
     lbfgs = solver == "glm_lbfgs"
     newton_steps = max(max_steps, _options.DEFAULT_NEWTON_STEPS) if lbfgs else max_steps
@@ -108,11 +141,11 @@ def _pilot_program(problem, solver, fresh, n, max_steps, warm_start):
 
     if fresh:
 
-        def pilot_fresh(key, params0, tol):
+        def pilot_fresh(k_pilot, params0, tol):
             if not lbfgs:
                 return None, None
             size = min(max(PILOT_FACTOR * n, 1), max(PILOT_MAX, n))
-            x, y = problem.sample(jax.random.split(key, 3)[2], size)
+            x, y = problem.sample(k_pilot, size)
             theta0 = ravel_pytree(params0)[0]
             return fit_pilot(theta0, x, y, problem.design(x), None, params0, tol)
 
@@ -178,7 +211,8 @@ def _own_data(cfg: _Config, x, y) -> _Data:
 
 
 def _train_one(cfg: _Config, i, data: _Data, s: _Shared) -> _solvers.Solution:
-    """Replicate ``i``'s fit (its initialisation and minibatch keys are ``fold_in(k, i)``), parameters unravelled."""
+    """Replicate ``i``'s fit (without a shared initialisation its start is ``init(fold_in(s.k_init, i))``; its
+    minibatch key is ``fold_in(s.k_batch, i)``), parameters unravelled."""
     problem, solver, max_steps = cfg.problem, cfg.solver, cfg.max_steps
     x, y, w = data.x, data.y, data.w
     unravel = ravel_pytree(s.params0)[1]
@@ -257,15 +291,15 @@ def _pool_lbfgs(cfg: _Config, idx, w, pool: _Data, s: _Shared):
 
 @functools.lru_cache(maxsize=64)
 def _fresh_program(cfg: _Config, n: int, microbatch: int | None, ndev: int):
-    """The jitted chunk ``(idx, key, shared)`` of the fresh-data design: replicate ``i`` trains on
-    ``problem.sample(fold_in(key, i), n)``, generated inside the program. ``microbatch``: replicates are trained
-    ``microbatch`` at a time with ``lax.map``, each generating its data inside the loop, so a replicate's data
-    stay in cache while it trains (CPU), each of the ``ndev`` devices looping over its own share; None vmaps the
-    whole chunk at once (accelerators)."""
+    """The jitted chunk ``(idx, k_data, shared)`` of the fresh-data design: replicate ``i`` trains on
+    ``problem.sample(fold_in(k_data, i), n)`` (``k_data = training_keys(key).data``), generated inside the
+    program. ``microbatch``: replicates are trained ``microbatch`` at a time with ``lax.map``, each generating its
+    data inside the loop, so a replicate's data stay in cache while it trains (CPU), each of the ``ndev`` devices
+    looping over its own share; None vmaps the whole chunk at once (accelerators)."""
 
-    def chunk(idx, key, s: _Shared):
+    def chunk(idx, k_data, s: _Shared):
         def one(i):
-            x, y = cfg.problem.sample(jax.random.fold_in(key, i.astype(jnp.uint32)), n)
+            x, y = cfg.problem.sample(jax.random.fold_in(k_data, i.astype(jnp.uint32)), n)
             return _train_one(cfg, i, _own_data(cfg, x, y), s)
 
         if microbatch is None:
@@ -308,10 +342,10 @@ def _init_params(problem, init_params, k_init):
 
 
 def _start(key, problem, opts: FitOptions):
-    """The subkeys ``k_init, k_batch = split(key)`` and the start every replicate shares (``init_params`` or
-    ``problem.init(k_init)``)."""
-    k_init, k_batch = jax.random.split(key)
-    return k_init, k_batch, _init_params(problem, opts.init_params, k_init)
+    """The subkeys of ``key`` (:func:`training_keys`) and the start every replicate shares (``init_params`` or
+    ``problem.init(keys.init)``)."""
+    keys = training_keys(key)
+    return keys, _init_params(problem, opts.init_params, keys.init)
 
 
 def _chunk(opts: FitOptions, replicates: int, per_replicate: int) -> int:
@@ -380,8 +414,8 @@ def fit(
 
     Replicates run in chunks of ``chunk_size`` (or as many as ``memory_budget`` bytes allow, by a rough
     estimate), each chunk split over ``devices`` along a 1-D mesh. Replicate ``r`` uses only
-    ``fold_in(k, r)`` of the subkeys ``k_init, k_batch = split(key)`` and its weights, so its result does not
-    depend on the chunking.
+    ``fold_in(k, r)`` of the subkeys ``k = init, batch`` of :func:`training_keys` and its weights, so its result
+    does not depend on the chunking.
 
     Args:
       key: PRNG key (initialisation, minibatches).
@@ -400,7 +434,8 @@ def fit(
         than one replicate's rough estimate is refused (ValueError).
       optimizer: optax optimizer of non-convex problems (default ``optax.adam(1e-2)``).
       batch_size: minibatch size of non-convex training (None: full batch).
-      shared_init: one initialisation ``init(k_init)`` for all replicates (else ``init(fold_in(k_init, r))``).
+      shared_init: one initialisation ``init(k_init)`` for all replicates (else ``init(fold_in(k_init, r))``),
+        ``k_init = training_keys(key).init``.
       init_params: a start for every replicate, overriding ``problem.init``.
       solver: ``"auto"``, ``"closed_form"``, ``"glm_lbfgs"``, ``"glm_newton"``, ``"newton"`` or ``"optax"``.
       devices: devices to shard replicates over (default ``jax.local_devices()``).
@@ -423,7 +458,7 @@ def fit(
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros(()).dtype
     x, y = x.astype(dtype), jnp.asarray(y, dtype)
     w = wh.astype(dtype)
-    k_init, k_batch, params0 = _start(key, problem, opts)
+    keys, params0 = _start(key, problem, opts)
     check_fits_model(problem, params0, x, y)
     p = ravel_pytree(params0)[0].size
     design = features = None
@@ -442,7 +477,7 @@ def fit(
     program = _pool_program(_config(problem, opts), len(opts.devices))
     tol = jnp.asarray(opts.tol, x.dtype)
     start, precond = _pilot(problem, opts, False, 0, bool(warm_start), x, y, design, features, params0, tol)
-    shared = _Shared(params0, k_init, k_batch, tol, start, precond)
+    shared = _Shared(params0, keys.init, keys.batch, tol, start, precond)
     pool = _Data(x, y, None, design, features)
     return _run(program, wh.shape[0], chunk, opts.devices, [w], (pool, shared))
 
@@ -456,15 +491,17 @@ def fit_fresh(
     start: int = 0,
     **training,
 ) -> FitResult:
-    """Train ``replicates`` models, replicate ``i`` on its own fresh data set ``problem.sample(fold_in(key, i), n)``.
+    """Train ``replicates`` models, replicate ``i`` on its own fresh data set ``problem.sample(fold_in(k_data, i), n)``.
 
     The fresh-data design of theory.md sections 6 and 7: each replicate's data are generated inside the compiled
     program (nothing ``(R, n, dx)``-sized is held outside a chunk) and can be regenerated with
     :func:`replicate_data`. Methods, chunking and sharding are those of :func:`fit` with unit weights, except that
     the GLM pilot (start and preconditioner of ``"glm_lbfgs"``) is fitted on a pilot sample of ``4 n`` points (at
-    most 65536) drawn from ``split(key, 3)[2]``, a key no replicate uses; on CPU devices replicates are trained a
-    few at a time inside a chunk (``lax.map``), each generating its data in the loop so they stay in cache.
-    Initialisation and minibatch keys come from ``k_init, k_batch = split(key)``.
+    most 65536) drawn from ``k_pilot``, a key no replicate uses; on CPU devices replicates are trained a few at a
+    time inside a chunk (``lax.map``), each generating its data in the loop so they stay in cache. The subkeys
+    ``k_data, k_init, k_batch, k_pilot = split(key, 4)`` (:func:`training_keys`) each serve one purpose: data sets,
+    initialisation, minibatches, pilot; so no replicate's data key ``fold_in(k_data, i)`` is ever an
+    initialisation, minibatch or pilot key.
 
     Args:
       key: PRNG key. problem: the problem. n: examples per replicate. replicates: ``R``.
@@ -485,7 +522,7 @@ def fit_fresh(
     """
     opts = fit_options(key, problem, training, n=n, replicates=replicates, start=start)
     n, replicates = opts.n, opts.replicates
-    k_init, k_batch, params0 = _start(key, problem, opts)
+    keys, params0 = _start(key, problem, opts)
     x_shape = jax.eval_shape(lambda k: problem.sample(k, n), key)[0]
     dx = x_shape.shape[1] if len(x_shape.shape) == 2 else 1
     p = ravel_pytree(params0)[0].size
@@ -496,9 +533,9 @@ def fit_fresh(
     chunk = _chunk(opts, replicates, per)
     program = _fresh_program(_config(problem, opts), n, _microbatch(opts), len(opts.devices))
     tol = jnp.asarray(opts.tol, x_shape.dtype)
-    start, precond = _pilot(problem, opts, True, n, True, key, params0, tol)
-    shared = _Shared(params0, k_init, k_batch, tol, start, precond)
-    return _run(program, replicates, chunk, opts.devices, [], (key, shared), offset=opts.start)
+    start, precond = _pilot(problem, opts, True, n, True, keys.pilot, params0, tol)
+    shared = _Shared(params0, keys.init, keys.batch, tol, start, precond)
+    return _run(program, replicates, chunk, opts.devices, [], (keys.data, shared), offset=opts.start)
 
 
 def fit_data(
@@ -514,8 +551,9 @@ def fit_data(
 
     The embedded-target design of theory.md section 7 builds such sets (a random half of fixed targets plus fresh
     points). Replicate ``r`` is numbered ``start + r``: its initialisation and minibatch keys are
-    ``fold_in(k, start + r)`` of ``k_init, k_batch = split(key)``, so a chunk trained alone equals the same
-    replicates inside a larger call. Convex GLMs use damped Newton from the initialisation (no shared pilot).
+    ``fold_in(k, start + r)`` of ``k = k_init, k_batch`` (:func:`training_keys`, the same subkeys as
+    :func:`fit_fresh` with the same key), so a chunk trained alone equals the same replicates inside a larger
+    call. Convex GLMs use damped Newton from the initialisation (no shared pilot).
 
     Args:
       key: PRNG key. problem: the problem.
@@ -538,20 +576,21 @@ def fit_data(
         check_data(problem, xh[r], yh[r])
     if not (np.all(np.isfinite(xh)) and np.all(np.isfinite(yh))):
         raise ValueError("x and y must be finite (NaN or inf found)")
-    k_init, k_batch, params0 = _start(key, problem, opts)
+    keys, params0 = _start(key, problem, opts)
     check_fits_model(problem, params0, xh[0], yh[0])
     p = ravel_pytree(params0)[0].size + 1
     n, dx = xh.shape[1], int(np.prod(xh.shape[2:]))
     per = _replicate_bytes(opts, n=n, dx=dx, p=p, itemsize=xh.dtype.itemsize, fresh=True)
     chunk = _chunk(opts, xh.shape[0], per)
     program = _data_program(_config(problem, opts))
-    shared = _Shared(params0, k_init, k_batch, jnp.asarray(opts.tol, xh.dtype))
+    shared = _Shared(params0, keys.init, keys.batch, jnp.asarray(opts.tol, xh.dtype))
     per_rep = [xh, yh.astype(xh.dtype)]
     return _run(program, xh.shape[0], chunk, opts.devices, per_rep, (shared,), offset=opts.start)
 
 
 def replicate_data(key: Array, problem: Problem, *, n: int, index) -> tuple[Array, Array]:
-    """Regenerate the data sets of :func:`fit_fresh`: replicate ``i`` is ``problem.sample(fold_in(key, i), n)``.
+    """Regenerate the data sets of :func:`fit_fresh`: replicate ``i`` is ``problem.sample(fold_in(k_data, i), n)``
+    with ``k_data = training_keys(key).data``.
 
     Args:
       key: the key given to :func:`fit_fresh`. problem: the problem. n: examples per replicate.
@@ -566,10 +605,10 @@ def replicate_data(key: Array, problem: Problem, *, n: int, index) -> tuple[Arra
     idx = np.asarray(index)
     if not np.issubdtype(idx.dtype, np.integer) or idx.ndim > 1 or np.any(idx < 0):
         raise ValueError(f"index must be a non-negative int or 1-D int array, got {index!r}")
-    return _replicate_data(problem, n, key, jnp.asarray(idx, jnp.uint32))
+    return _replicate_data(problem, n, training_keys(key).data, jnp.asarray(idx, jnp.uint32))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _replicate_data(problem, n, key, idx):
-    one = lambda i: problem.sample(jax.random.fold_in(key, i), n)
+def _replicate_data(problem, n, k_data, idx):
+    one = lambda i: problem.sample(jax.random.fold_in(k_data, i), n)
     return one(idx) if idx.ndim == 0 else jax.lax.map(one, idx)
