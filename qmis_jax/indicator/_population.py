@@ -431,7 +431,7 @@ def _sandwich(h, v, eps: float):
 def _margins(pr: _Problem, theta_star, cov, p: int):
     """Element thresholds and scale code events of ``theta*``: ``(m_el, s_el, v_el, m_sc, s_sc, v_sc, ok)``."""
     ok = bool(np.all(np.isfinite(cov)))
-    cov_j = jnp.asarray(np.nan_to_num(cov), jnp.float32)
+    cov_j = jnp.asarray(np.nan_to_num(cov), jnp.result_type(ravel_pytree(theta_star)[0], jnp.float32))
     m, s, v = (np.asarray(a) for a in rtn_margins(pr.q, theta_star, cov_j, skip=pr.skip, chunk_size=pr.chunk_size))
     m, s = m.astype(np.float64), s.astype(np.float64)
     return m[: 2 * p], s[: 2 * p], v[: 2 * p], m[2 * p :], s[2 * p :], v[2 * p :], ok

@@ -571,9 +571,10 @@ def population_indicator(
         none, zero = np.zeros(1, bool), np.zeros(1, np.int32)
         ev = ev._replace(delta=nan, sigma=nan, valid=none, kind=zero, coord=zero, rows=np.zeros((1, 2)))
         ev = ev._replace(undetermined=none)
-    delta, sigma, valid = (jnp.asarray(a, jnp.float32) for a in (ev.delta, ev.sigma, ev.valid))
-    valid = valid.astype(bool)
-    rows = jnp.asarray(ev.rows, jnp.float32)
+    dtype = jnp.result_type(ravel_pytree(theta_star)[0], jnp.float32)  # float64 where x64 is on
+    delta, sigma = jnp.asarray(ev.delta, dtype), jnp.asarray(ev.sigma, dtype)
+    valid = jnp.asarray(ev.valid, bool)
+    rows = jnp.asarray(ev.rows, dtype)
     capped = jnp.zeros(valid.shape, bool)
     if opts.method == "gaussian":
         rates = gaussian_rate(delta, sigma)
