@@ -155,14 +155,20 @@ def collisions(keys: dict[str, jax.Array]) -> list[list[str]]:
 
 
 def test_partitionable_threefry_makes_split_a_fold_in():
-    # The premise of the separation: with jax_threefry_partitionable (the default of jax 0.9.2), split parts are
-    # fold_ins of the same key, so a key cannot be split for one use and folded per replicate for another.
-    if not jax.config.jax_threefry_partitionable:
-        pytest.skip("jax_threefry_partitionable is off: split and fold_in differ")
+    # The premise of the separation: with jax_threefry_partitionable (the default of the pinned jax 0.9.2), split
+    # parts are fold_ins of the same key, so a key cannot be split for one use and folded per replicate for another.
+    assert jax.config.jax_threefry_partitionable  # the runtime the project pins
     key = jax.random.key(5)
     assert _bits(split(key)[0]) == _bits(fold_in(key, 0))
     assert _bits(split(key)[1]) == _bits(fold_in(key, 1))
     assert _bits(split(key, 3)[2]) == _bits(fold_in(key, 2))
+
+
+@pytest.mark.parametrize("partitionable", [True, False])
+def test_no_two_keys_coincide_under_either_threefry(partitionable):
+    # the separation does not rest on the premise: it holds with the flag off too
+    with jax.threefry_partitionable(partitionable):
+        assert collisions(audit_keys(jax.random.key(3))) == []
 
 
 @pytest.mark.parametrize("seed", [0, 1445])
@@ -176,9 +182,8 @@ def test_the_old_derivation_collides():
     # The check has power: with data sets from fold_in(key, i) and k_init, k_batch = split(key), replicate 0's data
     # key is the initialisation key, replicate 1's the minibatch key and replicate 2's the pilot's (under
     # partitionable threefry); replicates 7 and 8's non-members reuse the LOSS attack's metric keys.
-    if not jax.config.jax_threefry_partitionable:
-        pytest.skip("jax_threefry_partitionable is off")
-    groups = {frozenset(g) for g in collisions(audit_keys(jax.random.key(0), derive=_old_training_keys))}
+    with jax.threefry_partitionable(True):
+        groups = {frozenset(g) for g in collisions(audit_keys(jax.random.key(0), derive=_old_training_keys))}
     assert frozenset({"train.data[0]", "train.init"}) in groups
     assert frozenset({"train.data[1]", "train.batch"}) in groups
     assert frozenset({"train.data[2]", "train.pilot"}) in groups
