@@ -224,47 +224,136 @@ def population_events(
     ``mean D - beta^T mean g`` (``beta`` the regression of ``D`` on ``g``), which removes their first-order noise,
     and the margins (``theta*`` known) err only through their spread.
     """
-    q, loss, glm, skip = pr.q, pr.loss, pr.glm, pr.skip
-    theta, unravel = ravel_pytree(theta_star)
-    p = int(theta.shape[0])
-    dtype = jnp.result_type(theta, jnp.float32)
+    loss = ptq == "loss"
     x0, y0 = chunks(0)
     sel = select if select is not None else (x0, y0)
-    penalty = glm["penalty"]
-    glm_static = {"design": glm["design"], "margin_loss": glm["margin_loss"]}
-    if ptq == "loss":
-        path = descent_path(q, loss, theta_star, *sel, key=key, skip=skip, max_sweeps=pr.max_sweeps, **glm)
-        used = max(int(path.sweeps), 1)
-        records = jax.tree.map(lambda a: a[:used], path.records)
-        path = path._replace(records=records)
-        release = unravel(path.release.astype(theta.dtype))
-        moves = competitors(q, release, theta_star, skip=skip)
-        v_path, sign = (np.asarray(a) for a in path_comparisons(records, path.sweeps))
-        settled, n_moves = bool(path.settled), int(path.moves)
+    rel = _population_release(pr, theta_star, sel, loss=loss, key=key)
+    p = int(ravel_pytree(theta_star)[0].shape[0])
+    control = exact_star and p <= FULL_COVARIANCE_MAX_P
+    sample = _gap_sample(pr, theta_star, rel, chunks, (x0, y0), n=n, control=control, exact_star=exact_star,
+                         max_size=max_size, first_size=first_size)  # fmt: skip
+    m_el, s_el, v_el, m_sc, s_sc, v_sc, cov_ok = _margins(pr, theta_star, sample.cov, p)
+    table = _EventTable(0.0 if exact_star else 1.0)  # theta* known: a margin errs only through its spread
+    sc_coord = scale_coords(pr.q, theta_star, pr.skip)
+    el_coord = np.arange(2 * p) // 2
+    if loss:
+        independent = select is not None  # decided on select, estimated on another sample: a sign may differ
+        d_rel, s_rel, r_rel = sample.gaps(sample.rel)
+        v_rel = np.asarray(rel.moves.valid)
+        table.add("release", np.asarray(rel.moves.index), d_rel, s_rel, v_rel, r_rel,
+                  undetermined=v_rel & (d_rel <= 0) & independent)  # fmt: skip
+        table.add("scale", sc_coord, m_sc, s_sc, v_sc)
+        d_p, s_p, r_p = sample.gaps(sample.path)
+        d_p = (rel.sign * d_p).reshape(-1)
+        vp = (rel.v_path & ~_repeated_comparisons(rel.path, rel.moves, rel.v_path)).reshape(-1)
+        coord_p = np.broadcast_to(np.arange(p)[None, :, None], rel.v_path.shape).reshape(-1)
+        table.add(
+            "path", coord_p, d_p, s_p.reshape(-1), vp, r_p.reshape(-1), undetermined=vp & (d_p <= 0) & independent
+        )
+        kinds, v_start = _resolve_starts(pr, theta_star, rel.path, sel, n, m_el, s_el, v_el, *table.known())
+        for name in ("start", "start_unresolved"):
+            table.add(name, el_coord, m_el, s_el, v_start & (kinds == KIND[name]))
     else:
-        release = quantize_tree(q, theta_star, key=key, skip=skip)
-        settled, n_moves = True, 0
-    full = p <= FULL_COVARIANCE_MAX_P
-    control = exact_star and full
+        table.add("threshold", el_coord, m_el, s_el, v_el)
+        table.add("scale", sc_coord, m_sc, s_sc, v_sc)
+    kind, coord, delta, sigma, valid, ratio, undetermined = table.arrays()
+    # keep only the events that exist: the rows below are computed for them alone
+    keep = valid
+    rows = _rows(pr, theta_star, rel.release, rel.moves, rel.path, x0, y0, keep, ptq, p)
+    finite = bool(np.all(np.isfinite(delta[keep])) & np.all(np.isfinite(sigma[keep])))
+    return PopulationEvents(
+        release=rel.release,
+        n_moves=rel.n_moves,
+        delta=delta[keep],
+        sigma=sigma[keep],
+        valid=np.ones(int(keep.sum()), bool),
+        kind=kind[keep],
+        coord=coord[keep],
+        rows=rows,
+        sample_size=sample.count,
+        error_ratio=ratio[keep],
+        settled=rel.settled,
+        undetermined=undetermined[keep],
+        ok=bool(cov_ok) and finite,
+    )
 
-    rel, pth = _Moments(), _Moments()
+
+class _Release(NamedTuple):
+    """The population release and, for loss PTQ, its recorded descent (cut to the sweeps run), its competitors
+    and its path comparisons (``v_path``, ``sign``: :func:`~qmis_jax.indicator.events.path_comparisons`)."""
+
+    release: PyTree
+    settled: bool
+    n_moves: int
+    path: Any = None
+    moves: Any = None
+    v_path: np.ndarray | None = None
+    sign: np.ndarray | None = None
+    used: int = 1
+
+
+def _population_release(pr: _Problem, theta_star, sel, *, loss: bool, key) -> _Release:
+    """Loss PTQ: the descent on ``sel`` from round-to-nearest of ``theta*``, recorded; RTN: ``Q(theta*)``."""
+    if not loss:
+        return _Release(quantize_tree(pr.q, theta_star, key=key, skip=pr.skip), True, 0)
+    theta, unravel = ravel_pytree(theta_star)
+    path = descent_path(pr.q, pr.loss, theta_star, *sel, key=key, skip=pr.skip, max_sweeps=pr.max_sweeps, **pr.glm)
+    used = max(int(path.sweeps), 1)
+    path = path._replace(records=jax.tree.map(lambda a: a[:used], path.records))
+    release = unravel(path.release.astype(theta.dtype))
+    v_path, sign = (np.asarray(a) for a in path_comparisons(path.records, path.sweeps))
+    moves = competitors(pr.q, release, theta_star, skip=pr.skip)
+    return _Release(release, bool(path.settled), int(path.moves), path, moves, v_path, sign, used)
+
+
+class _GapSample(NamedTuple):
+    """The gap sample's accumulated statistics: the release's and the path's moments, ``E g``, ``E g g^T`` (the
+    control variate's), the sandwich ``cov`` and the points used."""
+
+    rel: _Moments
+    path: _Moments
+    g_mean: np.ndarray
+    v_mean: np.ndarray
+    cov: np.ndarray
+    count: int
+    control: bool
+
+    def gaps(self, moments: _Moments):
+        """``(delta, sigma, error ratio)`` of accumulated moments, with the control variate where it applies."""
+        if self.control:
+            return moments.controlled(self.g_mean, self.v_mean)
+        mean, sd = moments.stats()
+        return mean, sd, np.ones(mean.shape)
+
+
+def _gap_sample(pr, theta_star, rel: _Release, chunks, first, *, n, control, exact_star, max_size, first_size):
+    """Accumulate the gap sample chunk by chunk (``first`` is chunk 0) until the predicted flip is precise
+    (:func:`required_size`) or ``max_size`` points are used: the moments of the release's competitors and of the
+    path's comparisons (with their cross moments with ``g`` for the control variate) and the sandwich's sums."""
+    loss, glm, skip = pr.loss, pr.glm, pr.skip
+    theta = ravel_pytree(theta_star)[0]
+    p = int(theta.shape[0])
+    dtype = jnp.result_type(theta, jnp.float32)
+    full = p <= FULL_COVARIANCE_MAX_P
+    glm_static = {"design": glm["design"], "margin_loss": glm["margin_loss"]}
+    moments_rel, moments_path = _Moments(), _Moments()
     hess_sum, v_sum, g_sum, count = None, None, np.zeros(p), 0
     c = 0
     while True:
-        x, y = (x0, y0) if c == 0 else chunks(c)
+        x, y = first if c == 0 else chunks(c)
         m = int(x.shape[0])
-        if ptq == "loss":
+        if rel.path is not None:
             for xs, ys in _sub_chunks(x, y, 2 * p + (p if control else 0)):
-                D = loss_differences(loss, release, moves, xs, ys, **glm, chunk_size=pr.chunk_size,
+                D = loss_differences(loss, rel.release, rel.moves, xs, ys, **glm, chunk_size=pr.chunk_size,
                                      method=pr.differences)  # fmt: skip
                 g = _grads(loss, theta_star, xs, ys) if control else None
-                rel.add(int(xs.shape[0]), *_rows_moments(D, g))
-            for xs, ys in _sub_chunks(x, y, 3 * p * used * (p + 2 if control else 1)):
+                moments_rel.add(int(xs.shape[0]), *_rows_moments(D, g))
+            for xs, ys in _sub_chunks(x, y, 3 * p * rel.used * (p + 2 if control else 1)):
                 w = jnp.full((xs.shape[0],), 1.0 / xs.shape[0], dtype)
                 g = _grads(loss, theta_star, xs, ys) if control else None
-                out = replay_path(q, loss, theta_star, path.start, records, path.sweeps, xs, ys, w, penalty, g,
-                                  skip=skip, rows=False, **glm_static)  # fmt: skip
-                pth.add(int(xs.shape[0]), *out)
+                out = replay_path(pr.q, loss, theta_star, rel.path.start, rel.path.records, rel.path.sweeps, xs, ys,
+                                  w, glm["penalty"], g, skip=skip, rows=False, **glm_static)  # fmt: skip
+                moments_path.add(int(xs.shape[0]), *out)
         if control:
             for xs, ys in _sub_chunks(x, y, p):
                 g_sum += np.asarray(jnp.sum(_grads(loss, theta_star, xs, ys), axis=0), np.float64)
@@ -276,83 +365,35 @@ def population_events(
         v_sum = v if v_sum is None else v_sum + v
         count += m
         cov = _sandwich(hess_sum / count, v_sum / count, float(jnp.finfo(dtype).eps))
-        cs, ratios = _current_c(pr, theta_star, cov, rel, pth, v_path if ptq == "loss" else None,
-                                moves if ptq == "loss" else None, (g_sum / count, v_sum / count) if control else None,
-                                exact_star)  # fmt: skip
+        cs, ratios = _current_c(pr, theta_star, cov, moments_rel, moments_path, rel.v_path, rel.moves,
+                                (g_sum / count, v_sum / count) if control else None, exact_star)  # fmt: skip
         c += 1
         if count >= max_size or count >= max(first_size, required_size(n, cs, ratios)):
-            break
+            return _GapSample(moments_rel, moments_path, g_sum / count, v_sum / count, cov, count, control)
 
-    m_el, s_el, v_el, m_sc, s_sc, v_sc, cov_ok = _margins(pr, theta_star, cov, p)
-    labels_kind, labels_coord, delta, sigma, valid, ratio = [], [], [], [], [], []
-    margin_ratio = 0.0 if exact_star else 1.0  # theta* known: a margin errs only through its spread
 
-    def add(kind, coord, d, s, v, r=margin_ratio):
-        labels_kind.append(np.full(np.shape(d), KIND[kind], np.int32))
-        labels_coord.append(np.asarray(coord, np.int32))
-        delta.append(np.asarray(d, np.float64))
-        sigma.append(np.asarray(s, np.float64))
-        valid.append(np.asarray(v, bool))
-        ratio.append(np.broadcast_to(np.asarray(r, np.float64), np.shape(d)))
+class _EventTable:
+    """The events as they are found, kind by kind; :meth:`arrays` stacks them."""
 
-    def gaps(moments):
-        if control:
-            return moments.controlled(g_sum / count, v_sum / count)
-        mean, sd = moments.stats()
-        return mean, sd, np.ones(mean.shape)
+    def __init__(self, margin_ratio: float):
+        self.margin_ratio = margin_ratio
+        self.parts = []
 
-    undetermined_parts = []
-    if ptq == "loss":
-        d_rel, s_rel, r_rel = gaps(rel)
-        v_rel = np.asarray(moves.valid)
-        add("release", np.asarray(moves.index), d_rel, s_rel, v_rel, r_rel)
-        # decided on select, estimated on an independent sample: a sign that differs is not determined
-        undetermined_parts.append(v_rel & (d_rel <= 0) if select is not None else np.zeros(v_rel.shape, bool))
-        add("scale", scale_coords(q, theta_star, skip), m_sc, s_sc, v_sc)
-        undetermined_parts.append(np.zeros(m_sc.shape, bool))
-        d_p, s_p, r_p = gaps(pth)
-        d_p = (sign * d_p).reshape(-1)
-        vp = (v_path & ~_repeated_comparisons(path, moves, v_path)).reshape(-1)
-        coord_p = np.broadcast_to(np.arange(p)[None, :, None], v_path.shape).reshape(-1)
-        add("path", coord_p, d_p, s_p.reshape(-1), vp, r_p.reshape(-1))
-        undetermined_parts.append(vp & (d_p <= 0) if select is not None else np.zeros(vp.shape, bool))
-        kinds, v_start = _resolve_starts(pr, theta_star, path, sel, n, m_el, s_el, v_el, delta, sigma, valid)
-        k_el = np.arange(2 * p) // 2
-        for name in ("start", "start_unresolved"):
-            mask = v_start & (kinds == KIND[name])
-            add(name, k_el, m_el, s_el, mask)
-            undetermined_parts.append(np.zeros(mask.shape, bool))
-    else:
-        add("threshold", np.arange(2 * p) // 2, m_el, s_el, v_el)
-        add("scale", scale_coords(q, theta_star, skip), m_sc, s_sc, v_sc)
-        undetermined_parts += [np.zeros(m_el.shape, bool), np.zeros(m_sc.shape, bool)]
-    kind = np.concatenate(labels_kind)
-    coord = np.concatenate(labels_coord)
-    delta = np.concatenate(delta)
-    sigma = np.concatenate(sigma)
-    valid = np.concatenate(valid)
-    ratio = np.concatenate(ratio)
-    # keep only the events that exist: the rows below are computed for them alone
-    keep = valid
-    rows = _rows(pr, theta_star, release, moves if ptq == "loss" else None, path if ptq == "loss" else None,
-                 x0, y0, kind, keep, ptq, p)  # fmt: skip
-    undetermined = np.concatenate(undetermined_parts)[keep]
-    finite = bool(np.all(np.isfinite(delta[keep])) & np.all(np.isfinite(sigma[keep])))
-    return PopulationEvents(
-        release=release,
-        n_moves=n_moves,
-        delta=delta[keep],
-        sigma=sigma[keep],
-        valid=np.ones(int(keep.sum()), bool),
-        kind=kind[keep],
-        coord=coord[keep],
-        rows=rows,
-        sample_size=count,
-        error_ratio=ratio[keep],
-        settled=settled,
-        undetermined=undetermined,
-        ok=bool(cov_ok) and finite,
-    )
+    def add(self, kind, coord, d, s, v, r=None, *, undetermined=None):
+        shape = np.shape(d)
+        r = self.margin_ratio if r is None else r
+        u = np.zeros(shape, bool) if undetermined is None else undetermined
+        self.parts.append((np.full(shape, KIND[kind], np.int32), np.asarray(coord, np.int32),
+                           np.asarray(d, np.float64), np.asarray(s, np.float64), np.asarray(v, bool),
+                           np.broadcast_to(np.asarray(r, np.float64), shape), np.asarray(u, bool)))  # fmt: skip
+
+    def known(self):
+        """``(delta, sigma, valid)`` of the events added so far."""
+        return tuple(np.concatenate([part[i] for part in self.parts]) for i in (2, 3, 4))
+
+    def arrays(self):
+        """``(kind, coord, delta, sigma, valid, error ratio, undetermined)``, each ``(K,)``."""
+        return tuple(np.concatenate([part[i] for part in self.parts]) for i in range(7))
 
 
 def _point_key(theta: np.ndarray) -> bytes:
@@ -468,7 +509,7 @@ def _resolve_starts(pr, theta_star, path, sel, n, m_el, s_el, v_el, delta, sigma
     ``max(20000, START_SAMPLE n)`` points of ``sel``, the ``MAX_STARTS`` nearest their thresholds at most; it
     counts when it ends elsewhere. Crossings beyond the cap, and sparse ternary's (support swaps), count as
     unresolved."""
-    others = _c(np.concatenate(delta), np.concatenate(sigma), np.concatenate(valid))
+    others = _c(delta, sigma, valid)
     c_other = float(np.min(others)) if others.size else math.inf
     cutoff = max(START_CUTOFF / math.sqrt(n), c_other)
     starts, exists = (np.asarray(a) for a in start_candidates(pr.q, path.start, theta_star, pr.skip))
@@ -499,7 +540,7 @@ def _resolve_starts(pr, theta_star, path, sel, n, m_el, s_el, v_el, delta, sigma
     return kinds, result
 
 
-def _rows(pr, theta_star, release, moves, path, x0, y0, kind, keep, ptq, p):
+def _rows(pr, theta_star, release, moves, path, x0, y0, keep, ptq, p):
     """Per-example rows ``(K_kept, m_c)`` of the kept events on the first chunk (as many points as fit the
     budget): loss differences for comparisons, linearised contributions for margins."""
     m_c = int(min(x0.shape[0], max(2048, ROW_BUDGET // max(int(keep.shape[0]), 1))))
