@@ -135,6 +135,16 @@ def test_undetermined_path_and_unsettled_descent_give_r_zero_with_a_reason():
     assert pop.settled
 
 
+def _fresh_population(problem, q, key, n):
+    """The population indicator at the closed-form ``theta*`` on fresh samples of ``fold_in(key, 1..3)``: the
+    release chosen on one, the gaps on another growing by chunks (the audit's population stage, by hand)."""
+    k_sel, k_big, k_more = (jax.random.fold_in(key, i) for i in (1, 2, 3))
+    return population_indicator(
+        q, problem, problem.population(key), *problem.sample(k_big, 100_000), n=n,
+        select=problem.sample(k_sel, 100_000), more=lambda c: problem.sample(jax.random.fold_in(k_more, c), 100_000),
+    )  # fmt: skip
+
+
 @pytest.mark.slow
 def test_logistic_d2_loss_ptq_flip_matches_monte_carlo():
     # the case of theory.md section 3(a): logistic d = 2, fixed step 0.5, n = 1950, loss PTQ. The start one cell
@@ -143,12 +153,8 @@ def test_logistic_d2_loss_ptq_flip_matches_monte_carlo():
     q = uniform(step=0.5)
     n, reps = 1950, 800
     key = jax.random.key(11)
-    theta_star = problem.population(key)
-    k_sel, k_big, k_more, k_train = (jax.random.fold_in(key, i) for i in (1, 2, 3, 4))
-    pop = population_indicator(
-        q, problem, theta_star, *problem.sample(k_big, 100_000), n=n, select=problem.sample(k_sel, 100_000),
-        more=lambda c: problem.sample(jax.random.fold_in(k_more, c), 100_000),
-    )  # fmt: skip
+    pop = _fresh_population(problem, q, key, n)
+    k_train = jax.random.fold_in(key, 4)
     assert pop.events.get("start", 0) >= 1 and pop.events.get("path", 0) >= 1
     fit = qj.train.fit_fresh(k_train, problem, n=n, replicates=reps)
     x, y = qj.train.replicate_data(k_train, problem, n=n, index=np.arange(reps))
@@ -170,11 +176,8 @@ def test_population_prediction_matches_the_exact_gaussian_limit(dim, step, n):
     q = uniform(step=step)
     key = jax.random.key(13)
     theta_star = problem.population(key)
-    k_sel, k_big, k_more, k_exact = (jax.random.fold_in(key, i) for i in (1, 2, 3, 4))
-    pop = population_indicator(
-        q, problem, theta_star, *problem.sample(k_big, 100_000), n=n, select=problem.sample(k_sel, 100_000),
-        more=lambda c: problem.sample(jax.random.fold_in(k_more, c), 100_000),
-    )  # fmt: skip
+    pop = _fresh_population(problem, q, key, n)
+    k_exact = jax.random.fold_in(key, 4)
     exact = qj.indicator.loss_ptq_flip_exact(k_exact, problem, q, theta_star, n=n)
     assert float(exact.left_box) < 0.01
     np.testing.assert_array_equal(np.asarray(exact.release), np.asarray(jax.flatten_util.ravel_pytree(pop.release)[0]))
