@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 from jax import tree_util
 
-from qmis_jax.quantizers._base import SCALE_CODE_BITS, Quantizer
+from qmis_jax.quantizers._base import Quantizer
 from qmis_jax.quantizers.registry import get
-from qmis_jax.quantizers.tree import Skip, _flatten, _match, tree_codes
+from qmis_jax.quantizers.tree import Skip, _element_codes, _flatten, _match, tree_codes
 
 Array = jax.Array
 PyTree = Any
@@ -149,12 +149,6 @@ class Published(NamedTuple):
     codes: PyTree
     scale_codes: PyTree
     continuous: PyTree
-
-
-def _element_codes(q: Quantizer, codes: Array) -> Array:
-    if q.discrete_scale:  # unpack: codes = element * 2^S + scale code (see Quantizer.codes)
-        return jnp.right_shift(codes, SCALE_CODE_BITS[q.scale_format])
-    return codes
 
 
 def published(q: Quantizer | str, release: PyTree, params: PyTree, *, skip: Skip = None) -> Published:

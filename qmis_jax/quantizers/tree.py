@@ -229,6 +229,14 @@ class PublishedLeaf(NamedTuple):
     float_bits: Array
 
 
+def _element_codes(q: Quantizer, codes: Array) -> Array:
+    """The element codes of ``Quantizer.codes``: with a discrete scale they pack ``element * 2^S + scale code``
+    (``0 <= scale code < 2^S``), unpacked here."""
+    if q.discrete_scale:
+        return jnp.right_shift(codes, SCALE_CODE_BITS[q.scale_format])
+    return codes
+
+
 def _stored_bits(x: Array) -> Array:
     """The bit pattern of a float array as stored (unsigned integer of its width); other arrays unchanged."""
     x = jnp.asarray(x)
@@ -242,10 +250,7 @@ def _published_leaf(q: Quantizer, v: Array, leaf: Array, skipped: bool) -> Publi
     none_i = jnp.zeros((0,), jnp.int32)
     if skipped or q.continuous:
         return PublishedLeaf(none_i, none_i, _stored_bits(v))
-    codes = q.codes(v, leaf)
-    if q.discrete_scale:  # unpack: codes = element * 2^S + scale code, 0 <= scale code < 2^S (Quantizer.codes)
-        codes = jnp.right_shift(codes, SCALE_CODE_BITS[q.scale_format])
-    return PublishedLeaf(codes, q.scale_codes(leaf), jnp.zeros((0,), jnp.uint32))
+    return PublishedLeaf(_element_codes(q, q.codes(v, leaf)), q.scale_codes(leaf), jnp.zeros((0,), jnp.uint32))
 
 
 def tree_published(q: Quantizer | str, release: PyTree, params: PyTree, *, skip: Skip = None) -> PyTree:
