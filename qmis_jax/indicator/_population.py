@@ -232,7 +232,7 @@ def population_events(
     control = exact_star and p <= FULL_COVARIANCE_MAX_P
     sample = _gap_sample(pr, theta_star, rel, chunks, (x0, y0), n=n, control=control, exact_star=exact_star,
                          max_size=max_size, first_size=first_size)  # fmt: skip
-    m_el, s_el, v_el, m_sc, s_sc, v_sc, cov_ok = _margins(pr, theta_star, sample.cov, p)
+    m_el, s_el, v_el, m_sc, s_sc, v_sc, cov_ok = sample.margins
     table = _EventTable(0.0 if exact_star else 1.0)  # theta* known: a margin errs only through its spread
     sc_coord = scale_coords(pr.q, theta_star, pr.skip)
     el_coord = np.arange(2 * p) // 2
@@ -308,7 +308,7 @@ def _population_release(pr: _Problem, theta_star, sel, *, loss: bool, key) -> _R
 
 class _GapSample(NamedTuple):
     """The gap sample's accumulated statistics: the release's and the path's moments, ``E g``, ``E g g^T`` (the
-    control variate's), the sandwich ``cov`` and the points used."""
+    control variate's), the sandwich ``cov``, the points used and the margins at ``cov`` (:func:`_margins`)."""
 
     rel: _Moments
     path: _Moments
@@ -317,6 +317,7 @@ class _GapSample(NamedTuple):
     cov: np.ndarray
     count: int
     control: bool
+    margins: tuple = ()
 
     def gaps(self, moments: _Moments):
         """``(delta, sigma, error ratio)`` of accumulated moments, with the control variate where it applies."""
@@ -365,11 +366,11 @@ def _gap_sample(pr, theta_star, rel: _Release, chunks, first, *, n, control, exa
         v_sum = v if v_sum is None else v_sum + v
         count += m
         cov = _sandwich(hess_sum / count, v_sum / count, float(jnp.finfo(dtype).eps))
-        cs, ratios = _current_c(pr, theta_star, cov, moments_rel, moments_path, rel.v_path, rel.moves,
-                                (g_sum / count, v_sum / count) if control else None, exact_star)  # fmt: skip
+        margins = _margins(pr, theta_star, cov, p)
+        sample = _GapSample(moments_rel, moments_path, g_sum / count, v_sum / count, cov, count, control, margins)
         c += 1
-        if count >= max_size or count >= max(first_size, required_size(n, cs, ratios)):
-            return _GapSample(moments_rel, moments_path, g_sum / count, v_sum / count, cov, count, control)
+        if count >= max_size or count >= max(first_size, required_size(n, *_current_c(sample, rel, exact_star))):
+            return sample
 
 
 class _EventTable:
@@ -484,20 +485,16 @@ def _c(delta, sigma, valid):
     return np.where(valid, c, np.inf)
 
 
-def _current_c(pr, theta_star, cov, rel, pth, v_path, moves, control, exact_star):
+def _current_c(sample: _GapSample, rel: _Release, exact_star: bool):
     """``(c, error ratios)`` of the events known so far and of every threshold crossing (they size the sample,
     conservatively)."""
-    p = int(ravel_pytree(theta_star)[0].shape[0])
-    m_el, s_el, v_el, m_sc, s_sc, v_sc, _ = _margins(pr, theta_star, cov, p)
+    m_el, s_el, v_el, m_sc, s_sc, v_sc, _ = sample.margins
     margin = 0.0 if exact_star else 1.0
     cs = [_c(m_el, s_el, v_el), _c(m_sc, s_sc, v_sc)]
     ratios = [np.full(m_el.shape, margin), np.full(m_sc.shape, margin)]
-    if moves is not None:
-        for moments, v in ((rel, np.asarray(moves.valid)), (pth, v_path)):
-            if control is not None:
-                d, s, r = moments.controlled(*control)
-            else:
-                (d, s), r = moments.stats(), 1.0
+    if rel.moves is not None:
+        for moments, v in ((sample.rel, np.asarray(rel.moves.valid)), (sample.path, rel.v_path)):
+            d, s, r = sample.gaps(moments)
             cs.append(_c(np.abs(d), s, v).reshape(-1))
             ratios.append(np.broadcast_to(r, np.shape(d)).reshape(-1))
     return np.concatenate(cs), np.concatenate(ratios)
