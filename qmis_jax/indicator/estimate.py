@@ -17,7 +17,9 @@ minimiser like any other. The codes-only rate is kept as ``r_codes`` (labelled a
 
 With a discrete scale format (``bf16``, ``f16``, ``e8m0``) the scale code is one more coordinate of the release:
 its events (section 9, :func:`~qmis_jax.indicator.margins.scale_margins`, with the sandwich ``Sigma`` at the
-parameters) follow the ``2p`` element events under both PTQs, and ``r`` is the minimum over both.
+parameters) join the others. Under loss PTQ the events are those of the path that reached the release
+(:mod:`~qmis_jax.indicator.events`, section 3(a)): its competitors, every other comparison of the descent, the
+starts one threshold away that lead elsewhere; ``r`` is the minimum over all of them.
 """
 
 from __future__ import annotations
@@ -115,8 +117,7 @@ class PopulationAudit(NamedTuple):
     Attributes:
       r: scalar ``r_pop = min_k I_k`` at the population release.
       release: the population release ``theta_0`` (pytree).
-      codes: its int32 codes in ``theta*``'s codebook (pytree): a replicate's release "is the same" iff its codes
-        are equal (Monte Carlo flip rate).
+      codes: its int32 codes in ``theta*``'s codebook (pytree).
       delta, sigma: ``(K,)`` population gaps and spreads (or RTN margins ``m_k`` and ``s_k``).
       valid: ``(K,)`` bool.
       rates: ``(K,)`` ``I_k``.
@@ -133,6 +134,14 @@ class PopulationAudit(NamedTuple):
       ptq: ``"loss"`` or ``"rtn"``. method: ``"gaussian"`` or ``"cramer"``.
       r_codes: the codes' own rate (section 9), equal to ``r`` for a discrete release; never the indicator.
       continuous: whether the release is continuous (:func:`qmis_jax.quantizers.is_continuous`): ``r = 0``.
+      r_se, flip_se: standard errors of ``r`` and of ``flip_rate_predicted`` from the gap sample's size.
+      events: ``{kind: count}`` of the events behind ``r`` (:data:`~qmis_jax.indicator.events.EVENT_KINDS`).
+      r_zero_reason: when ``r = 0``, why (a continuous part, the event or leaf responsible, a descent that did not
+        settle, a population path not determined); else None.
+      sample_size: points of the gap sample the statistics used.
+      kind, coord: ``(K,)`` each event's kind and the coordinate it concerns.
+      settled: the population descent stopped because a sweep moved nothing.
+      determined: every decision of the population path has the same sign on the gap sample as on ``select``.
       published: what it publishes in ``theta*``'s codebook (:func:`~qmis_jax.quantizers.tree_published`), the
         Monte Carlo flip's reference (theory.md sections 9-10).
     """
