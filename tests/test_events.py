@@ -27,6 +27,9 @@ from qmis_jax.indicator.margins import scale_margins
 from qmis_jax.indicator.sandwich import sandwich_covariance_flagged
 from qmis_jax.problems import gaussian_mean, logistic_mixture
 from qmis_jax.quantizers import get, uniform
+from qmis_jax.studies.synthetic import VALIDATION_PROBLEM
+
+VALIDATION = VALIDATION_PROBLEM
 
 LOGISTIC3 = logistic_mixture(dim=2, k_modes=2, separation=2.0, scale=1.0, seed=1)
 QUANTIZERS = ("grid", "int4@e8m0", "sign@e8m0", "ternary_s33")
@@ -96,7 +99,9 @@ def test_the_event_set_contains_the_old_competitors_so_r_never_rises():
             valid = np.asarray(new.valid)
             mine = np.sort(np.asarray(new.delta)[valid & (kinds == "release")])
             np.testing.assert_allclose(mine, old_delta, rtol=1e-5, atol=1e-7)
-            assert float(new.r_hat) <= old_r * (1 + 1e-5) + 1e-12, (name, float(new.r_hat), old_r)
+            # r = c^2 / 2 doubles the gaps' float32 rounding (rtol 1e-5 above, and the two codes reduce in another
+            # order on some CPUs): an equal r may come out 2e-5 apart
+            assert float(new.r_hat) <= old_r * (1 + 4e-5) + 1e-12, (name, float(new.r_hat), old_r)
 
 
 def test_gaussian_mean_population_flip_within_ten_percent_of_exact_with_defaults():
@@ -168,17 +173,22 @@ def test_logistic_d2_loss_ptq_flip_matches_monte_carlo():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dim, step, n", [(2, 0.5, 1950), (3, 0.75, 1000)])
-def test_population_prediction_matches_the_exact_gaussian_limit(dim, step, n):
+@pytest.mark.parametrize("dim, step, n, shape", [(2, 0.5, 1950, {}), (3, 0.75, 1000, {}), (2, 0.5, 512, VALIDATION)])
+def test_population_prediction_matches_the_exact_gaussian_limit(dim, step, n, shape):
     # the joint Gaussian limit of (theta_hat, L_n on the codebook points near theta*), the descent simulated on its
-    # draws (indicator.loss_ptq_flip_exact), is what the event set approximates: within 10% (p = 3 and 4)
-    problem = logistic_mixture(dim=dim)
+    # draws (indicator.loss_ptq_flip_exact), is what the event set approximates: within 10% (p = 3 and 4). On the
+    # synthetic study's validation problem at n = 512 the start is the release and every crossing comes back to it,
+    # by paths whose comparisons no other event holds: without those start_return events the prediction is 0.39
+    # against 0.45
+    problem = logistic_mixture(dim=dim, **shape)
     q = uniform(step=step)
     key = jax.random.key(13)
     theta_star = problem.population(key)
     pop = _fresh_population(problem, q, key, n)
     k_exact = jax.random.fold_in(key, 4)
-    exact = qj.indicator.loss_ptq_flip_exact(k_exact, problem, q, theta_star, n=n)
+    exact = qj.indicator.loss_ptq_flip_exact(k_exact, problem, q, theta_star, n=n, box=3 if shape else 2)
     assert float(exact.left_box) < 0.01
     np.testing.assert_array_equal(np.asarray(exact.release), np.asarray(jax.flatten_util.ravel_pytree(pop.release)[0]))
     assert abs(float(pop.flip_rate_predicted) / float(exact.flip) - 1) < 0.10, (pop.flip_rate_predicted, exact.flip)
+    if shape:
+        assert pop.events.get("start_return", 0) >= 1, pop.events

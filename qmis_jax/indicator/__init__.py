@@ -41,6 +41,8 @@ from .ptq import DescentPath, descent_path, descent_path_batched, ptq_loss, ptq_
 from .rates import CramerRate, cramer_rate, gaussian_rate, indicator
 from .regime import REGIME_THRESHOLD, asymptotic_regime
 from .sandwich import (
+    BIAS_MAX_P,
+    estimator_bias,
     hessian_diag,
     per_sample_grads,
     sandwich_covariance,
@@ -50,6 +52,7 @@ from .sandwich import (
 )
 
 __all__ = [
+    "BIAS_MAX_P",
     "CramerRate",
     "DescentPath",
     "EVENT_KINDS",
@@ -69,6 +72,7 @@ __all__ = [
     "cramer_rate",
     "descent_path",
     "descent_path_batched",
+    "estimator_bias",
     "gap_stats",
     "gaussian_mean_fp_delta",
     "gaussian_mean_gaps",

@@ -25,9 +25,9 @@ from qmis_jax.quantizers.release import release_info
 from qmis_jax.quantizers.tree import _flatten
 
 from .events import EVENT_KINDS, KIND, descend_from, path_comparisons, replay_path, start_candidates
-from .margins import competitors, loss_differences, rtn_differences, rtn_margins
+from .margins import _margin_fn, competitors, loss_differences, rtn_differences, rtn_margins
 from .ptq import _check_sweeps, descent_path, is_sparse_ternary
-from .sandwich import hessian_diag
+from .sandwich import BIAS_MAX_P, estimator_bias, hashable_skip, hessian_diag
 
 Array = jax.Array
 PyTree = Any
@@ -38,6 +38,7 @@ START_CUTOFF = 6.0  # sqrt(n) c beyond which p_k = Phi(-sqrt(n) c) < 1e-9: such 
 MAX_STARTS = 64  # starts descended at most; crossings beyond that count as unresolved events (conservative)
 START_SAMPLE = 10  # the starts are descended on the first max(20000, START_SAMPLE n) points of the selection sample
 ROW_BUDGET = 1 << 24  # elements of a (K, m) block of per-example rows computed at once
+BIAS_SAMPLE = 50_000  # points of the first chunk the estimator's bias is computed on
 FULL_COVARIANCE_MAX_P = 1024  # above this the sandwich is its diagonal (sandwich_diagonal's estimator)
 
 
@@ -55,6 +56,9 @@ class PopulationEvents(NamedTuple):
       undetermined: ``(K,)`` path decisions whose sign on the gap sample differs from the one the selection
         sample took (the population path is not determined at this precision).
       ok: every statistic finite and ``H`` non-singular.
+      shift: ``(K,)`` the margins' mean shift times ``n``: ``E m_k(theta_hat) = delta_k + shift_k / n + o(1/n)``
+        with ``shift_k = grad m_k^T b`` (``b`` of :func:`~qmis_jax.indicator.estimator_bias`); 0 for loss
+        comparisons at fixed codebook points (their mean gap is exact) and where ``p > BIAS_MAX_P``.
     """
 
     release: PyTree
@@ -70,6 +74,7 @@ class PopulationEvents(NamedTuple):
     settled: bool
     undetermined: np.ndarray
     ok: bool
+    shift: np.ndarray
 
 
 def _normal_sf(x: np.ndarray) -> np.ndarray:
@@ -233,6 +238,7 @@ def population_events(
     sample = _gap_sample(pr, theta_star, rel, chunks, (x0, y0), n=n, control=control, exact_star=exact_star,
                          max_size=max_size, first_size=first_size)  # fmt: skip
     m_el, s_el, v_el, m_sc, s_sc, v_sc, cov_ok = sample.margins
+    sh_el, sh_sc = _margin_shifts(pr, theta_star, (x0, y0), p, len(m_sc))
     table = _EventTable(0.0 if exact_star else 1.0)  # theta* known: a margin errs only through its spread
     sc_coord = scale_coords(pr.q, theta_star, pr.skip)
     el_coord = np.arange(2 * p) // 2
@@ -242,7 +248,7 @@ def population_events(
         v_rel = np.asarray(rel.moves.valid)
         table.add("release", np.asarray(rel.moves.index), d_rel, s_rel, v_rel, r_rel,
                   undetermined=v_rel & (d_rel <= 0) & independent)  # fmt: skip
-        table.add("scale", sc_coord, m_sc, s_sc, v_sc)
+        table.add("scale", sc_coord, m_sc, s_sc, v_sc, shift=sh_sc)
         d_p, s_p, r_p = sample.gaps(sample.path)
         d_p = (rel.sign * d_p).reshape(-1)
         vp = (rel.v_path & ~_repeated_comparisons(rel.path, rel.moves, rel.v_path)).reshape(-1)
@@ -250,31 +256,45 @@ def population_events(
         table.add(
             "path", coord_p, d_p, s_p.reshape(-1), vp, r_p.reshape(-1), undetermined=vp & (d_p <= 0) & independent
         )
-        kinds, v_start = _resolve_starts(pr, theta_star, rel.path, sel, n, m_el, s_el, v_el, *table.known())
+        kinds, v_start, returning, starts, sub = _resolve_starts(pr, theta_star, rel.path, sel, n, m_el, s_el, v_el,
+                                                                 *table.known())  # fmt: skip
         for name in ("start", "start_unresolved"):
-            table.add(name, el_coord, m_el, s_el, v_start & (kinds == KIND[name]))
+            table.add(name, el_coord, m_el, s_el, v_start & (kinds == KIND[name]), shift=sh_el)
     else:
-        table.add("threshold", el_coord, m_el, s_el, v_el)
-        table.add("scale", sc_coord, m_sc, s_sc, v_sc)
-    kind, coord, delta, sigma, valid, ratio, undetermined = table.arrays()
+        table.add("threshold", el_coord, m_el, s_el, v_el, shift=sh_el)
+        table.add("scale", sc_coord, m_sc, s_sc, v_sc, shift=sh_sc)
+    kind, coord, delta, sigma, valid, ratio, undetermined, shift = table.arrays()
     # keep only the events that exist: the rows below are computed for them alone
     keep = valid
     rows = _rows(pr, theta_star, rel.release, rel.moves, rel.path, x0, y0, keep, ptq, p)
-    finite = bool(np.all(np.isfinite(delta[keep])) & np.all(np.isfinite(sigma[keep])))
+    kind, coord, delta, sigma = kind[keep], coord[keep], delta[keep], sigma[keep]
+    ratio, undetermined, shift = ratio[keep], undetermined[keep], shift[keep]
+    if loss:
+        m_c = rows.shape[1]
+        r_coord, r_c, r_rows = _return_events(pr, theta_star, rel, returning, starts, sub, m_el, s_el, x0[:m_c],
+                                              y0[:m_c], rows)  # fmt: skip
+        k_r = r_c.size
+        kind = np.concatenate([kind, np.full(k_r, KIND["start_return"], np.int32)])
+        coord, delta = np.concatenate([coord, r_coord]), np.concatenate([delta, r_c])
+        sigma, ratio = np.concatenate([sigma, np.ones(k_r)]), np.concatenate([ratio, np.ones(k_r)])
+        undetermined = np.concatenate([undetermined, np.zeros(k_r, bool)])
+        shift, rows = np.concatenate([shift, np.zeros(k_r)]), np.concatenate([rows, r_rows])
+    finite = bool(np.all(np.isfinite(delta)) & np.all(np.isfinite(sigma)))
     return PopulationEvents(
         release=rel.release,
         n_moves=rel.n_moves,
-        delta=delta[keep],
-        sigma=sigma[keep],
-        valid=np.ones(int(keep.sum()), bool),
-        kind=kind[keep],
-        coord=coord[keep],
+        delta=delta,
+        sigma=sigma,
+        valid=np.ones(delta.shape, bool),
+        kind=kind,
+        coord=coord,
         rows=rows,
         sample_size=sample.count,
-        error_ratio=ratio[keep],
+        error_ratio=ratio,
         settled=rel.settled,
-        undetermined=undetermined[keep],
+        undetermined=undetermined,
         ok=bool(cov_ok) and finite,
+        shift=shift,
     )
 
 
@@ -380,21 +400,22 @@ class _EventTable:
         self.margin_ratio = margin_ratio
         self.parts = []
 
-    def add(self, kind, coord, d, s, v, r=None, *, undetermined=None):
+    def add(self, kind, coord, d, s, v, r=None, *, undetermined=None, shift=0.0):
         shape = np.shape(d)
         r = self.margin_ratio if r is None else r
         u = np.zeros(shape, bool) if undetermined is None else undetermined
         self.parts.append((np.full(shape, KIND[kind], np.int32), np.asarray(coord, np.int32),
                            np.asarray(d, np.float64), np.asarray(s, np.float64), np.asarray(v, bool),
-                           np.broadcast_to(np.asarray(r, np.float64), shape), np.asarray(u, bool)))  # fmt: skip
+                           np.broadcast_to(np.asarray(r, np.float64), shape), np.asarray(u, bool),
+                           np.broadcast_to(np.asarray(shift, np.float64), shape)))  # fmt: skip
 
     def known(self):
         """``(delta, sigma, valid)`` of the events added so far."""
         return tuple(np.concatenate([part[i] for part in self.parts]) for i in (2, 3, 4))
 
     def arrays(self):
-        """``(kind, coord, delta, sigma, valid, error ratio, undetermined)``, each ``(K,)``."""
-        return tuple(np.concatenate([part[i] for part in self.parts]) for i in range(7))
+        """``(kind, coord, delta, sigma, valid, error ratio, undetermined, shift)``, each ``(K,)``."""
+        return tuple(np.concatenate([part[i] for part in self.parts]) for i in range(8))
 
 
 def _point_key(theta: np.ndarray) -> bytes:
@@ -408,25 +429,30 @@ def _moved(theta: np.ndarray, j, t, i, u) -> np.ndarray:
     return out
 
 
-def _repeated_comparisons(path, moves, v_path: np.ndarray) -> np.ndarray:
-    """``(S, p, 3)``: path comparisons between the same two codebook points as an earlier event (a release
-    competitor, or an earlier path comparison): identical comparisons count once (theory.md section 3(a))."""
+def _release_pairs(path, moves) -> set:
+    """The point pairs ``{theta_0, move}`` of the release's competitors."""
     release = np.asarray(path.release)
-    seen = set()
     index, step, valid = (np.asarray(a) for a in (moves.index, moves.step, moves.valid))
     index2 = np.asarray(moves.index2) if moves.index2 is not None else index
     step2 = np.asarray(moves.step2) if moves.step2 is not None else np.zeros_like(step)
     key0 = _point_key(release)
+    pairs = set()
     for k in np.flatnonzero(valid):
         other = release.copy()
         other[index[k]] += step[k]
         other[index2[k]] += step2[k]
-        seen.add(frozenset((key0, _point_key(other))))
-    rec = jax.tree.map(np.asarray, path.records)
+        pairs.add(frozenset((key0, _point_key(other))))
+    return pairs
+
+
+def _slot_pairs(start, records, v_path: np.ndarray) -> np.ndarray:
+    """``(S, p, 3)`` object array: the two codebook points each comparison of a recorded descent compares (as a
+    frozenset of point keys), None where ``v_path`` is False."""
+    rec = jax.tree.map(np.asarray, records)
     d_a = np.where(rec.a.valid & np.isfinite(rec.a.d), rec.a.d, np.inf)
     d_b = np.where(rec.b.valid & np.isfinite(rec.b.d), rec.b.d, np.inf)
-    repeated = np.zeros(v_path.shape, bool)
-    theta = np.asarray(path.start).copy()
+    out = np.full(v_path.shape, None, object)
+    theta = np.asarray(start).copy()
     for s in range(v_path.shape[0]):
         for j in range(v_path.shape[1]):
             a = _moved(theta, rec.a.j[s, j], rec.a.t[s, j], rec.a.i[s, j], rec.a.u[s, j])
@@ -436,10 +462,21 @@ def _repeated_comparisons(path, moves, v_path: np.ndarray) -> np.ndarray:
                      frozenset((_point_key(a), _point_key(b))))  # fmt: skip
             for c, pair in enumerate(pairs):
                 if v_path[s, j, c]:
-                    repeated[s, j, c] = pair in seen
-                    seen.add(pair)
+                    out[s, j, c] = pair
             if min(d_a[s, j], d_b[s, j]) < 0:
                 theta = b if d_b[s, j] < d_a[s, j] else a
+    return out
+
+
+def _repeated_comparisons(path, moves, v_path: np.ndarray) -> np.ndarray:
+    """``(S, p, 3)``: path comparisons between the same two codebook points as an earlier event (a release
+    competitor, or an earlier path comparison): identical comparisons count once (theory.md section 3(a))."""
+    seen = _release_pairs(path, moves)
+    pairs = _slot_pairs(path.start, path.records, v_path)
+    repeated = np.zeros(v_path.shape, bool)
+    for idx in zip(*np.nonzero(v_path)):
+        repeated[idx] = pairs[idx] in seen
+        seen.add(pairs[idx])
     return repeated
 
 
@@ -479,6 +516,30 @@ def _margins(pr: _Problem, theta_star, cov, p: int):
     return m[: 2 * p], s[: 2 * p], v[: 2 * p], m[2 * p :], s[2 * p :], v[2 * p :], ok
 
 
+def _margin_shifts(pr: _Problem, theta_star, sample, p: int, k_scale: int):
+    """``(element, scale)`` margin shifts ``grad m_k^T b`` (:func:`~qmis_jax.indicator.estimator_bias` on the
+    first :data:`BIAS_SAMPLE` points of ``sample``; the margins' derivative along ``b`` by ``jvp``); zeros where
+    ``p > BIAS_MAX_P`` or the bias is not finite."""
+    none = np.zeros(2 * p), np.zeros(k_scale)
+    if p > BIAS_MAX_P:
+        return none
+    x, y = (a[:BIAS_SAMPLE] for a in sample)
+    b = estimator_bias(pr.loss, theta_star, x, y)
+    if not np.all(np.isfinite(b)):
+        return none
+    shift = np.asarray(_margin_derivative(pr.q, theta_star, jnp.asarray(b), hashable_skip(pr.skip)), np.float64)
+    shift = np.nan_to_num(shift, nan=0.0, posinf=0.0, neginf=0.0)
+    return shift[: 2 * p], shift[2 * p :]
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("skip",))
+def _margin_derivative(q, params, direction, skip):
+    theta, unravel = ravel_pytree(params)
+    dtype = jnp.result_type(theta, jnp.float32)
+    g = _margin_fn(q, unravel, skip)
+    return jax.jvp(g, (theta.astype(dtype),), (direction.astype(dtype),))[1]
+
+
 def _c(delta, sigma, valid):
     with np.errstate(divide="ignore", invalid="ignore"):
         c = np.where(sigma > 0, delta / np.where(sigma > 0, sigma, 1.0), np.where(delta > 0, np.inf, 0.0))
@@ -505,7 +566,8 @@ def _resolve_starts(pr, theta_star, path, sel, n, m_el, s_el, v_el, delta, sigma
     ``max(START_CUTOFF, sqrt(n) c_min)`` over the other events) is descended on the first
     ``max(20000, START_SAMPLE n)`` points of ``sel``, the ``MAX_STARTS`` nearest their thresholds at most; it
     counts when it ends elsewhere. Crossings beyond the cap, and sparse ternary's (support swaps), count as
-    unresolved."""
+    unresolved. Also returns ``(returning, starts, sub)``: the crossings whose descent comes back to ``theta_0``
+    (:func:`_return_events`), every crossing's start and the sample they were descended on."""
     others = _c(delta, sigma, valid)
     c_other = float(np.min(others)) if others.size else math.inf
     cutoff = max(START_CUTOFF / math.sqrt(n), c_other)
@@ -514,8 +576,11 @@ def _resolve_starts(pr, theta_star, path, sel, n, m_el, s_el, v_el, delta, sigma
     k = c_el.shape[0]
     kinds = np.full(k, KIND["start_unresolved"], np.int32)
     counted = v_el & (c_el < cutoff)
+    m_s = max(20_000, START_SAMPLE * n)
+    sub = (sel[0][:m_s], sel[1][:m_s])
+    returning = np.zeros(0, np.int64)
     if is_sparse_ternary(pr.q):
-        return kinds, counted
+        return kinds, counted, returning, starts, sub
     candidates = np.flatnonzero(counted & exists)
     candidates = candidates[np.argsort(c_el[candidates], kind="stable")]
     run, rest = candidates[:MAX_STARTS], candidates[MAX_STARTS:]
@@ -524,8 +589,6 @@ def _resolve_starts(pr, theta_star, path, sel, n, m_el, s_el, v_el, delta, sigma
     if run.size:
         size = 1 << int(math.ceil(math.log2(run.size)))  # a few program shapes
         idx = np.concatenate([run, np.full(size - run.size, run[0])])
-        m_s = max(20_000, START_SAMPLE * n)
-        sub = (sel[0][:m_s], sel[1][:m_s])
         ends, settled = descend_from(pr.q, pr.loss, theta_star, jnp.asarray(starts[idx]), *sub, None,
                                      pr.glm["penalty"], skip=pr.skip, max_sweeps=pr.max_sweeps,
                                      design=pr.glm["design"], margin_loss=pr.glm["margin_loss"])  # fmt: skip
@@ -533,8 +596,120 @@ def _resolve_starts(pr, theta_star, path, sel, n, m_el, s_el, v_el, delta, sigma
         elsewhere = np.any(ends != np.asarray(path.release)[None, :], axis=1) | ~settled
         kinds[run] = KIND["start"]
         result[run] = elsewhere
+        returning = run[~elsewhere]
     result[rest] = True
-    return kinds, result
+    return kinds, result, returning, starts, sub
+
+
+RETURN_TOP = 8  # start_return events kept per returning crossing (the smallest rates; the minimum always)
+
+
+def _intersection(a: float, b: np.ndarray, rho: np.ndarray):
+    """The tangent half-space of ``{Y_1 >= a, Y_2 >= b}`` (unit-variance Gaussians, correlation ``rho``) at its most
+    likely point: ``(c, u_1, u_2)`` with ``P ~ Phi(-sqrt(n) c)``, rate ``c^2 / 2``, and the half-space
+    ``u_1 Y_1 + u_2 Y_2 >= c`` (``Var = 1``). Where one constraint holds at the other's optimum, that one alone."""
+    b = np.maximum(b, 0.0)
+    rho = np.clip(rho, -0.999999, 0.999999)
+    det = 1.0 - rho * rho
+    both = (a * rho < b) & (b * rho < a)
+    c_both = np.sqrt(np.maximum(a * a - 2 * rho * a * b + b * b, 0.0) / det)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u1 = np.where(c_both > 0, (a - rho * b) / (det * c_both), 1.0)
+        u2 = np.where(c_both > 0, (b - rho * a) / (det * c_both), 0.0)
+    start_alone = ~both & (a * rho >= b)
+    c = np.where(both, c_both, np.where(start_alone, a, b))
+    u1 = np.where(both, u1, np.where(start_alone, 1.0, 0.0))
+    u2 = np.where(both, u2, np.where(start_alone, 0.0, 1.0))
+    return c, u1, u2
+
+
+def _first(count: int, a):
+    return a[:count]
+
+
+def _standard(rows: np.ndarray) -> np.ndarray:
+    sd = rows.std(axis=-1, keepdims=True)
+    return (rows - rows.mean(axis=-1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+
+
+def _same_events(raw: np.ndarray, known: np.ndarray, tol: float = 1e-4) -> np.ndarray:
+    """``(L,)``: rows of ``raw`` that are the same per-example function as a row of ``known`` on the same points
+    (equal means and spreads and correlation 1, to float32 rounding): the same event, whatever points it compares
+    (a separable loss compares coordinate ``k`` identically from every point)."""
+    if known.shape[0] == 0 or raw.shape[0] == 0:
+        return np.zeros(raw.shape[0], bool)
+    sd_r, sd_k = raw.std(axis=1), known.std(axis=1)
+    corr = _standard(raw) @ _standard(known).T / raw.shape[1]
+    scale = np.maximum(sd_r[:, None], sd_k[None, :])
+    close = np.abs(raw.mean(axis=1)[:, None] - known.mean(axis=1)[None, :]) <= tol * scale
+    close &= np.abs(sd_r[:, None] - sd_k[None, :]) <= tol * scale
+    return np.any(close & (corr >= 1 - tol), axis=1)
+
+
+def _return_events(pr, theta_star, rel: _Release, returning, starts, sub, m_el, s_el, x_rows, y_rows, known):
+    """``start_return`` events of the crossings whose descent comes back to ``theta_0`` (theory.md section 3(a)).
+
+    The release then changes only if the crossing happens and a comparison of the new path turns; a comparison
+    some other event already holds (the same two codebook points) is covered by that event, the others pair with
+    the crossing. Each pair (``c_start``, ``c_cmp`` and their correlation from per-example rows) is entered as the
+    half-space tangent to the intersection at its most likely point (:func:`_intersection`): its ``c`` gives the
+    rate, its row ``c + u_1 z_start + u_2 z_cmp`` the correlations with the other events. The comparisons' gaps
+    come from ``sub``, the sample the crossing was descended on; the rows from ``(x_rows, y_rows)``. A comparison
+    whose per-example row is that of an event already held (``known``, rows on the same points) is that event
+    (:func:`_same_events`) and covers its intersection too.
+
+    Returns:
+      ``(coord, c, rows)``: ``(K_r,)``, ``(K_r,)`` (``delta = c``, ``sigma = 1``) and ``(K_r, m_rows)``.
+    """
+    m_r = int(x_rows.shape[0])
+    empty = np.zeros(0, np.int32), np.zeros(0), np.zeros((0, m_r))
+    if returning.size == 0:
+        return empty
+    seen = _release_pairs(rel.path, rel.moves)
+    main = _slot_pairs(rel.path.start, rel.path.records, rel.v_path)
+    seen.update(pair for pair in main[rel.v_path])
+    dtype = jnp.result_type(ravel_pytree(theta_star)[0], jnp.float32)
+    glm_static = {"design": pr.glm["design"], "margin_loss": pr.glm["margin_loss"]}
+    margin_rows, _ = rtn_differences(pr.q, pr.loss, theta_star, x_rows, y_rows, skip=pr.skip,
+                                     chunk_size=pr.chunk_size)  # fmt: skip
+    margin_rows = np.asarray(margin_rows, np.float64)
+    coords, cs, rows = [], [], []
+    for j in returning:
+        path = descent_path(pr.q, pr.loss, theta_star, *sub, start=jnp.asarray(starts[j]), skip=pr.skip,
+                            max_sweeps=pr.max_sweeps, **pr.glm)  # fmt: skip
+        records = jax.tree.map(functools.partial(_first, max(int(path.sweeps), 1)), path.records)
+        v, sign = (np.asarray(a) for a in path_comparisons(records, path.sweeps))
+        pairs = _slot_pairs(path.start, records, v)
+        new = v & np.vectorize(lambda pair: pair is not None and pair not in seen, otypes=[bool])(pairs)
+        if not new.any():
+            continue
+        w = jnp.full((sub[0].shape[0],), 1.0 / sub[0].shape[0], dtype)
+        s1, s2 = (np.asarray(a, np.float64) for a in replay_path(
+            pr.q, pr.loss, theta_star, path.start, records, path.sweeps, *sub, w, pr.glm["penalty"], skip=pr.skip,
+            rows=False, **glm_static))  # fmt: skip
+        d = (sign * s1)[new]
+        sd = np.sqrt(np.maximum(s2 - s1 * s1, 0.0))[new]
+        w_r = jnp.full((m_r,), 1.0 / m_r, dtype)
+        (r_path,) = replay_path(pr.q, pr.loss, theta_star, path.start, records, path.sweeps, x_rows, y_rows, w_r,
+                                pr.glm["penalty"], skip=pr.skip, rows=True, **glm_static)  # fmt: skip
+        raw = (np.asarray(r_path, np.float64) * sign[..., None])[new]
+        fresh = ~_same_events(raw, known)
+        if not fresh.any():
+            continue
+        raw, d, sd = raw[fresh], d[fresh], sd[fresh]
+        z_cmp = _standard(raw)
+        z_start = _standard(margin_rows[j])
+        a = float(m_el[j] / s_el[j])
+        b = np.where(sd > 0, d / np.where(sd > 0, sd, 1.0), np.where(d > 0, np.inf, 0.0))
+        rho = z_cmp @ z_start / m_r
+        c, u1, u2 = _intersection(a, b, rho)
+        keep = np.argsort(c, kind="stable")[:RETURN_TOP]
+        coords.append(np.full(keep.size, j // 2, np.int32))
+        cs.append(c[keep])
+        rows.append(c[keep, None] + u1[keep, None] * z_start[None, :] + u2[keep, None] * z_cmp[keep])
+    if not cs:
+        return empty
+    return np.concatenate(coords), np.concatenate(cs), np.concatenate(rows)
 
 
 def _rows(pr, theta_star, release, moves, path, x0, y0, keep, ptq, p):

@@ -15,7 +15,12 @@ overclaims security); an extra event can only lower it. The events of a release,
 - ``"start_unresolved"``: a threshold crossing whose descent was not run (beyond the number of starts descended):
   counted as an event, which can only lower ``r``;
 - ``"threshold"``: the round-to-nearest thresholds of an RTN release (section 3(b));
-- ``"scale"``: the scale code's events of a discrete scale format (section 9).
+- ``"scale"``: the scale code's events of a discrete scale format (section 9);
+- ``"start_return"``: a threshold crossing whose new start, descended, comes back to ``theta_0`` along a path with
+  comparisons no other event holds: the release changes only if the crossing happens and one of those comparisons
+  turns too. Each such pair is an intersection of two Gaussian events, entered as the half-space tangent to it at
+  its most likely point (rate ``min y^T R^-1 y / 2`` over ``y_1 >= c_start, y_2 >= c_cmp``; the population
+  indicator's, :mod:`._population`).
 
 Each event also has a per-example influence row (loss differences for comparisons, the linearised contributions
 ``m - grad g^T H^-1 grad l(theta, z)`` for margins), so the joint flip probability of section 5 sees their
@@ -49,7 +54,7 @@ PyTree = Any
 
 __all__ = ["EVENT_KINDS", "count_events", "path_comparisons", "replay_path", "descend_from"]
 
-EVENT_KINDS = ("release", "path", "start", "start_unresolved", "threshold", "scale")
+EVENT_KINDS = ("release", "path", "start", "start_unresolved", "threshold", "scale", "start_return")
 KIND = {name: i for i, name in enumerate(EVENT_KINDS)}
 
 
@@ -249,9 +254,10 @@ def single_loss_events(q, problem, params, path, x, y, weights, opts, glm, *, st
 
     Events: the release's competitors (rows ``D`` kept for Cramer rates), the scale code's events, the descent's
     other comparisons (:func:`path_comparisons`, stats by :func:`replay_path`), and the start events: the
-    ``start_descents`` threshold crossings with the smallest ``m / s`` are descended (:func:`descend_from`) and count
-    when they end elsewhere; every other crossing counts as ``"start_unresolved"`` (an event that was not ruled
-    out). Pure JAX, ``vmap``-safe.
+    ``start_descents`` threshold crossings with the smallest ``m / s`` are descended (:func:`descend_from`), ``"start"``
+    when they end elsewhere, ``"start_return"`` with the crossing's own margin when they come back (conservative: the
+    intersection with the new path's comparisons has a larger rate); every other crossing counts as
+    ``"start_unresolved"`` (an event that was not ruled out). Pure JAX, ``vmap``-safe.
     """
     skip, chunk_size = opts.skip, opts.chunk_size
     theta_hat, unravel = ravel_pytree(params)
@@ -301,8 +307,9 @@ def single_loss_events(q, problem, params, path, x, y, weights, opts, glm, *, st
 
 def _resolve_starts(q, problem, params, path, x, y, weights, opts, glm, m_el, s_el, v_el, budget: int):
     """``(kind (2p,), valid (2p,))`` of the start events: the ``budget`` crossings with the smallest ``m / s`` are
-    descended on ``(x, y)`` and count (``"start"``) when they end elsewhere than ``path.release``; the others count
-    as ``"start_unresolved"``."""
+    descended on ``(x, y)``: ``"start"`` when they end elsewhere than ``path.release``, ``"start_return"`` (with the
+    crossing's own margin, a lower rate than the intersection's) when they come back; the others count as
+    ``"start_unresolved"``. Every crossing is an event."""
     k = m_el.shape[0]
     starts, exists = start_candidates(q, path.start, params, opts.skip)
     c = jnp.where(v_el & exists, m_el / jnp.where(s_el > 0, s_el, 1.0), jnp.inf)
@@ -318,6 +325,8 @@ def _resolve_starts(q, problem, params, path, x, y, weights, opts, glm, m_el, s_
         ran = jnp.isfinite(c[order])
         descended = descended.at[order].set(ran)
         leads = leads.at[order].set(ran & elsewhere)
-    valid = v_el & jnp.where(descended, leads, True)
-    kind = jnp.where(descended, KIND["start"], KIND["start_unresolved"]).astype(jnp.int32)
-    return kind, valid
+    # a crossing that comes back changes the release only with a comparison of its new path: that intersection's
+    # rate is at least the crossing's own, which it counts with here (conservative; the population indicator
+    # computes the intersection, _population._return_events)
+    kind = jnp.where(descended, jnp.where(leads, KIND["start"], KIND["start_return"]), KIND["start_unresolved"])
+    return kind.astype(jnp.int32), v_el
