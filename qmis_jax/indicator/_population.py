@@ -25,9 +25,9 @@ from qmis_jax.quantizers.release import release_info
 from qmis_jax.quantizers.tree import _flatten
 
 from .events import EVENT_KINDS, KIND, descend_from, path_comparisons, replay_path, start_candidates
-from .margins import _margin_fn, competitors, loss_differences, rtn_differences, rtn_margins
+from .margins import competitors, loss_differences, rtn_differences, rtn_margins
 from .ptq import _check_sweeps, descent_path, is_sparse_ternary
-from .sandwich import BIAS_MAX_P, estimator_bias, hashable_skip, hessian_diag
+from .sandwich import hessian_diag
 
 Array = jax.Array
 PyTree = Any
@@ -38,7 +38,6 @@ START_CUTOFF = 6.0  # sqrt(n) c beyond which p_k = Phi(-sqrt(n) c) < 1e-9: such 
 MAX_STARTS = 64  # starts descended at most; crossings beyond that count as unresolved events (conservative)
 START_SAMPLE = 10  # the starts are descended on the first max(20000, START_SAMPLE n) points of the selection sample
 ROW_BUDGET = 1 << 24  # elements of a (K, m) block of per-example rows computed at once
-BIAS_SAMPLE = 50_000  # points of the first chunk the estimator's bias is computed on
 FULL_COVARIANCE_MAX_P = 1024  # above this the sandwich is its diagonal (sandwich_diagonal's estimator)
 
 
@@ -56,9 +55,6 @@ class PopulationEvents(NamedTuple):
       undetermined: ``(K,)`` path decisions whose sign on the gap sample differs from the one the selection
         sample took (the population path is not determined at this precision).
       ok: every statistic finite and ``H`` non-singular.
-      shift: ``(K,)`` the margins' mean shift times ``n``: ``E m_k(theta_hat) = delta_k + shift_k / n + o(1/n)``
-        with ``shift_k = grad m_k^T b`` (``b`` of :func:`~qmis_jax.indicator.estimator_bias`); 0 for loss
-        comparisons at fixed codebook points (their mean gap is exact) and where ``p > BIAS_MAX_P``.
     """
 
     release: PyTree
@@ -74,7 +70,6 @@ class PopulationEvents(NamedTuple):
     settled: bool
     undetermined: np.ndarray
     ok: bool
-    shift: np.ndarray
 
 
 def _normal_sf(x: np.ndarray) -> np.ndarray:
@@ -238,7 +233,6 @@ def population_events(
     sample = _gap_sample(pr, theta_star, rel, chunks, (x0, y0), n=n, control=control, exact_star=exact_star,
                          max_size=max_size, first_size=first_size)  # fmt: skip
     m_el, s_el, v_el, m_sc, s_sc, v_sc, cov_ok = sample.margins
-    sh_el, sh_sc = _margin_shifts(pr, theta_star, (x0, y0), p, len(m_sc))
     table = _EventTable(0.0 if exact_star else 1.0)  # theta* known: a margin errs only through its spread
     sc_coord = scale_coords(pr.q, theta_star, pr.skip)
     el_coord = np.arange(2 * p) // 2
@@ -248,7 +242,7 @@ def population_events(
         v_rel = np.asarray(rel.moves.valid)
         table.add("release", np.asarray(rel.moves.index), d_rel, s_rel, v_rel, r_rel,
                   undetermined=v_rel & (d_rel <= 0) & independent)  # fmt: skip
-        table.add("scale", sc_coord, m_sc, s_sc, v_sc, shift=sh_sc)
+        table.add("scale", sc_coord, m_sc, s_sc, v_sc)
         d_p, s_p, r_p = sample.gaps(sample.path)
         d_p = (rel.sign * d_p).reshape(-1)
         vp = (rel.v_path & ~_repeated_comparisons(rel.path, rel.moves, rel.v_path)).reshape(-1)
@@ -259,16 +253,16 @@ def population_events(
         kinds, v_start, returning, starts, sub = _resolve_starts(pr, theta_star, rel.path, sel, n, m_el, s_el, v_el,
                                                                  *table.known())  # fmt: skip
         for name in ("start", "start_unresolved"):
-            table.add(name, el_coord, m_el, s_el, v_start & (kinds == KIND[name]), shift=sh_el)
+            table.add(name, el_coord, m_el, s_el, v_start & (kinds == KIND[name]))
     else:
-        table.add("threshold", el_coord, m_el, s_el, v_el, shift=sh_el)
-        table.add("scale", sc_coord, m_sc, s_sc, v_sc, shift=sh_sc)
-    kind, coord, delta, sigma, valid, ratio, undetermined, shift = table.arrays()
+        table.add("threshold", el_coord, m_el, s_el, v_el)
+        table.add("scale", sc_coord, m_sc, s_sc, v_sc)
+    kind, coord, delta, sigma, valid, ratio, undetermined = table.arrays()
     # keep only the events that exist: the rows below are computed for them alone
     keep = valid
     rows = _rows(pr, theta_star, rel.release, rel.moves, rel.path, x0, y0, keep, ptq, p)
     kind, coord, delta, sigma = kind[keep], coord[keep], delta[keep], sigma[keep]
-    ratio, undetermined, shift = ratio[keep], undetermined[keep], shift[keep]
+    ratio, undetermined = ratio[keep], undetermined[keep]
     if loss:
         m_c = rows.shape[1]
         r_coord, r_c, r_rows = _return_events(pr, theta_star, rel, returning, starts, sub, m_el, s_el, x0[:m_c],
@@ -278,7 +272,7 @@ def population_events(
         coord, delta = np.concatenate([coord, r_coord]), np.concatenate([delta, r_c])
         sigma, ratio = np.concatenate([sigma, np.ones(k_r)]), np.concatenate([ratio, np.ones(k_r)])
         undetermined = np.concatenate([undetermined, np.zeros(k_r, bool)])
-        shift, rows = np.concatenate([shift, np.zeros(k_r)]), np.concatenate([rows, r_rows])
+        rows = np.concatenate([rows, r_rows])
     finite = bool(np.all(np.isfinite(delta)) & np.all(np.isfinite(sigma)))
     return PopulationEvents(
         release=rel.release,
@@ -294,7 +288,6 @@ def population_events(
         settled=rel.settled,
         undetermined=undetermined,
         ok=bool(cov_ok) and finite,
-        shift=shift,
     )
 
 
@@ -400,22 +393,21 @@ class _EventTable:
         self.margin_ratio = margin_ratio
         self.parts = []
 
-    def add(self, kind, coord, d, s, v, r=None, *, undetermined=None, shift=0.0):
+    def add(self, kind, coord, d, s, v, r=None, *, undetermined=None):
         shape = np.shape(d)
         r = self.margin_ratio if r is None else r
         u = np.zeros(shape, bool) if undetermined is None else undetermined
         self.parts.append((np.full(shape, KIND[kind], np.int32), np.asarray(coord, np.int32),
                            np.asarray(d, np.float64), np.asarray(s, np.float64), np.asarray(v, bool),
-                           np.broadcast_to(np.asarray(r, np.float64), shape), np.asarray(u, bool),
-                           np.broadcast_to(np.asarray(shift, np.float64), shape)))  # fmt: skip
+                           np.broadcast_to(np.asarray(r, np.float64), shape), np.asarray(u, bool)))  # fmt: skip
 
     def known(self):
         """``(delta, sigma, valid)`` of the events added so far."""
         return tuple(np.concatenate([part[i] for part in self.parts]) for i in (2, 3, 4))
 
     def arrays(self):
-        """``(kind, coord, delta, sigma, valid, error ratio, undetermined, shift)``, each ``(K,)``."""
-        return tuple(np.concatenate([part[i] for part in self.parts]) for i in range(8))
+        """``(kind, coord, delta, sigma, valid, error ratio, undetermined)``, each ``(K,)``."""
+        return tuple(np.concatenate([part[i] for part in self.parts]) for i in range(7))
 
 
 def _point_key(theta: np.ndarray) -> bytes:
@@ -514,30 +506,6 @@ def _margins(pr: _Problem, theta_star, cov, p: int):
     m, s, v = (np.asarray(a) for a in rtn_margins(pr.q, theta_star, cov_j, skip=pr.skip, chunk_size=pr.chunk_size))
     m, s = m.astype(np.float64), s.astype(np.float64)
     return m[: 2 * p], s[: 2 * p], v[: 2 * p], m[2 * p :], s[2 * p :], v[2 * p :], ok
-
-
-def _margin_shifts(pr: _Problem, theta_star, sample, p: int, k_scale: int):
-    """``(element, scale)`` margin shifts ``grad m_k^T b`` (:func:`~qmis_jax.indicator.estimator_bias` on the
-    first :data:`BIAS_SAMPLE` points of ``sample``; the margins' derivative along ``b`` by ``jvp``); zeros where
-    ``p > BIAS_MAX_P`` or the bias is not finite."""
-    none = np.zeros(2 * p), np.zeros(k_scale)
-    if p > BIAS_MAX_P:
-        return none
-    x, y = (a[:BIAS_SAMPLE] for a in sample)
-    b = estimator_bias(pr.loss, theta_star, x, y)
-    if not np.all(np.isfinite(b)):
-        return none
-    shift = np.asarray(_margin_derivative(pr.q, theta_star, jnp.asarray(b), hashable_skip(pr.skip)), np.float64)
-    shift = np.nan_to_num(shift, nan=0.0, posinf=0.0, neginf=0.0)
-    return shift[: 2 * p], shift[2 * p :]
-
-
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("skip",))
-def _margin_derivative(q, params, direction, skip):
-    theta, unravel = ravel_pytree(params)
-    dtype = jnp.result_type(theta, jnp.float32)
-    g = _margin_fn(q, unravel, skip)
-    return jax.jvp(g, (theta.astype(dtype),), (direction.astype(dtype),))[1]
 
 
 def _c(delta, sigma, valid):

@@ -125,10 +125,7 @@ class PopulationAudit(NamedTuple):
       mis_asymptotic: scalar ``1 - sum_k p_k f_k`` for training sets of size ``n`` (NaN where not applicable).
       p: ``(K,)`` ``p_k``. f: ``(K,)`` ``f_k``.
       flip_rate_predicted: ``P(any competitor event)`` under the joint Gaussian of the competitors' mean loss
-        differences (a probability, theory.md section 5), to compare with the Monte Carlo flip rate. Each margin
-        enters with its order-``1/n`` mean shift ``shift / n`` (the estimator's bias,
-        :func:`~qmis_jax.indicator.estimator_bias`); ``p``, ``f``, ``mis_asymptotic``, the rates and ``r`` are
-        first-order and do not use it.
+        differences (a probability, theory.md section 5), to compare with the Monte Carlo flip rate.
       flip_union_bound: ``min(1, sum_k p_k)``, the union bound (not a probability unclipped).
       sqrt_n_c_min: ``min_k sqrt(n) c_k``, the criterion of the asymptotic regime.
       applicable: bool, the exponential approximation applies (not continuous, every valid ``c_k > 0``).
@@ -147,7 +144,6 @@ class PopulationAudit(NamedTuple):
       determined: every decision of the population path has the same sign on the gap sample as on ``select``.
       published: what it publishes in ``theta*``'s codebook (:func:`~qmis_jax.quantizers.tree_published`), the
         Monte Carlo flip's reference (theory.md sections 9-10).
-      shift: ``(K,)`` each event's mean shift times ``n`` (margins: ``grad m_k^T b``; comparisons: 0).
     """
 
     r: Array
@@ -181,7 +177,6 @@ class PopulationAudit(NamedTuple):
     settled: bool = True
     determined: bool = True
     published: PyTree = None
-    shift: Any = None
 
 
 def no_exponential_security(q, ptq: str, params=None, skip=None) -> bool:
@@ -584,7 +579,7 @@ def population_indicator(
         nan = np.full(1, np.nan)
         none, zero = np.zeros(1, bool), np.zeros(1, np.int32)
         ev = ev._replace(delta=nan, sigma=nan, valid=none, kind=zero, coord=zero, rows=np.zeros((1, 2)))
-        ev = ev._replace(undetermined=none, shift=np.zeros(1))
+        ev = ev._replace(undetermined=none)
     dtype = jnp.result_type(ravel_pytree(theta_star)[0], jnp.float32)  # float64 where x64 is on
     delta, sigma = jnp.asarray(ev.delta, dtype), jnp.asarray(ev.sigma, dtype)
     valid = jnp.asarray(ev.valid, bool)
@@ -597,11 +592,6 @@ def population_indicator(
         rates, capped = cr.rate, cr.capped
     approx = mis_asymptotic(n, delta, sigma, valid, method=opts.method, D=rows, continuous=flat, cap=opts.cap,
                             key=flip_key)  # fmt: skip
-    flip = approx.flip_probability
-    if np.any(ev.shift != 0):  # the margins' O(1/n) mean shift (the estimator's bias) moves the finite-n flip
-        shifted = jnp.asarray(ev.delta + ev.shift / n, dtype)
-        flip = mis_asymptotic(n, shifted, sigma, valid, method=opts.method, D=rows, continuous=flat, cap=opts.cap,
-                              key=flip_key).flip_probability  # fmt: skip
     determined = not bool(np.any(ev.undetermined))
     r_codes = indicator_fn(rates, valid, continuous=_codes_only(q, opts.ptq))
     r = indicator_fn(rates, valid, continuous=flat)
@@ -622,7 +612,7 @@ def population_indicator(
         mis_asymptotic=approx.mis,
         p=approx.p,
         f=approx.f,
-        flip_rate_predicted=flip,
+        flip_rate_predicted=approx.flip_probability,
         flip_union_bound=approx.flip_union_bound,
         sqrt_n_c_min=approx.sqrt_n_c_min,
         applicable=approx.applicable & bool(ev.settled and determined),
@@ -642,5 +632,4 @@ def population_indicator(
         settled=ev.settled,
         determined=determined,
         published=tree_published(q, ev.release, theta_star, skip=opts.skip),
-        shift=ev.shift,
     )

@@ -466,10 +466,10 @@ def estimator_bias(
     ``b = theta``, the Gaussian variance (``l = (z - mu)^2 / (2 v) + log(v) / 2``) has ``b = (0, -v)``; the sample
     mean (a quadratic loss) has ``b = 0``.
 
-    The bias moves every threshold margin ``m_k(theta_hat)`` by ``grad m_k^T b / n`` on average: at ``sqrt(n) c_k``
-    of a few units and moderate ``n`` that is a visible shift of ``sqrt(n) m_k / s_k`` (the predicted flip
-    probability of :func:`~qmis_jax.indicator.population_indicator` uses it); the rates ``I_k`` and ``r`` are limits
-    and do not.
+    The bias moves every threshold margin ``m_k(theta_hat)`` by ``grad m_k^T b / n`` on average, a shift of
+    ``sqrt(n) m_k / s_k`` of order ``1/sqrt(n)``, as large as the skewness term of an Edgeworth expansion; the
+    predicted flip probability of :func:`~qmis_jax.indicator.population_indicator` uses neither (theory.md section
+    5 says why), and the rates ``I_k`` and ``r`` are limits.
 
     Args:
       loss_fn: ``loss_fn(params, x_i, y_i) -> scalar`` one example's loss (three times differentiable).
