@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+TIMEOUT = 1200  # a hang guard: one quick run takes 5 to 10 minutes on 2 cores
+
 ARGS = [
     "synthetic",
     "--quick",  # part one's miniature (a pilot, per-quantizer size sweeps, the width runs) and part two's overrides
@@ -58,11 +60,11 @@ def summary(path):
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     proc = qmis(*ARGS, "--out", full)
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    assert proc.wait(timeout=TIMEOUT) == 0, proc.stderr.read()
 
     proc = qmis(*ARGS, "--out", killed)
     manifest = os.path.join(killed, "manifest.json")
-    deadline = time.time() + 600
+    deadline = time.time() + TIMEOUT
     while time.time() < deadline:  # kill as soon as some, not all, work is saved
         if os.path.exists(manifest):
             with open(manifest) as fh:
@@ -80,5 +82,5 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     again = qmis(*ARGS, "--out", killed)  # without --resume: refused, one line, exit 2
     assert again.wait(timeout=120) == 2 and "--resume" in again.stderr.read()
     resumed = qmis(*ARGS, "--out", killed, "--resume")
-    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    assert resumed.wait(timeout=TIMEOUT) == 0, resumed.stderr.read()
     assert summary(killed) == summary(full)

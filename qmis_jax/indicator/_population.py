@@ -570,6 +570,7 @@ def _resolve_starts(pr, theta_star, path, sel, n, m_el, s_el, v_el, delta, sigma
 
 
 RETURN_TOP = 8  # start_return events kept per returning crossing (the smallest rates; the minimum always)
+RETURN_SAMPLE = 20_000  # points of the start sample the returning descents are replayed on
 
 
 def _intersection(a: float, b: np.ndarray, rho: np.ndarray):
@@ -622,7 +623,8 @@ def _return_events(pr, theta_star, rel: _Release, returning, starts, sub, m_el, 
     the crossing. Each pair (``c_start``, ``c_cmp`` and their correlation from per-example rows) is entered as the
     half-space tangent to the intersection at its most likely point (:func:`_intersection`): its ``c`` gives the
     rate, its row ``c + u_1 z_start + u_2 z_cmp`` the correlations with the other events. The comparisons' gaps
-    come from ``sub``, the sample the crossing was descended on; the rows from ``(x_rows, y_rows)``. A comparison
+    come from the first :data:`RETURN_SAMPLE` points of ``sub``, the sample the crossing was descended on; the rows
+    from ``(x_rows, y_rows)``. A comparison
     whose per-example row is that of an event already held (``known``, rows on the same points) is that event
     (:func:`_same_events`) and covers its intersection too.
 
@@ -642,10 +644,12 @@ def _return_events(pr, theta_star, rel: _Release, returning, starts, sub, m_el, 
                                      chunk_size=pr.chunk_size)  # fmt: skip
     margin_rows = np.asarray(margin_rows, np.float64)
     coords, cs, rows = [], [], []
+    sub = tuple(a[:RETURN_SAMPLE] for a in sub)  # one size whatever n: one program per quantizer
     for j in returning:
         path = descent_path(pr.q, pr.loss, theta_star, *sub, start=jnp.asarray(starts[j]), skip=pr.skip,
                             max_sweeps=pr.max_sweeps, **pr.glm)  # fmt: skip
-        records = jax.tree.map(functools.partial(_first, max(int(path.sweeps), 1)), path.records)
+        used = 1 << max(int(path.sweeps) - 1, 0).bit_length()  # sweeps run, to a power of two: few program shapes
+        records = jax.tree.map(functools.partial(_first, min(used, int(path.records.a.d.shape[0]))), path.records)
         v, sign = (np.asarray(a) for a in path_comparisons(records, path.sweeps))
         pairs = _slot_pairs(path.start, records, v)
         new = v & np.vectorize(lambda pair: pair is not None and pair not in seen, otypes=[bool])(pairs)
