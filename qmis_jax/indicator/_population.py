@@ -260,13 +260,13 @@ def population_events(
     kind, coord, delta, sigma, valid, ratio, undetermined = table.arrays()
     # keep only the events that exist: the rows below are computed for them alone
     keep = valid
-    rows = _rows(pr, theta_star, rel.release, rel.moves, rel.path, x0, y0, keep, ptq, p)
+    rows, el_rows = _rows(pr, theta_star, rel.release, rel.moves, rel.path, x0, y0, keep, ptq, p)
     kind, coord, delta, sigma = kind[keep], coord[keep], delta[keep], sigma[keep]
     ratio, undetermined = ratio[keep], undetermined[keep]
     if loss:
         m_c = rows.shape[1]
-        r_coord, r_c, r_rows = _return_events(pr, theta_star, rel, returning, starts, sub, m_el, s_el, x0[:m_c],
-                                              y0[:m_c], rows)  # fmt: skip
+        r_coord, r_c, r_rows = _return_events(pr, theta_star, rel, returning, starts, sub, m_el, s_el, el_rows,
+                                              x0[:m_c], y0[:m_c], rows)  # fmt: skip
         k_r = r_c.size
         kind = np.concatenate([kind, np.full(k_r, KIND["start_return"], np.int32)])
         coord, delta = np.concatenate([coord, r_coord]), np.concatenate([delta, r_c])
@@ -312,7 +312,7 @@ def _population_release(pr: _Problem, theta_star, sel, *, loss: bool, key) -> _R
     theta, unravel = ravel_pytree(theta_star)
     path = descent_path(pr.q, pr.loss, theta_star, *sel, key=key, skip=pr.skip, max_sweeps=pr.max_sweeps, **pr.glm)
     used = max(int(path.sweeps), 1)
-    path = path._replace(records=jax.tree.map(lambda a: a[:used], path.records))
+    path = path._replace(records=_cut(path.records, used))
     release = unravel(path.release.astype(theta.dtype))
     v_path, sign = (np.asarray(a) for a in path_comparisons(path.records, path.sweeps))
     moves = competitors(pr.q, release, theta_star, skip=pr.skip)
@@ -592,8 +592,9 @@ def _intersection(a: float, b: np.ndarray, rho: np.ndarray):
     return c, u1, u2
 
 
-def _first(count: int, a):
-    return a[:count]
+def _cut(records, sweeps: int):
+    """A recorded descent's first ``sweeps`` sweeps."""
+    return jax.tree.map(lambda a: a[:sweeps], records)
 
 
 def _standard(rows: np.ndarray) -> np.ndarray:
@@ -615,7 +616,7 @@ def _same_events(raw: np.ndarray, known: np.ndarray, tol: float = 1e-4) -> np.nd
     return np.any(close & (corr >= 1 - tol), axis=1)
 
 
-def _return_events(pr, theta_star, rel: _Release, returning, starts, sub, m_el, s_el, x_rows, y_rows, known):
+def _return_events(pr, theta_star, rel: _Release, returning, starts, sub, m_el, s_el, el_rows, x_rows, y_rows, known):
     """``start_return`` events of the crossings whose descent comes back to ``theta_0`` (theory.md section 3(a)).
 
     The release then changes only if the crossing happens and a comparison of the new path turns; a comparison
@@ -624,7 +625,7 @@ def _return_events(pr, theta_star, rel: _Release, returning, starts, sub, m_el, 
     half-space tangent to the intersection at its most likely point (:func:`_intersection`): its ``c`` gives the
     rate, its row ``c + u_1 z_start + u_2 z_cmp`` the correlations with the other events. The comparisons' gaps
     come from the first :data:`RETURN_SAMPLE` points of ``sub``, the sample the crossing was descended on; the rows
-    from ``(x_rows, y_rows)``. A comparison
+    from ``(x_rows, y_rows)``, where the crossings' own rows ``el_rows`` were computed (:func:`_rows`). A comparison
     whose per-example row is that of an event already held (``known``, rows on the same points) is that event
     (:func:`_same_events`) and covers its intersection too.
 
@@ -640,16 +641,13 @@ def _return_events(pr, theta_star, rel: _Release, returning, starts, sub, m_el, 
     seen.update(pair for pair in main[rel.v_path])
     dtype = jnp.result_type(ravel_pytree(theta_star)[0], jnp.float32)
     glm_static = {"design": pr.glm["design"], "margin_loss": pr.glm["margin_loss"]}
-    margin_rows, _ = rtn_differences(pr.q, pr.loss, theta_star, x_rows, y_rows, skip=pr.skip,
-                                     chunk_size=pr.chunk_size)  # fmt: skip
-    margin_rows = np.asarray(margin_rows, np.float64)
     coords, cs, rows = [], [], []
     sub = tuple(a[:RETURN_SAMPLE] for a in sub)  # one size whatever n: one program per quantizer
     for j in returning:
         path = descent_path(pr.q, pr.loss, theta_star, *sub, start=jnp.asarray(starts[j]), skip=pr.skip,
                             max_sweeps=pr.max_sweeps, **pr.glm)  # fmt: skip
         used = 1 << max(int(path.sweeps) - 1, 0).bit_length()  # sweeps run, to a power of two: few program shapes
-        records = jax.tree.map(functools.partial(_first, min(used, int(path.records.a.d.shape[0]))), path.records)
+        records = _cut(path.records, min(used, int(path.records.a.d.shape[0])))
         v, sign = (np.asarray(a) for a in path_comparisons(records, path.sweeps))
         pairs = _slot_pairs(path.start, records, v)
         new = v & np.vectorize(lambda pair: pair is not None and pair not in seen, otypes=[bool])(pairs)
@@ -670,7 +668,7 @@ def _return_events(pr, theta_star, rel: _Release, returning, starts, sub, m_el, 
             continue
         raw, d, sd = raw[fresh], d[fresh], sd[fresh]
         z_cmp = _standard(raw)
-        z_start = _standard(margin_rows[j])
+        z_start = _standard(np.asarray(el_rows[j], np.float64))
         a = float(m_el[j] / s_el[j])
         b = np.where(sd > 0, d / np.where(sd > 0, sd, 1.0), np.where(d > 0, np.inf, 0.0))
         rho = z_cmp @ z_start / m_r
@@ -686,7 +684,8 @@ def _return_events(pr, theta_star, rel: _Release, returning, starts, sub, m_el, 
 
 def _rows(pr, theta_star, release, moves, path, x0, y0, keep, ptq, p):
     """Per-example rows ``(K_kept, m_c)`` of the kept events on the first chunk (as many points as fit the
-    budget): loss differences for comparisons, linearised contributions for margins."""
+    budget): loss differences for comparisons, linearised contributions for margins; and the ``(2p, m_c)`` rows
+    of every threshold crossing (kept or not) on the same points."""
     m_c = int(min(x0.shape[0], max(2048, ROW_BUDGET // max(int(keep.shape[0]), 1))))
     xc, yc = x0[:m_c], y0[:m_c]
     parts = []
@@ -711,7 +710,7 @@ def _rows(pr, theta_star, release, moves, path, x0, y0, keep, ptq, p):
     else:
         parts += [el_rows, sc_rows]
     allrows = np.concatenate(parts)
-    return allrows[keep]
+    return allrows[keep], el_rows
 
 
 def scale_coords(q, params: PyTree, skip) -> np.ndarray:

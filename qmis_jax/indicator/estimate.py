@@ -19,7 +19,8 @@ With a discrete scale format (``bf16``, ``f16``, ``e8m0``) the scale code is one
 its events (section 9, :func:`~qmis_jax.indicator.margins.scale_margins`, with the sandwich ``Sigma`` at the
 parameters) join the others. Under loss PTQ the events are those of the path that reached the release
 (:mod:`~qmis_jax.indicator.events`, section 3(a)): its competitors, every other comparison of the descent, the
-starts one threshold away that lead elsewhere; ``r`` is the minimum over all of them.
+starts one threshold away that lead elsewhere and those that come back (paired with their new path's comparisons);
+``r`` is the minimum over all of them.
 """
 
 from __future__ import annotations
