@@ -386,7 +386,7 @@ def single_model_indicator(
     >>> audit = single_model_indicator(uniform(step=1.0), problem, problem.solve(x, y, y + 1), x, y)
     >>> from qmis_jax.indicator.events import count_events
     >>> count_events(audit.kind, audit.valid), bool(audit.r_interval[0] <= audit.r_hat <= audit.r_interval[1])
-    ({'release': 2}, True)
+    ({'release': 2, 'start_return': 2}, True)
     """
     opts = _indicator_options(options, indicator)
     q = _get_quantizer(q)
