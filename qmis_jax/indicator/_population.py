@@ -24,7 +24,16 @@ from qmis_jax.quantizers import quantize_tree
 from qmis_jax.quantizers.release import release_info
 from qmis_jax.quantizers.tree import _flatten
 
-from .events import EVENT_KINDS, KIND, descend_from, path_comparisons, replay_path, start_candidates
+from .events import (
+    EVENT_KINDS,
+    KIND,
+    descend_from,
+    descent_paths_from,
+    path_comparisons,
+    replay_path,
+    replay_paths,
+    start_candidates,
+)
 from .margins import competitors, loss_differences, rtn_differences, rtn_margins
 from .ptq import _check_sweeps, descent_path, is_sparse_ternary
 from .sandwich import hessian_diag
@@ -250,10 +259,9 @@ def population_events(
         table.add(
             "path", coord_p, d_p, s_p.reshape(-1), vp, r_p.reshape(-1), undetermined=vp & (d_p <= 0) & independent
         )
-        kinds, v_start, returning, starts, sub = _resolve_starts(pr, theta_star, rel.path, sel, n, m_el, s_el, v_el,
-                                                                 *table.known())  # fmt: skip
+        starts = _resolve_starts(pr, theta_star, rel.path, sel, n, m_el, s_el, v_el, *table.known())
         for name in ("start", "start_unresolved"):
-            table.add(name, el_coord, m_el, s_el, v_start & (kinds == KIND[name]))
+            table.add(name, el_coord, m_el, s_el, starts.valid & (starts.kinds == KIND[name]))
     else:
         table.add("threshold", el_coord, m_el, s_el, v_el)
         table.add("scale", sc_coord, m_sc, s_sc, v_sc)
@@ -265,8 +273,8 @@ def population_events(
     ratio, undetermined = ratio[keep], undetermined[keep]
     if loss:
         m_c = rows.shape[1]
-        r_coord, r_c, r_rows = _return_events(pr, theta_star, rel, returning, starts, sub, m_el, s_el, el_rows,
-                                              x0[:m_c], y0[:m_c], rows)  # fmt: skip
+        r_coord, r_c, r_rows = _return_events(pr, theta_star, rel, starts, m_el, s_el, el_rows, x0[:m_c], y0[:m_c],
+                                              rows)  # fmt: skip
         k_r = r_c.size
         kind = np.concatenate([kind, np.full(k_r, KIND["start_return"], np.int32)])
         coord, delta = np.concatenate([coord, r_coord]), np.concatenate([delta, r_c])
@@ -529,13 +537,32 @@ def _current_c(sample: _GapSample, rel: _Release, exact_star: bool):
     return np.concatenate(cs), np.concatenate(ratios)
 
 
-def _resolve_starts(pr, theta_star, path, sel, n, m_el, s_el, v_el, delta, sigma, valid):
-    """Kinds and validity ``(2p,)`` of the start events: every crossing that can matter (``sqrt(n) c`` below
-    ``max(START_CUTOFF, sqrt(n) c_min)`` over the other events) is descended on the first
-    ``max(20000, START_SAMPLE n)`` points of ``sel``, the ``MAX_STARTS`` nearest their thresholds at most; it
-    counts when it ends elsewhere. Crossings beyond the cap, and sparse ternary's (support swaps), count as
-    unresolved. Also returns ``(returning, starts, sub)``: the crossings whose descent comes back to ``theta_0``
-    (:func:`_return_events`), every crossing's start and the sample they were descended on."""
+class _Starts(NamedTuple):
+    """The threshold crossings of a loss-PTQ release (:func:`_resolve_starts`), each ``(2p,)`` where per crossing.
+
+    Attributes:
+      kinds: event kind (``start`` where descended, else ``start_unresolved``).
+      valid: the crossing is an event.
+      returning: indices of the descended crossings that come back to ``theta_0`` (:func:`_return_events`).
+      points: ``(2p, p)`` every crossing's start.
+      sample: the points the crossings were descended on.
+      cutoff: ``max(START_CUTOFF / sqrt(n), c_min)``: an event with ``c`` at or beyond it can lower neither ``r``
+        nor the predicted flip (by more than ``Phi(-START_CUTOFF)``).
+    """
+
+    kinds: np.ndarray
+    valid: np.ndarray
+    returning: np.ndarray
+    points: np.ndarray
+    sample: tuple[Array, Array]
+    cutoff: float
+
+
+def _resolve_starts(pr, theta_star, path, sel, n, m_el, s_el, v_el, delta, sigma, valid) -> _Starts:
+    """The start events (:class:`_Starts`): every crossing that can matter (``c`` below the cutoff) is descended
+    on the first ``max(20000, START_SAMPLE n)`` points of ``sel``, the ``MAX_STARTS`` nearest their thresholds at
+    most; it counts when it ends elsewhere. Crossings beyond the cap, and sparse ternary's (support swaps), count
+    as unresolved."""
     others = _c(delta, sigma, valid)
     c_other = float(np.min(others)) if others.size else math.inf
     cutoff = max(START_CUTOFF / math.sqrt(n), c_other)
@@ -548,15 +575,13 @@ def _resolve_starts(pr, theta_star, path, sel, n, m_el, s_el, v_el, delta, sigma
     sub = (sel[0][:m_s], sel[1][:m_s])
     returning = np.zeros(0, np.int64)
     if is_sparse_ternary(pr.q):
-        return kinds, counted, returning, starts, sub
+        return _Starts(kinds, counted, returning, starts, sub, cutoff)
     candidates = np.flatnonzero(counted & exists)
     candidates = candidates[np.argsort(c_el[candidates], kind="stable")]
     run, rest = candidates[:MAX_STARTS], candidates[MAX_STARTS:]
     result = counted.copy()
-    result[~exists] = counted[~exists]  # a crossing without a level to move to stays unresolved (conservative)
     if run.size:
-        size = 1 << int(math.ceil(math.log2(run.size)))  # a few program shapes
-        idx = np.concatenate([run, np.full(size - run.size, run[0])])
+        idx = _padded(run)
         ends, settled = descend_from(pr.q, pr.loss, theta_star, jnp.asarray(starts[idx]), *sub, None,
                                      pr.glm["penalty"], skip=pr.skip, max_sweeps=pr.max_sweeps,
                                      design=pr.glm["design"], margin_loss=pr.glm["margin_loss"])  # fmt: skip
@@ -566,7 +591,13 @@ def _resolve_starts(pr, theta_star, path, sel, n, m_el, s_el, v_el, delta, sigma
         result[run] = elsewhere
         returning = run[~elsewhere]
     result[rest] = True
-    return kinds, result, returning, starts, sub
+    return _Starts(kinds, result, returning, starts, sub, cutoff)
+
+
+def _padded(index: np.ndarray) -> np.ndarray:
+    """``index`` padded with its first entry to a power of two: a few program shapes whatever its size."""
+    size = 1 << int(math.ceil(math.log2(index.size)))
+    return np.concatenate([index, np.full(size - index.size, index[0])])
 
 
 RETURN_TOP = 8  # start_return events kept per returning crossing (the smallest rates; the minimum always)
@@ -597,43 +628,69 @@ def _cut(records, sweeps: int):
     return jax.tree.map(lambda a: a[:sweeps], records)
 
 
+def _row(a, *, i: int):
+    return a[i]
+
+
 def _standard(rows: np.ndarray) -> np.ndarray:
     sd = rows.std(axis=-1, keepdims=True)
     return (rows - rows.mean(axis=-1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
 
 
-def _same_events(raw: np.ndarray, known: np.ndarray, tol: float = 1e-4) -> np.ndarray:
+class _Rows(NamedTuple):
+    """Per-example rows ``(K, m)`` with their means and spreads ``(K,)``."""
+
+    rows: np.ndarray
+    mean: np.ndarray
+    sd: np.ndarray
+
+
+def _with_moments(rows: np.ndarray) -> _Rows:
+    return _Rows(rows, rows.mean(axis=1), rows.std(axis=1))
+
+
+def _same_events(raw: np.ndarray, known: _Rows, tol: float = 1e-4) -> np.ndarray:
     """``(L,)``: rows of ``raw`` that are the same per-example function as a row of ``known`` on the same points
     (equal means and spreads and correlation 1, to float32 rounding): the same event, whatever points it compares
-    (a separable loss compares coordinate ``k`` identically from every point)."""
-    if known.shape[0] == 0 or raw.shape[0] == 0:
-        return np.zeros(raw.shape[0], bool)
-    sd_r, sd_k = raw.std(axis=1), known.std(axis=1)
-    corr = _standard(raw) @ _standard(known).T / raw.shape[1]
-    scale = np.maximum(sd_r[:, None], sd_k[None, :])
-    close = np.abs(raw.mean(axis=1)[:, None] - known.mean(axis=1)[None, :]) <= tol * scale
-    close &= np.abs(sd_r[:, None] - sd_k[None, :]) <= tol * scale
-    return np.any(close & (corr >= 1 - tol), axis=1)
+    (a separable loss compares coordinate ``k`` identically from every point). Correlations are computed only for
+    the pairs whose means and spreads already agree."""
+    same = np.zeros(raw.shape[0], bool)
+    if known.rows.shape[0] == 0 or raw.shape[0] == 0:
+        return same
+    mine = _with_moments(raw)
+    scale = np.maximum(mine.sd[:, None], known.sd[None, :])
+    close = np.abs(mine.mean[:, None] - known.mean[None, :]) <= tol * scale
+    close &= np.abs(mine.sd[:, None] - known.sd[None, :]) <= tol * scale
+    a, b = np.nonzero(close)
+    if a.size:
+        z_a = (raw[a] - mine.mean[a, None]) / np.where(mine.sd[a] > 0, mine.sd[a], 1.0)[:, None]
+        z_b = (known.rows[b] - known.mean[b, None]) / np.where(known.sd[b] > 0, known.sd[b], 1.0)[:, None]
+        corr = np.einsum("km,km->k", z_a, z_b) / raw.shape[1]
+        np.logical_or.at(same, a, corr >= 1 - tol)
+    return same
 
 
-def _return_events(pr, theta_star, rel: _Release, returning, starts, sub, m_el, s_el, el_rows, x_rows, y_rows, known):
+def _return_events(pr, theta_star, rel: _Release, starts: _Starts, m_el, s_el, el_rows, x_rows, y_rows, known):
     """``start_return`` events of the crossings whose descent comes back to ``theta_0`` (theory.md section 3(a)).
 
     The release then changes only if the crossing happens and a comparison of the new path turns; a comparison
     some other event already holds (the same two codebook points) is covered by that event, the others pair with
     the crossing. Each pair (``c_start``, ``c_cmp`` and their correlation from per-example rows) is entered as the
     half-space tangent to the intersection at its most likely point (:func:`_intersection`): its ``c`` gives the
-    rate, its row ``c + u_1 z_start + u_2 z_cmp`` the correlations with the other events. The comparisons' gaps
-    come from the first :data:`RETURN_SAMPLE` points of ``sub``, the sample the crossing was descended on; the rows
-    from ``(x_rows, y_rows)``, where the crossings' own rows ``el_rows`` were computed (:func:`_rows`). A comparison
-    whose per-example row is that of an event already held (``known``, rows on the same points) is that event
-    (:func:`_same_events`) and covers its intersection too.
+    rate, its row ``c + u_1 z_start + u_2 z_cmp`` the correlations with the other events. Every returning descent
+    is replayed at once (one program) on the first :data:`RETURN_SAMPLE` points of the sample it was descended on,
+    which gives the comparisons' gaps; a pair's ``c`` is at least its comparison's, so a comparison at or beyond
+    ``starts.cutoff`` is dropped (it can lower neither ``r`` nor the flip). Rows come from ``(x_rows, y_rows)``,
+    where the crossings' own rows ``el_rows`` were computed (:func:`_rows`); a comparison whose row is that of an
+    event already held (``known``, rows on the same points) is that event (:func:`_same_events`) and covers its
+    intersection too.
 
     Returns:
       ``(coord, c, rows)``: ``(K_r,)``, ``(K_r,)`` (``delta = c``, ``sigma = 1``) and ``(K_r, m_rows)``.
     """
     m_r = int(x_rows.shape[0])
     empty = np.zeros(0, np.int32), np.zeros(0), np.zeros((0, m_r))
+    returning = starts.returning
     if returning.size == 0:
         return empty
     seen = _release_pairs(rel.path, rel.moves)
@@ -641,38 +698,43 @@ def _return_events(pr, theta_star, rel: _Release, returning, starts, sub, m_el, 
     seen.update(pair for pair in main[rel.v_path])
     dtype = jnp.result_type(ravel_pytree(theta_star)[0], jnp.float32)
     glm_static = {"design": pr.glm["design"], "margin_loss": pr.glm["margin_loss"]}
+    sub = tuple(a[:RETURN_SAMPLE] for a in starts.sample)  # one size whatever n: one program per quantizer
+    points = jnp.asarray(starts.points[_padded(returning)])
+    paths = descent_paths_from(pr.q, pr.loss, theta_star, points, *sub, pr.glm["penalty"], skip=pr.skip,
+                               max_sweeps=pr.max_sweeps, **glm_static)  # fmt: skip
+    longest = int(np.max(np.asarray(paths.sweeps)))
+    used = min(1 << max(longest - 1, 0).bit_length(), int(paths.records.a.d.shape[1]))  # few program shapes
+    records = jax.tree.map(lambda a: a[:, :used], paths.records)
+    w = jnp.full((sub[0].shape[0],), 1.0 / sub[0].shape[0], dtype)
+    s1, s2, v, sign = (np.asarray(a) for a in replay_paths(
+        pr.q, pr.loss, theta_star, paths.start, records, paths.sweeps, *sub, w, pr.glm["penalty"], skip=pr.skip,
+        **glm_static))  # fmt: skip
+    records, begin, sweeps = jax.tree.map(np.asarray, (records, paths.start, paths.sweeps))  # sliced on the host
+    s1, s2 = s1.astype(np.float64), s2.astype(np.float64)
+    w_r = jnp.full((m_r,), 1.0 / m_r, dtype)
+    known = _with_moments(np.asarray(known, np.float64))
     coords, cs, rows = [], [], []
-    sub = tuple(a[:RETURN_SAMPLE] for a in sub)  # one size whatever n: one program per quantizer
-    for j in returning:
-        path = descent_path(pr.q, pr.loss, theta_star, *sub, start=jnp.asarray(starts[j]), skip=pr.skip,
-                            max_sweeps=pr.max_sweeps, **pr.glm)  # fmt: skip
-        used = 1 << max(int(path.sweeps) - 1, 0).bit_length()  # sweeps run, to a power of two: few program shapes
-        records = _cut(path.records, min(used, int(path.records.a.d.shape[0])))
-        v, sign = (np.asarray(a) for a in path_comparisons(records, path.sweeps))
-        pairs = _slot_pairs(path.start, records, v)
-        new = v & np.vectorize(lambda pair: pair is not None and pair not in seen, otypes=[bool])(pairs)
+    for i, j in enumerate(returning):  # host bookkeeping of each crossing's comparisons; the replays ran above
+        d = sign[i] * s1[i]
+        sd = np.sqrt(np.maximum(s2[i] - s1[i] * s1[i], 0.0))
+        b = np.where(sd > 0, d / np.where(sd > 0, sd, 1.0), np.where(d > 0, np.inf, 0.0))
+        near = v[i] & (b < starts.cutoff)
+        if not near.any():
+            continue
+        rec = jax.tree.map(functools.partial(_row, i=i), records)
+        pairs = _slot_pairs(begin[i], rec, near)
+        new = near & np.vectorize(lambda pair: pair is not None and pair not in seen, otypes=[bool])(pairs)
         if not new.any():
             continue
-        w = jnp.full((sub[0].shape[0],), 1.0 / sub[0].shape[0], dtype)
-        s1, s2 = (np.asarray(a, np.float64) for a in replay_path(
-            pr.q, pr.loss, theta_star, path.start, records, path.sweeps, *sub, w, pr.glm["penalty"], skip=pr.skip,
-            rows=False, **glm_static))  # fmt: skip
-        d = (sign * s1)[new]
-        sd = np.sqrt(np.maximum(s2 - s1 * s1, 0.0))[new]
-        w_r = jnp.full((m_r,), 1.0 / m_r, dtype)
-        (r_path,) = replay_path(pr.q, pr.loss, theta_star, path.start, records, path.sweeps, x_rows, y_rows, w_r,
-                                pr.glm["penalty"], skip=pr.skip, rows=True, **glm_static)  # fmt: skip
-        raw = (np.asarray(r_path, np.float64) * sign[..., None])[new]
+        (r_path,) = replay_path(pr.q, pr.loss, theta_star, begin[i], rec, sweeps[i], x_rows, y_rows,
+                                w_r, pr.glm["penalty"], skip=pr.skip, rows=True, **glm_static)  # fmt: skip
+        raw = (np.asarray(r_path, np.float64) * sign[i][..., None])[new]
         fresh = ~_same_events(raw, known)
         if not fresh.any():
             continue
-        raw, d, sd = raw[fresh], d[fresh], sd[fresh]
-        z_cmp = _standard(raw)
+        z_cmp = _standard(raw[fresh])
         z_start = _standard(np.asarray(el_rows[j], np.float64))
-        a = float(m_el[j] / s_el[j])
-        b = np.where(sd > 0, d / np.where(sd > 0, sd, 1.0), np.where(d > 0, np.inf, 0.0))
-        rho = z_cmp @ z_start / m_r
-        c, u1, u2 = _intersection(a, b, rho)
+        c, u1, u2 = _intersection(float(m_el[j] / s_el[j]), b[new][fresh], z_cmp @ z_start / m_r)
         keep = np.argsort(c, kind="stable")[:RETURN_TOP]
         coords.append(np.full(keep.size, j // 2, np.int32))
         cs.append(c[keep])

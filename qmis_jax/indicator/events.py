@@ -42,6 +42,7 @@ from .ptq import (
     StepRecord,
     _check_sweeps,
     _descent,
+    _descent_path,
     _greedy_sweeps,
     adjacent_levels,
     is_sparse_ternary,
@@ -52,7 +53,15 @@ from .sandwich import _sandwich_params, normalized_weights
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["EVENT_KINDS", "count_events", "path_comparisons", "replay_path", "descend_from"]
+__all__ = [
+    "EVENT_KINDS",
+    "count_events",
+    "path_comparisons",
+    "replay_path",
+    "replay_paths",
+    "descend_from",
+    "descent_paths_from",
+]
 
 EVENT_KINDS = ("release", "path", "start", "start_unresolved", "threshold", "scale", "start_return")
 KIND = {name: i for i, name in enumerate(EVENT_KINDS)}
@@ -217,6 +226,33 @@ def descend_from(q, loss_fn, params, starts, x, y, weights, penalty, *, skip, ma
         return theta, settled
 
     return jax.vmap(one)(starts)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("skip", "max_sweeps", "design", "margin_loss"))
+def descent_paths_from(q, loss_fn, params, starts, x, y, penalty, *, skip, max_sweeps, design, margin_loss):
+    """:func:`descend_from` with every comparison recorded: the
+    :class:`~qmis_jax.indicator.ptq.DescentPath` of each of ``K`` starts ``(K, p)`` on one data set (fields with a
+    leading axis ``K``), in one program."""
+
+    def one(start):
+        return _descent_path(q, loss_fn, params, x, y, None, None, penalty, start, skip=skip, max_sweeps=max_sweeps,
+                             design=design, margin_loss=margin_loss)  # fmt: skip
+
+    return jax.vmap(one)(starts)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("skip", "design", "margin_loss"))
+def replay_paths(q, loss_fn, params, starts, records: StepRecord, sweeps, x, y, w, penalty, *, skip, design,
+                 margin_loss):  # fmt: skip
+    """:func:`replay_path`'s sums ``(s1, s2)`` of ``K`` recorded descents on one data set, each ``(K, S, p, 3)``,
+    and :func:`path_comparisons` of each, ``(valid, sign)`` of the same shape, in one program."""
+
+    def one(start, rec, count):
+        s1, s2 = replay_path(q, loss_fn, params, start, rec, count, x, y, w, penalty, skip=skip, design=design,
+                             margin_loss=margin_loss, rows=False)  # fmt: skip
+        return (s1, s2, *path_comparisons(rec, count))
+
+    return jax.vmap(one)(starts, records, sweeps)
 
 
 class EventSet(NamedTuple):
