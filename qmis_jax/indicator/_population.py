@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -628,10 +629,6 @@ def _cut(records, sweeps: int):
     return jax.tree.map(lambda a: a[:sweeps], records)
 
 
-def _row(a, *, i: int):
-    return a[i]
-
-
 def _standard(rows: np.ndarray) -> np.ndarray:
     sd = rows.std(axis=-1, keepdims=True)
     return (rows - rows.mean(axis=-1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
@@ -663,9 +660,7 @@ def _same_events(raw: np.ndarray, known: _Rows, tol: float = 1e-4) -> np.ndarray
     close &= np.abs(mine.sd[:, None] - known.sd[None, :]) <= tol * scale
     a, b = np.nonzero(close)
     if a.size:
-        z_a = (raw[a] - mine.mean[a, None]) / np.where(mine.sd[a] > 0, mine.sd[a], 1.0)[:, None]
-        z_b = (known.rows[b] - known.mean[b, None]) / np.where(known.sd[b] > 0, known.sd[b], 1.0)[:, None]
-        corr = np.einsum("km,km->k", z_a, z_b) / raw.shape[1]
+        corr = np.einsum("km,km->k", _standard(raw[a]), _standard(known.rows[b])) / raw.shape[1]
         np.logical_or.at(same, a, corr >= 1 - tol)
     return same
 
@@ -721,7 +716,7 @@ def _return_events(pr, theta_star, rel: _Release, starts: _Starts, m_el, s_el, e
         near = v[i] & (b < starts.cutoff)
         if not near.any():
             continue
-        rec = jax.tree.map(functools.partial(_row, i=i), records)
+        rec = jax.tree.map(operator.itemgetter(i), records)
         pairs = _slot_pairs(begin[i], rec, near)
         new = near & np.vectorize(lambda pair: pair is not None and pair not in seen, otypes=[bool])(pairs)
         if not new.any():
