@@ -10,6 +10,7 @@ import pytest
 from jax import monitoring
 
 import qmis_jax as qj
+from qmis_jax import _runtime
 from qmis_jax.audit import _programs
 from qmis_jax.indicator.options import IndicatorOptions
 from qmis_jax.train import _engine
@@ -47,7 +48,9 @@ PROBLEM = qj.problems.gaussian_mean(mu=[0.3, -0.2])
 SETTINGS = dict(n=40, replicates=8, attacks=("loss", "lira"), population_size=4000, test_size=500, n_boot=50)
 
 
-def test_a_second_audit_of_the_same_shapes_compiles_nothing():
+def test_a_second_audit_of_the_same_shapes_compiles_nothing(monkeypatch):
+    # no release of compiled programs, however crowded the test process's memory mappings are
+    monkeypatch.setenv(_runtime.RELEASE_ENV, str(10**9))
     qs = ["int4", "sign"]
     qj.audit(jax.random.key(0), PROBLEM, qs, **SETTINGS)
     with count_compilations() as counts:
@@ -59,9 +62,10 @@ def test_a_second_audit_of_the_same_shapes_compiles_nothing():
     assert counts[TRACE] <= 8, f"{counts[TRACE]} programs traced again"
 
 
-def test_statistics_and_lira_share_one_release_program_per_quantizer():
+def test_statistics_and_lira_share_one_release_program_per_quantizer(monkeypatch):
     """The swap coupling of the fresh-data statistics and the embedded-target LiRA chunks have the same shapes, so
     each quantizer's release program is traced once for both, and its single-model program once."""
+    monkeypatch.setenv(_runtime.RELEASE_ENV, str(10**9))  # no release of compiled programs between the stages
     _programs.single_program.cache_clear()
     _programs.release_program.cache_clear()
     qj.audit(jax.random.key(2), PROBLEM, ["int4", "ternary"], **SETTINGS)

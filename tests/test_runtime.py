@@ -127,6 +127,28 @@ def test_near_the_mapping_limit_says_so_once(capsys, monkeypatch):
     assert len(lines) == 1 and "of the 100 memory mappings" in lines[0] and "vm.max_map_count" in lines[0]
 
 
+def test_stages_release_between_quantizers_when_crowded(monkeypatch):
+    """A stage runs its quantizers in turn and releases the compiled programs after each one that leaves the
+    mappings past the threshold, not only at the stage's end (the population stage of the default study's 22
+    quantizers at d = 128 passed the kernel's limit before its end)."""
+    from qmis_jax.audit._programs import per_quantizer
+
+    seen = []
+
+    def one(j, name, q):
+        seen.append(_runtime.counters().releases)
+        return name
+
+    monkeypatch.setenv(_runtime.RELEASE_ENV, "1")  # always crowded
+    before = _runtime.counters().releases
+    assert per_quantizer(one, {"a": 0, "b": 1, "c": 2}) == ["a", "b", "c"]
+    assert [r - before for r in seen] == [0, 1, 2] and _runtime.counters().releases - before == 3
+    monkeypatch.setenv(_runtime.RELEASE_ENV, str(10**9))  # never crowded
+    before = _runtime.counters().releases
+    per_quantizer(one, {"a": 0, "b": 1})
+    assert _runtime.counters().releases == before
+
+
 @pytest.mark.slow
 def test_many_audits_keep_the_mapping_count_bounded():
     """Five audits of five shapes in one process, as a user's script would run them. With releases at 2,500
