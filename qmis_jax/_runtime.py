@@ -13,7 +13,8 @@ default) mappings per process: a long study that compiles thousands of programs 
 while most of its RAM is free. This module counts the programs loaded (a :mod:`jax.monitoring` listener on the
 backend-compile event, which also fires for persistent-cache hits), samples the process's mapping count, releases
 every compiled program with :func:`release_compiled_programs` (studies do it between their points) and, through
-:func:`release_if_crowded`, whenever the mappings pass half of the limit; near the limit it says so in one line.
+:func:`release_if_crowded`, whenever the mappings pass half of the limit (audits check after each quantizer of each
+stage and each chunk); near the limit it says so in one line.
 """
 
 from __future__ import annotations
